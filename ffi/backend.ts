@@ -1,0 +1,352 @@
+// Typed wrappers over the kernel library. A Backend owns the library handle and one native context;
+// DeviceBuffers own their allocations. Every op checks its arguments here, before C sees them.
+import { type BackendKind, type KernelLibrary, openLibrary } from "./library.ts";
+
+export type { BackendKind } from "./library.ts";
+
+/** iq_dtype in kernels/innerq.h. */
+export const DType = { F32: 0, F16: 1, BF16: 2 } as const;
+export type DTypeCode = typeof DType[keyof typeof DType];
+const dtypeBytes: Record<DTypeCode, number> = { 0: 4, 1: 2, 2: 2 };
+export const DTYPE_BYTES = dtypeBytes;
+
+/** A byte range of device memory. */
+export interface Slice {
+  readonly ptr: Deno.PointerObject;
+  readonly bytes: number;
+}
+
+export class NativeError extends Error {}
+
+export class DeviceBuffer implements Slice {
+  #backend: Backend | null;
+  constructor(backend: Backend, readonly ptr: Deno.PointerObject, readonly bytes: number) {
+    this.#backend = backend;
+  }
+
+  /** A sub-range of this buffer. */
+  slice(byteOffset: number, bytes = this.bytes - byteOffset): Slice {
+    if (byteOffset < 0 || bytes < 0 || byteOffset + bytes > this.bytes) {
+      throw new RangeError(`slice [${byteOffset}, +${bytes}) outside a ${this.bytes}-byte buffer`);
+    }
+    const ptr = Deno.UnsafePointer.offset(this.ptr, byteOffset);
+    return { ptr: ptr!, bytes };
+  }
+
+  close(): void {
+    this.#backend?.release(this);
+    this.#backend = null;
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+export interface SamplingArgs {
+  outToken: Slice; // int32
+  logits: Slice; // float[vocab]
+  vocab: number;
+  history: Slice | null; // int32[nHistory]
+  nHistory: number;
+  repeatPenalty: number;
+  temperature: number;
+  topK: number;
+  topP: number;
+  minP: number;
+  uniform: number;
+}
+
+export interface AttentionArgs {
+  out: Slice; // float[n, heads, headDim]
+  q: Slice; // float[n, heads, headDim]
+  kCache: Slice; // [kvHeads, cap, headDim] of cacheDtype
+  vCache: Slice;
+  cacheDtype: DTypeCode;
+  pos0: number; // position of the first query
+  n: number; // queries (1 at decode)
+  heads: number;
+  kvHeads: number;
+  headDim: number;
+  cap: number;
+  scale: number;
+}
+
+function cString(ptr: Deno.PointerValue): string {
+  return ptr === null ? "" : new Deno.UnsafePointerView(ptr).getCString();
+}
+
+function positiveInts(values: Record<string, number>): void {
+  for (const [name, v] of Object.entries(values)) {
+    if (!Number.isSafeInteger(v) || v <= 0) throw new RangeError(`${name} must be a positive integer, got ${v}`);
+  }
+}
+
+function need(slice: Slice, bytes: number, name: string): void {
+  if (slice.bytes < bytes) {
+    throw new RangeError(`${name}: needs ${bytes} bytes, buffer has ${slice.bytes}`);
+  }
+}
+
+export class Backend {
+  readonly kind: BackendKind;
+  #lib: KernelLibrary;
+  #ctx: Deno.PointerObject;
+  #live = new Set<DeviceBuffer>();
+  #closed = false;
+
+  private constructor(kind: BackendKind, lib: KernelLibrary, ctx: Deno.PointerObject) {
+    this.kind = kind;
+    this.#lib = lib;
+    this.#ctx = ctx;
+  }
+
+  /** Opens a backend; the returned object owns the library and the native context. */
+  static open(kind: BackendKind, opts: { device?: number; threads?: number } = {}): Backend {
+    const lib = openLibrary(kind);
+    try {
+      const version = lib.symbols.iq_abi_version();
+      if (version !== 1) throw new Error(`kernel library ABI ${version}, expected 1: run \`deno task build\``);
+      const out = new BigUint64Array(1);
+      const status = lib.symbols.iq_ctx_create(opts.device ?? 0, opts.threads ?? 0, out);
+      const ctx = Deno.UnsafePointer.create(out[0]);
+      if (status !== 0 || ctx === null) {
+        throw new NativeError(`${kind} backend: ${cString(lib.symbols.iq_last_error(null))}`);
+      }
+      return new Backend(kind, lib, ctx);
+    } catch (e) {
+      lib.close();
+      throw e;
+    }
+  }
+
+  #check(status: number, op: string): void {
+    if (status !== 0) {
+      throw new NativeError(`${this.kind} ${op}: ${cString(this.#lib.symbols.iq_last_error(this.#ctx))}`);
+    }
+  }
+
+  get #sym() {
+    if (this.#closed) throw new Error("backend is closed");
+    return this.#lib.symbols;
+  }
+
+  get #c() {
+    if (this.#closed) throw new Error("backend is closed");
+    return this.#ctx;
+  }
+
+  deviceInfo(): { name: string; freeBytes: number; totalBytes: number } {
+    const name = new Uint8Array(256);
+    const free = new BigUint64Array(1);
+    const total = new BigUint64Array(1);
+    this.#check(this.#sym.iq_device_info(this.#c, name, name.length, free, total), "device_info");
+    const end = name.indexOf(0);
+    return {
+      name: new TextDecoder().decode(name.subarray(0, end < 0 ? name.length : end)),
+      freeBytes: Number(free[0]),
+      totalBytes: Number(total[0]),
+    };
+  }
+
+  sync(): void {
+    this.#check(this.#sym.iq_sync(this.#c), "sync");
+  }
+
+  alloc(bytes: number): DeviceBuffer {
+    positiveInts({ bytes });
+    const out = new BigUint64Array(1);
+    this.#check(this.#sym.iq_alloc(this.#c, BigInt(bytes), out), `alloc of ${bytes} bytes`);
+    const buf = new DeviceBuffer(this, Deno.UnsafePointer.create(out[0])!, bytes);
+    this.#live.add(buf);
+    return buf;
+  }
+
+  /** Called by DeviceBuffer.close. */
+  release(buf: DeviceBuffer): void {
+    if (!this.#live.delete(buf) || this.#closed) return;
+    this.#check(this.#sym.iq_free(this.#c, buf.ptr), "free");
+  }
+
+  upload(dst: Slice, src: ArrayBufferView): void {
+    need(dst, src.byteLength, "upload destination");
+    this.#check(this.#sym.iq_upload(this.#c, dst.ptr, src, BigInt(src.byteLength)), "upload");
+  }
+
+  download(src: Slice, dst: ArrayBufferView): void {
+    need(src, dst.byteLength, "download source");
+    this.#check(this.#sym.iq_download(this.#c, dst, src.ptr, BigInt(dst.byteLength)), "download");
+  }
+
+  embed(out: Slice, table: Slice, tableDtype: DTypeCode, tokens: Slice, n: number, dim: number, vocab: number) {
+    positiveInts({ n, dim, vocab });
+    need(out, n * dim * 4, "embed out");
+    need(table, vocab * dim * dtypeBytes[tableDtype], "embed table");
+    need(tokens, n * 4, "embed tokens");
+    const s = this.#sym.iq_embed(this.#c, out.ptr, table.ptr, tableDtype, tokens.ptr, n, dim, vocab);
+    this.#check(s, "embed");
+  }
+
+  rmsnorm(out: Slice, x: Slice, weight: Slice, n: number, dim: number, eps: number): void {
+    positiveInts({ n, dim });
+    need(out, n * dim * 4, "rmsnorm out");
+    need(x, n * dim * 4, "rmsnorm x");
+    need(weight, dim * 4, "rmsnorm weight");
+    this.#check(this.#sym.iq_rmsnorm(this.#c, out.ptr, x.ptr, weight.ptr, n, dim, eps), "rmsnorm");
+  }
+
+  /** out[n, m] = x[n, k] · w[m, k]ᵀ + bias[m]. */
+  matmul(
+    out: Slice,
+    x: Slice,
+    w: Slice,
+    wDtype: DTypeCode,
+    bias: Slice | null,
+    n: number,
+    k: number,
+    m: number,
+  ): void {
+    positiveInts({ n, k, m });
+    need(out, n * m * 4, "matmul out");
+    need(x, n * k * 4, "matmul x");
+    need(w, m * k * dtypeBytes[wDtype], "matmul w");
+    if (bias) need(bias, m * 4, "matmul bias");
+    const s = this.#sym.iq_matmul(this.#c, out.ptr, x.ptr, w.ptr, wDtype, bias?.ptr ?? null, n, k, m);
+    this.#check(s, "matmul");
+  }
+
+  rope(x: Slice, pos: Slice, invFreq: Slice, n: number, heads: number, headDim: number): void {
+    positiveInts({ n, heads, headDim });
+    if (headDim % 2) throw new RangeError(`rope head_dim must be even, got ${headDim}`);
+    need(x, n * heads * headDim * 4, "rope x");
+    need(pos, n * 4, "rope positions");
+    need(invFreq, (headDim / 2) * 4, "rope inv_freq");
+    const s = this.#sym.iq_rope(this.#c, x.ptr, pos.ptr, invFreq.ptr, n, heads, headDim);
+    this.#check(s, "rope");
+  }
+
+  swiglu(out: Slice, gate: Slice, up: Slice, count: number): void {
+    positiveInts({ count });
+    for (const [s, name] of [[out, "out"], [gate, "gate"], [up, "up"]] as const) need(s, count * 4, `swiglu ${name}`);
+    this.#check(this.#sym.iq_swiglu(this.#c, out.ptr, gate.ptr, up.ptr, BigInt(count)), "swiglu");
+  }
+
+  add(out: Slice, a: Slice, b: Slice, count: number): void {
+    positiveInts({ count });
+    for (const [s, name] of [[out, "out"], [a, "a"], [b, "b"]] as const) need(s, count * 4, `add ${name}`);
+    this.#check(this.#sym.iq_add(this.#c, out.ptr, a.ptr, b.ptr, BigInt(count)), "add");
+  }
+
+  /** Stores x[n, kvHeads * headDim] at positions pos0 .. pos0 + n - 1 of a [kvHeads, cap, headDim] cache. */
+  kvStore(
+    cache: Slice,
+    cacheDtype: DTypeCode,
+    x: Slice,
+    n: number,
+    pos0: number,
+    kvHeads: number,
+    headDim: number,
+    cap: number,
+  ): void {
+    positiveInts({ n, kvHeads, headDim, cap });
+    if (!Number.isSafeInteger(pos0) || pos0 < 0 || pos0 + n > cap) {
+      throw new RangeError(`kv_store positions ${pos0}..${pos0 + n - 1} outside a ${cap}-token cache`);
+    }
+    need(cache, kvHeads * cap * headDim * dtypeBytes[cacheDtype], "kv_store cache");
+    need(x, n * kvHeads * headDim * 4, "kv_store x");
+    const s = this.#sym.iq_kv_store(this.#c, cache.ptr, cacheDtype, x.ptr, n, pos0, kvHeads, headDim, cap);
+    this.#check(s, "kv_store");
+  }
+
+  #checkAttention(a: AttentionArgs, op: string): void {
+    positiveInts({ n: a.n, heads: a.heads, kvHeads: a.kvHeads, headDim: a.headDim, cap: a.cap });
+    if (a.heads % a.kvHeads) throw new RangeError(`${op}: heads ${a.heads} not a multiple of kv_heads ${a.kvHeads}`);
+    if (!Number.isSafeInteger(a.pos0) || a.pos0 < 0 || a.pos0 + a.n > a.cap) {
+      throw new RangeError(`${op}: positions ${a.pos0}..${a.pos0 + a.n - 1} outside a ${a.cap}-token cache`);
+    }
+    const rows = a.n * a.heads * a.headDim * 4;
+    need(a.out, rows, `${op} out`);
+    need(a.q, rows, `${op} q`);
+    const cacheBytes = a.kvHeads * a.cap * a.headDim * dtypeBytes[a.cacheDtype];
+    need(a.kCache, cacheBytes, `${op} k cache`);
+    need(a.vCache, cacheBytes, `${op} v cache`);
+  }
+
+  attentionPrefill(a: AttentionArgs): void {
+    this.#checkAttention(a, "attention_prefill");
+    const s = this.#sym.iq_attention_prefill(
+      this.#c,
+      a.out.ptr,
+      a.q.ptr,
+      a.kCache.ptr,
+      a.vCache.ptr,
+      a.cacheDtype,
+      a.n,
+      a.pos0,
+      a.heads,
+      a.kvHeads,
+      a.headDim,
+      a.cap,
+      a.scale,
+    );
+    this.#check(s, "attention_prefill");
+  }
+
+  /** The decode step: one query (a.n must be 1) at position a.pos0. */
+  attentionDecode(a: AttentionArgs): void {
+    if (a.n !== 1) throw new RangeError(`attention_decode takes one query, got ${a.n}`);
+    this.#checkAttention(a, "attention_decode");
+    const s = this.#sym.iq_attention_decode(
+      this.#c,
+      a.out.ptr,
+      a.q.ptr,
+      a.kCache.ptr,
+      a.vCache.ptr,
+      a.cacheDtype,
+      a.pos0,
+      a.heads,
+      a.kvHeads,
+      a.headDim,
+      a.cap,
+      a.scale,
+    );
+    this.#check(s, "attention_decode");
+  }
+
+  sample(a: SamplingArgs): void {
+    positiveInts({ vocab: a.vocab });
+    need(a.outToken, 4, "sample out_token");
+    need(a.logits, a.vocab * 4, "sample logits");
+    if (a.nHistory > 0) need(a.history ?? { ptr: null!, bytes: 0 }, a.nHistory * 4, "sample history");
+    if (!(a.uniform >= 0 && a.uniform < 1)) throw new RangeError(`sample uniform must be in [0, 1), got ${a.uniform}`);
+    const s = this.#sym.iq_sample(
+      this.#c,
+      a.outToken.ptr,
+      a.logits.ptr,
+      a.vocab,
+      a.history?.ptr ?? null,
+      a.nHistory,
+      a.repeatPenalty,
+      a.temperature,
+      a.topK,
+      a.topP,
+      a.minP,
+      a.uniform,
+    );
+    this.#check(s, "sample");
+  }
+
+  /** Frees every live buffer, the context, then the library (the handle outlives every symbol). */
+  close(): void {
+    if (this.#closed) return;
+    for (const buf of this.#live) this.#lib.symbols.iq_free(this.#ctx, buf.ptr);
+    this.#live.clear();
+    this.#lib.symbols.iq_ctx_destroy(this.#ctx);
+    this.#closed = true;
+    this.#lib.close();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}

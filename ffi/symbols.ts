@@ -1,0 +1,197 @@
+// The kernel library's symbol table: kernels/innerq.h, one entry per C function, in header order.
+
+export const symbols = {
+  iq_abi_version: { parameters: [], result: "i32" }, // int iq_abi_version(void)
+  iq_backend_name: { parameters: [], result: "pointer" }, // const char *iq_backend_name(void)
+  iq_ctx_create: {
+    parameters: [
+      "i32", // int device
+      "i32", // int threads
+      "buffer", // iq_ctx **out
+    ],
+    result: "i32",
+  },
+  iq_ctx_destroy: { parameters: ["pointer"], result: "void" }, // void iq_ctx_destroy(iq_ctx *ctx)
+  iq_last_error: { parameters: ["pointer"], result: "pointer" }, // const char *iq_last_error(const iq_ctx *ctx)
+  iq_device_info: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "buffer", // char *name
+      "i32", // int cap
+      "buffer", // uint64_t *free_bytes
+      "buffer", // uint64_t *total_bytes
+    ],
+    result: "i32",
+  },
+  iq_sync: { parameters: ["pointer"], result: "i32" }, // int iq_sync(iq_ctx *ctx)
+
+  iq_alloc: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "u64", // uint64_t bytes
+      "buffer", // void **out
+    ],
+    result: "i32",
+  },
+  iq_free: { parameters: ["pointer", "pointer"], result: "i32" }, // int iq_free(iq_ctx *ctx, void *buf)
+  iq_upload: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "pointer", // void *dst
+      "buffer", // const void *host_src
+      "u64", // uint64_t bytes
+    ],
+    result: "i32",
+  },
+  iq_download: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "buffer", // void *host_dst
+      "pointer", // const void *src
+      "u64", // uint64_t bytes
+    ],
+    result: "i32",
+  },
+
+  iq_embed: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "pointer", // float *out
+      "pointer", // const void *table
+      "i32", // int table_dtype
+      "pointer", // const int32_t *tokens
+      "i32", // int n
+      "i32", // int dim
+      "i32", // int vocab
+    ],
+    result: "i32",
+  },
+  iq_rmsnorm: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "pointer", // float *out
+      "pointer", // const float *x
+      "pointer", // const float *weight
+      "i32", // int n
+      "i32", // int dim
+      "f32", // float eps
+    ],
+    result: "i32",
+  },
+  iq_matmul: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "pointer", // float *out
+      "pointer", // const float *x
+      "pointer", // const void *w
+      "i32", // int w_dtype
+      "pointer", // const float *bias (NULL: none)
+      "i32", // int n
+      "i32", // int k
+      "i32", // int m
+    ],
+    result: "i32",
+  },
+  iq_rope: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "pointer", // float *x
+      "pointer", // const int32_t *pos
+      "pointer", // const float *inv_freq
+      "i32", // int n
+      "i32", // int heads
+      "i32", // int head_dim
+    ],
+    result: "i32",
+  },
+  iq_swiglu: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "pointer", // float *out
+      "pointer", // const float *gate
+      "pointer", // const float *up
+      "i64", // int64_t count
+    ],
+    result: "i32",
+  },
+  iq_add: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "pointer", // float *out
+      "pointer", // const float *a
+      "pointer", // const float *b
+      "i64", // int64_t count
+    ],
+    result: "i32",
+  },
+
+  iq_kv_store: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "pointer", // void *cache
+      "i32", // int cache_dtype
+      "pointer", // const float *x
+      "i32", // int n
+      "i32", // int pos0
+      "i32", // int kv_heads
+      "i32", // int head_dim
+      "i32", // int cap
+    ],
+    result: "i32",
+  },
+  iq_attention_prefill: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "pointer", // float *out
+      "pointer", // const float *q
+      "pointer", // const void *k_cache
+      "pointer", // const void *v_cache
+      "i32", // int cache_dtype
+      "i32", // int n
+      "i32", // int pos0
+      "i32", // int heads
+      "i32", // int kv_heads
+      "i32", // int head_dim
+      "i32", // int cap
+      "f32", // float scale
+    ],
+    result: "i32",
+  },
+  iq_attention_decode: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "pointer", // float *out
+      "pointer", // const float *q
+      "pointer", // const void *k_cache
+      "pointer", // const void *v_cache
+      "i32", // int cache_dtype
+      "i32", // int pos
+      "i32", // int heads
+      "i32", // int kv_heads
+      "i32", // int head_dim
+      "i32", // int cap
+      "f32", // float scale
+    ],
+    result: "i32",
+  },
+
+  iq_sample: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "pointer", // int32_t *out_token
+      "pointer", // const float *logits
+      "i32", // int vocab
+      "pointer", // const int32_t *history
+      "i32", // int n_history
+      "f32", // float repeat_penalty
+      "f32", // float temperature
+      "i32", // int top_k
+      "f32", // float top_p
+      "f32", // float min_p
+      "f32", // float uniform
+    ],
+    result: "i32",
+  },
+} as const satisfies Deno.ForeignLibraryInterface;
+
+export type KernelSymbols = typeof symbols;

@@ -1,0 +1,147 @@
+/* innerq.h: the one C ABI of the kernel library, served by two backends.
+ *
+ *   build/libinnerq_cpu.so   kernels/cpu/ (C; the reference, runs everywhere)
+ *   build/libinnerq_cuda.so  kernels/cuda/ (CUDA; NVIDIA GPUs)
+ *
+ * Conventions
+ * - Every call returns an iq_status; on failure iq_last_error(ctx) says why.
+ * - Buffers are device pointers from iq_alloc (host memory on the CPU backend).
+ *   Ops never allocate per call; scratch lives in the context.
+ * - Activations are fp32, row-major. Weights may be fp32, fp16 or bf16 and are
+ *   read as stored (fp32 accumulate). Token ids and positions are int32.
+ * - Linear layers use the Hugging Face layout: W[out_features, in_features].
+ * - Calls on one context are ordered; iq_download returns once data has arrived.
+ */
+#ifndef INNERQ_H
+#define INNERQ_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define IQ_ABI_VERSION 1
+
+typedef enum {
+  IQ_OK = 0,
+  IQ_ERR_ARG = 1,    /* an argument is out of range or a pointer is NULL */
+  IQ_ERR_MEMORY = 2, /* an allocation failed */
+  IQ_ERR_DEVICE = 3, /* the device or driver failed */
+} iq_status;
+
+typedef enum {
+  IQ_F32 = 0,
+  IQ_F16 = 1,
+  IQ_BF16 = 2,
+} iq_dtype;
+
+typedef struct iq_ctx iq_ctx;
+
+/* ---- library and context ---------------------------------------------- */
+
+int iq_abi_version(void);
+/* "cpu" or "cuda" */
+const char *iq_backend_name(void);
+/* device: GPU ordinal (ignored on the CPU backend); threads: CPU worker threads,
+ * 0 = one per core (ignored on CUDA). *out is NULL on failure. */
+int iq_ctx_create(int device, int threads, iq_ctx **out);
+void iq_ctx_destroy(iq_ctx *ctx);
+/* Message of the last failure on ctx; with ctx NULL, of the last failed
+ * iq_ctx_create on this thread. Never NULL. */
+const char *iq_last_error(const iq_ctx *ctx);
+/* Device name (NUL-terminated, truncated to cap) and memory in bytes. */
+int iq_device_info(iq_ctx *ctx, char *name, int cap, uint64_t *free_bytes,
+                   uint64_t *total_bytes);
+/* Waits until every call issued on ctx has finished. */
+int iq_sync(iq_ctx *ctx);
+
+/* ---- buffers ------------------------------------------------------------ */
+
+int iq_alloc(iq_ctx *ctx, uint64_t bytes, void **out);
+int iq_free(iq_ctx *ctx, void *buf);
+int iq_upload(iq_ctx *ctx, void *dst, const void *host_src, uint64_t bytes);
+int iq_download(iq_ctx *ctx, void *host_dst, const void *src, uint64_t bytes);
+
+/* ---- ops of a Llama forward pass ---------------------------------------- */
+
+/* out[n, dim] = table[tokens[i], :]; table[vocab, dim] of table_dtype.
+ * Token ids must lie in [0, vocab). */
+int iq_embed(iq_ctx *ctx, float *out, const void *table, int table_dtype,
+             const int32_t *tokens, int n, int dim, int vocab);
+
+/* out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight; out may be x. */
+int iq_rmsnorm(iq_ctx *ctx, float *out, const float *x, const float *weight,
+               int n, int dim, float eps);
+
+/* out[n, m] = x[n, k] · w[m, k]ᵀ + bias[m]; bias may be NULL. out != x. */
+int iq_matmul(iq_ctx *ctx, float *out, const float *x, const void *w,
+              int w_dtype, const float *bias, int n, int k, int m);
+
+/* Rotary embedding in place on x[n, heads, head_dim], Hugging Face layout:
+ * channel i < head_dim/2 pairs with i + head_dim/2 and both turn by the angle
+ * pos[t] * inv_freq[i]. inv_freq[head_dim/2] carries rope_theta and any
+ * rope_scaling (computed by the caller). */
+int iq_rope(iq_ctx *ctx, float *x, const int32_t *pos, const float *inv_freq,
+            int n, int heads, int head_dim);
+
+/* out[i] = silu(gate[i]) * up[i]; out may alias either input. */
+int iq_swiglu(iq_ctx *ctx, float *out, const float *gate, const float *up,
+              int64_t count);
+
+/* out[i] = a[i] + b[i]; out may alias either input. */
+int iq_add(iq_ctx *ctx, float *out, const float *a, const float *b,
+           int64_t count);
+
+/* ---- KV cache and attention --------------------------------------------- */
+/* A cache holds one layer's keys or values as [kv_heads, cap, head_dim] of
+ * cache_dtype (IQ_F16 or IQ_F32); position p of head h is row h * cap + p. */
+
+/* Writes x[n, kv_heads * head_dim] (one row per token) to positions
+ * pos0 .. pos0 + n - 1; needs pos0 + n <= cap. */
+int iq_kv_store(iq_ctx *ctx, void *cache, int cache_dtype, const float *x,
+                int n, int pos0, int kv_heads, int head_dim, int cap);
+
+/* Causal attention for a chunk of n queries q[n, heads, head_dim] at positions
+ * pos0 .. pos0 + n - 1, whose keys and values are already stored: query t sees
+ * cache positions 0 .. pos0 + t. GQA: query head h reads KV head
+ * h / (heads / kv_heads). out[n, heads, head_dim]; softmax(q·kᵀ * scale). */
+int iq_attention_prefill(iq_ctx *ctx, float *out, const float *q,
+                         const void *k_cache, const void *v_cache,
+                         int cache_dtype, int n, int pos0, int heads,
+                         int kv_heads, int head_dim, int cap, float scale);
+
+/* One query q[heads, head_dim] at position pos, over cache positions
+ * 0 .. pos: the decode step. Same semantics as prefill with n = 1. */
+int iq_attention_decode(iq_ctx *ctx, float *out, const float *q,
+                        const void *k_cache, const void *v_cache,
+                        int cache_dtype, int pos, int heads, int kv_heads,
+                        int head_dim, int cap, float scale);
+
+/* ---- sampling ------------------------------------------------------------ */
+
+/* Picks one token from logits[vocab] and writes it to *out_token (a device
+ * int32). logits are left unchanged. Steps, in this order:
+ * 1. repetition penalty: each distinct id in history[n_history] (ids outside
+ *    [0, vocab) are ignored) has its logit l set to l / penalty if l > 0,
+ *    else l * penalty; penalty 1 is off.
+ * 2. temperature <= 0: the arg max (lowest id on ties); done.
+ * 3. l /= temperature; candidates ordered by l descending, lower id first
+ *    on ties.
+ * 4. top_k > 0: keep the first top_k candidates.
+ * 5. p = softmax over the kept candidates.
+ * 6. min_p > 0: keep candidates with p >= min_p * p_max.
+ * 7. top_p < 1: keep the shortest prefix whose p sums to >= top_p.
+ * 8. the token is the first kept candidate whose running sum of p exceeds
+ *    uniform * (sum of kept p); uniform in [0, 1) comes from the caller's
+ *    seeded generator, so equal seeds give equal tokens. */
+int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
+              const int32_t *history, int n_history, float repeat_penalty,
+              float temperature, int top_k, float top_p, float min_p,
+              float uniform);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* INNERQ_H */
