@@ -1,0 +1,218 @@
+// Loads a model's safetensors weights onto a backend, checking every tensor against the config.
+// Tensors stream from the files through one staging buffer, so the file is never held in memory.
+import { type Backend, type DeviceBuffer, DType, type DTypeCode } from "../../ffi/backend.ts";
+import type { ModelConfig } from "./config.ts";
+import { type DType as FileDType, toF32 } from "./dtype.ts";
+import { openModelWeights, readTensor, readTensorChunks, type TensorInfo } from "./safetensors.ts";
+
+/** A tensor on the backend, in the dtype it was stored in. */
+export interface Weight {
+  buf: DeviceBuffer;
+  dtype: DTypeCode;
+  shape: number[];
+}
+
+/** One decoder layer. Norm weights and biases are converted to fp32. */
+export interface LayerWeights {
+  attnNorm: Weight; // (dim)
+  wq: Weight; // (heads * head_dim, dim)
+  wk: Weight; // (kv_heads * head_dim, dim)
+  wv: Weight; // (kv_heads * head_dim, dim)
+  wo: Weight; // (dim, heads * head_dim)
+  bq: Weight | null; // (heads * head_dim)
+  bk: Weight | null; // (kv_heads * head_dim)
+  bv: Weight | null; // (kv_heads * head_dim)
+  bo: Weight | null; // (dim)
+  ffnNorm: Weight; // (dim)
+  wGate: Weight; // (hidden, dim)
+  wUp: Weight; // (hidden, dim)
+  wDown: Weight; // (dim, hidden)
+}
+
+export interface ModelWeights {
+  embed: Weight; // (vocab, dim)
+  layers: LayerWeights[];
+  norm: Weight; // (dim)
+  lmHead: Weight; // (vocab, dim); the embedding table when tied
+  /** Parameters and bytes as stored in the files. */
+  params: number;
+  fileBytes: number;
+  /** Bytes a decode step reads from the weights (everything but the unused embedding rows). */
+  decodeBytes: number;
+}
+
+const FILE_DTYPES: Record<string, DTypeCode> = { F32: DType.F32, F16: DType.F16, BF16: DType.BF16 };
+const STAGING_BYTES = 16 << 20;
+
+type Kind = "matrix" | "vector";
+interface Expected {
+  name: string;
+  shape: number[];
+  kind: Kind;
+}
+
+/** Every tensor the config implies, with its shape. */
+export function expectedTensors(c: ModelConfig): Expected[] {
+  const q = c.numHeads * c.headDim, kv = c.numKvHeads * c.headDim, d = c.hiddenSize;
+  const list: Expected[] = [{
+    name: "model.embed_tokens.weight",
+    shape: [c.vocabSize, d],
+    kind: "matrix",
+  }];
+  for (let i = 0; i < c.numLayers; i++) {
+    const p = `model.layers.${i}.`;
+    list.push(
+      { name: `${p}input_layernorm.weight`, shape: [d], kind: "vector" },
+      { name: `${p}self_attn.q_proj.weight`, shape: [q, d], kind: "matrix" },
+      { name: `${p}self_attn.k_proj.weight`, shape: [kv, d], kind: "matrix" },
+      { name: `${p}self_attn.v_proj.weight`, shape: [kv, d], kind: "matrix" },
+      { name: `${p}self_attn.o_proj.weight`, shape: [d, q], kind: "matrix" },
+      { name: `${p}post_attention_layernorm.weight`, shape: [d], kind: "vector" },
+      { name: `${p}mlp.gate_proj.weight`, shape: [c.intermediateSize, d], kind: "matrix" },
+      { name: `${p}mlp.up_proj.weight`, shape: [c.intermediateSize, d], kind: "matrix" },
+      { name: `${p}mlp.down_proj.weight`, shape: [d, c.intermediateSize], kind: "matrix" },
+    );
+    if (c.qkvBias) {
+      list.push(
+        { name: `${p}self_attn.q_proj.bias`, shape: [q], kind: "vector" },
+        { name: `${p}self_attn.k_proj.bias`, shape: [kv], kind: "vector" },
+        { name: `${p}self_attn.v_proj.bias`, shape: [kv], kind: "vector" },
+      );
+    }
+    if (c.oBias) list.push({ name: `${p}self_attn.o_proj.bias`, shape: [d], kind: "vector" });
+  }
+  list.push({ name: "model.norm.weight", shape: [d], kind: "vector" });
+  if (!c.tieWordEmbeddings) {
+    list.push({ name: "lm_head.weight", shape: [c.vocabSize, d], kind: "matrix" });
+  }
+  return list;
+}
+
+/** Old checkpoints carry rotary buffers; they are derived from the config, so they are skipped. */
+const isDerivedBuffer = (name: string) => name.endsWith(".rotary_emb.inv_freq");
+
+/** Checks the files hold exactly the tensors the config implies; returns them in load order. */
+export function matchTensors(
+  dir: string,
+  c: ModelConfig,
+  files: Map<string, TensorInfo>,
+): [Expected, TensorInfo][] {
+  const expected = expectedTensors(c);
+  const missing = expected.filter((e) => !files.has(e.name)).map((e) => e.name);
+  if (missing.length) {
+    throw new Error(`${dir}: missing tensors for ${c.architecture}: ${listNames(missing)}`);
+  }
+  const wanted = new Set(expected.map((e) => e.name));
+  const extra = [...files.keys()].filter((n) => !wanted.has(n) && !isDerivedBuffer(n));
+  if (extra.length) {
+    throw new Error(`${dir}: unexpected tensors for this config: ${listNames(extra)}`);
+  }
+  return expected.map((e) => {
+    const t = files.get(e.name)!;
+    if (t.shape.join() !== e.shape.join()) {
+      throw new Error(
+        `${t.file}: tensor ${e.name} has shape [${t.shape}], config implies [${e.shape}]`,
+      );
+    }
+    if (!(t.dtype in FILE_DTYPES)) {
+      throw new Error(`${t.file}: tensor ${e.name} is ${t.dtype}; supported: F32, F16, BF16`);
+    }
+    return [e, t];
+  });
+}
+
+function listNames(names: string[]): string {
+  return names.length <= 5
+    ? names.join(", ")
+    : `${names.slice(0, 5).join(", ")} and ${names.length - 5} more`;
+}
+
+export type LoadProgress = (doneBytes: number, totalBytes: number) => void;
+
+/** Loads DIR's weights onto the backend. On failure every buffer made so far is freed. */
+export async function loadWeights(
+  backend: Backend,
+  dir: string,
+  c: ModelConfig,
+  onProgress: LoadProgress = () => {},
+): Promise<ModelWeights> {
+  const tensors = matchTensors(dir, c, await openModelWeights(dir));
+  const totalBytes = tensors.reduce((sum, [, t]) => sum + t.bytes, 0);
+  const loaded = new Map<string, Weight>();
+  let doneBytes = 0;
+  try {
+    for (const [e, t] of tensors) {
+      loaded.set(
+        e.name,
+        e.kind === "matrix" ? await uploadMatrix(backend, t) : await uploadVector(backend, t),
+      );
+      doneBytes += t.bytes;
+      onProgress(doneBytes, totalBytes);
+    }
+  } catch (err) {
+    for (const w of loaded.values()) w.buf.close();
+    throw err;
+  }
+  const get = (name: string) => loaded.get(name)!;
+  const opt = (name: string) => loaded.get(name) ?? null;
+  const layers = Array.from({ length: c.numLayers }, (_, i): LayerWeights => {
+    const p = `model.layers.${i}.`;
+    return {
+      attnNorm: get(`${p}input_layernorm.weight`),
+      wq: get(`${p}self_attn.q_proj.weight`),
+      wk: get(`${p}self_attn.k_proj.weight`),
+      wv: get(`${p}self_attn.v_proj.weight`),
+      wo: get(`${p}self_attn.o_proj.weight`),
+      bq: opt(`${p}self_attn.q_proj.bias`),
+      bk: opt(`${p}self_attn.k_proj.bias`),
+      bv: opt(`${p}self_attn.v_proj.bias`),
+      bo: opt(`${p}self_attn.o_proj.bias`),
+      ffnNorm: get(`${p}post_attention_layernorm.weight`),
+      wGate: get(`${p}mlp.gate_proj.weight`),
+      wUp: get(`${p}mlp.up_proj.weight`),
+      wDown: get(`${p}mlp.down_proj.weight`),
+    };
+  });
+  const embed = get("model.embed_tokens.weight");
+  const lmHead = c.tieWordEmbeddings ? embed : get("lm_head.weight");
+  const params = tensors.reduce((sum, [, t]) => sum + t.shape.reduce((a, b) => a * b, 1), 0);
+  const embedBytes = tensors[0][1].bytes;
+  return {
+    embed,
+    layers,
+    norm: get("model.norm.weight"),
+    lmHead,
+    params,
+    fileBytes: totalBytes,
+    decodeBytes: c.tieWordEmbeddings ? totalBytes : totalBytes - embedBytes,
+  };
+}
+
+/** Frees every buffer of a model's weights (the tied head shares the embedding's). */
+export function freeWeights(w: ModelWeights): void {
+  const all = new Set<Weight>([w.embed, w.norm, w.lmHead]);
+  for (const l of w.layers) for (const v of Object.values(l)) if (v) all.add(v);
+  for (const v of all) v.buf.close();
+}
+
+async function uploadMatrix(backend: Backend, t: TensorInfo): Promise<Weight> {
+  const buf = backend.alloc(Math.max(t.bytes, 1));
+  try {
+    await readTensorChunks(
+      t,
+      STAGING_BYTES,
+      (chunk, offset) => backend.upload(buf.slice(offset, chunk.length), chunk),
+    );
+  } catch (err) {
+    buf.close();
+    throw err;
+  }
+  return { buf, dtype: FILE_DTYPES[t.dtype], shape: t.shape };
+}
+
+async function uploadVector(backend: Backend, t: TensorInfo): Promise<Weight> {
+  const values = toF32(await readTensor(t), t.dtype as FileDType);
+  const buf = backend.alloc(values.byteLength);
+  backend.upload(buf, values);
+  return { buf, dtype: DType.F32, shape: t.shape };
+}
