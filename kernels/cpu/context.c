@@ -53,6 +53,7 @@ int iq_ctx_create(int device, int threads, iq_ctx **out) {
 void iq_ctx_destroy(iq_ctx *ctx) {
   if (!ctx) return;
   iq_pool_destroy(ctx->pool);
+  free(ctx->scratch);
   free(ctx);
 }
 
@@ -65,6 +66,18 @@ int iq_device_info(iq_ctx *ctx, char *name, int cap, uint64_t *free_bytes,
   long page = sysconf(_SC_PAGESIZE);
   *total_bytes = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 0;
   *free_bytes = avail > 0 && page > 0 ? (uint64_t)avail * (uint64_t)page : 0;
+  return IQ_OK;
+}
+
+int iq_scratch(iq_ctx *ctx, size_t bytes, void **out) {
+  if (bytes > ctx->scratch_bytes) {
+    void *grown = malloc(bytes);
+    if (!grown) return iq_fail(ctx, IQ_ERR_MEMORY, "cannot allocate %zu bytes of scratch", bytes);
+    free(ctx->scratch);
+    ctx->scratch = grown;
+    ctx->scratch_bytes = bytes;
+  }
+  *out = ctx->scratch;
   return IQ_OK;
 }
 

@@ -13,8 +13,13 @@ typedef struct iq_pool iq_pool;
 struct iq_ctx {
   iq_pool *pool;
   int threads;
+  void *scratch; /* grown on demand, freed with the context */
+  size_t scratch_bytes;
   char error[512];
 };
+
+/* At least `bytes` of the context's scratch memory in *out (contents undefined). */
+int iq_scratch(iq_ctx *ctx, size_t bytes, void **out);
 
 /* Records a printf-style message on ctx and returns status. */
 int iq_fail(iq_ctx *ctx, int status, const char *fmt, ...)

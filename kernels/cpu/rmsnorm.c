@@ -1,0 +1,35 @@
+/* rmsnorm.c: out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight. */
+#include <math.h>
+
+#include "cpu.h"
+
+typedef struct {
+  float *out;
+  const float *x, *weight;
+  int dim;
+  float eps;
+} rmsnorm_job;
+
+static void rmsnorm_rows(void *arg, int64_t begin, int64_t end, int worker) {
+  (void)worker;
+  const rmsnorm_job *j = arg;
+  for (int64_t r = begin; r < end; r++) {
+    const float *x = j->x + r * j->dim;
+    float *out = j->out + r * j->dim;
+    float ss = 0.0f;
+    for (int i = 0; i < j->dim; i++) ss += x[i] * x[i];
+    float scale = 1.0f / sqrtf(ss / (float)j->dim + j->eps);
+    for (int i = 0; i < j->dim; i++) out[i] = x[i] * scale * j->weight[i];
+  }
+}
+
+int iq_rmsnorm(iq_ctx *ctx, float *out, const float *x, const float *weight, int n, int dim,
+               float eps) {
+  if (!ctx || !out || !x || !weight) return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: NULL argument");
+  if (n <= 0 || dim <= 0)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: n %d and dim %d must be positive", n, dim);
+  if (!(eps >= 0.0f)) return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: eps %g must be >= 0", eps);
+  rmsnorm_job job = {out, x, weight, dim, eps};
+  iq_parallel_for(ctx, n, 4, rmsnorm_rows, &job);
+  return IQ_OK;
+}

@@ -1,0 +1,132 @@
+/* sample.c: one token from logits, by the eight steps of iq_sample in
+ * innerq.h. With top_k the candidates are chosen by a min-heap of size top_k
+ * (O(vocab log k)) and only those are sorted; without it the whole vocabulary
+ * is sorted. The sums run in candidate order, as the CUDA twin's do. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu.h"
+
+typedef struct {
+  float value;
+  int32_t id;
+} candidate;
+
+/* a comes before b: higher value first, lower id first on ties. */
+static int before(candidate a, candidate b) {
+  return a.value > b.value || (a.value == b.value && a.id < b.id);
+}
+
+static int compare(const void *a, const void *b) {
+  candidate x = *(const candidate *)a, y = *(const candidate *)b;
+  return before(x, y) ? -1 : before(y, x) ? 1 : 0;
+}
+
+/* Min-heap by `before` order: the root is the candidate that comes last. */
+static void sift_down(candidate *heap, int size, int i) {
+  for (;;) {
+    int last = i, l = 2 * i + 1, r = l + 1;
+    if (l < size && before(heap[last], heap[l])) last = l;
+    if (r < size && before(heap[last], heap[r])) last = r;
+    if (last == i) return;
+    candidate t = heap[i];
+    heap[i] = heap[last];
+    heap[last] = t;
+    i = last;
+  }
+}
+
+/* Moves the first k of all[0..vocab) in candidate order to all[0..k), sorted. */
+static void top_k_sorted(candidate *all, int vocab, int k) {
+  for (int i = k / 2 - 1; i >= 0; i--) sift_down(all, k, i);
+  for (int i = k; i < vocab; i++)
+    if (before(all[i], all[0])) {
+      all[0] = all[i];
+      sift_down(all, k, 0);
+    }
+  qsort(all, (size_t)k, sizeof *all, compare);
+}
+
+int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
+              const int32_t *history, int n_history, float repeat_penalty, float temperature,
+              int top_k, float top_p, float min_p, float uniform) {
+  if (!ctx || !out_token || !logits || (n_history > 0 && !history))
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: NULL argument");
+  if (vocab <= 0 || n_history < 0)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: vocab %d must be positive, n_history %d >= 0",
+                   vocab, n_history);
+  if (!(repeat_penalty > 0.0f) || top_k < 0 || !(top_p > 0.0f && top_p <= 1.0f) ||
+      !(min_p >= 0.0f && min_p <= 1.0f) || !(uniform >= 0.0f && uniform < 1.0f))
+    return iq_fail(ctx, IQ_ERR_ARG,
+                   "iq_sample: repeat_penalty %g, top_k %d, top_p %g, min_p %g or uniform %g out of range",
+                   repeat_penalty, top_k, top_p, min_p, uniform);
+  size_t cand_bytes = (size_t)vocab * sizeof(candidate);
+  void *scratch;
+  int s = iq_scratch(ctx, cand_bytes + (size_t)vocab * (sizeof(float) + 1), &scratch);
+  if (s != IQ_OK) return s;
+  candidate *cand = scratch;
+  float *p = (float *)((char *)scratch + cand_bytes);
+  uint8_t *seen = (uint8_t *)(p + vocab);
+
+  /* 1. the repetition penalty, on a copy, each distinct id once */
+  for (int i = 0; i < vocab; i++) {
+    if (isnan(logits[i])) return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: logit %d is NaN", i);
+    cand[i] = (candidate){logits[i], i};
+  }
+  if (repeat_penalty != 1.0f && n_history > 0) {
+    memset(seen, 0, (size_t)vocab);
+    for (int i = 0; i < n_history; i++) {
+      int32_t id = history[i];
+      if (id < 0 || id >= vocab || seen[id]) continue;
+      seen[id] = 1;
+      float l = cand[id].value;
+      cand[id].value = l > 0.0f ? l / repeat_penalty : l * repeat_penalty;
+    }
+  }
+  /* 2. greedy */
+  if (temperature <= 0.0f) {
+    int best = 0;
+    for (int i = 1; i < vocab; i++)
+      if (cand[i].value > cand[best].value) best = i;
+    *out_token = best;
+    return IQ_OK;
+  }
+  /* 3-4. temperature, candidate order, top_k */
+  for (int i = 0; i < vocab; i++) cand[i].value /= temperature;
+  int count = top_k > 0 && top_k < vocab ? top_k : vocab;
+  if (count < vocab) top_k_sorted(cand, vocab, count);
+  else qsort(cand, (size_t)vocab, sizeof *cand, compare);
+  /* 5. softmax over the candidates */
+  float sum = 0.0f;
+  for (int i = 0; i < count; i++) sum += p[i] = expf(cand[i].value - cand[0].value);
+  for (int i = 0; i < count; i++) p[i] /= sum;
+  /* 6. min_p: p is non-increasing, so the kept set is a prefix */
+  int kept = count;
+  if (min_p > 0.0f) {
+    float floor = min_p * p[0];
+    kept = 0;
+    while (kept < count && p[kept] >= floor) kept++;
+  }
+  /* 7. top_p: the shortest prefix reaching it */
+  if (top_p < 1.0f) {
+    float cum = 0.0f;
+    for (int i = 0; i < kept; i++)
+      if ((cum += p[i]) >= top_p) {
+        kept = i + 1;
+        break;
+      }
+  }
+  /* 8. the pick; rounding can leave the running sum short of the target to the end */
+  float total = 0.0f;
+  for (int i = 0; i < kept; i++) total += p[i];
+  float target = uniform * total, cum = 0.0f;
+  int pick = kept - 1;
+  for (int i = 0; i < kept; i++)
+    if ((cum += p[i]) > target) {
+      pick = i;
+      break;
+    }
+  *out_token = cand[pick].id;
+  return IQ_OK;
+}
