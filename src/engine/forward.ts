@@ -1,0 +1,185 @@
+// The forward pass of a Llama-family decoder, as kernel-library calls in forward order.
+// Every device buffer is planned at load time: the activations for one chunk of tokens and the
+// KV cache for the whole context; nothing is allocated per token.
+import type { Backend, DeviceBuffer, Slice } from "../../ffi/backend.ts";
+import { type ModelConfig, ropeInvFreq } from "../model/config.ts";
+import { freeWeights, type LoadProgress, loadWeights, type ModelWeights, type Weight } from "../model/weights.ts";
+import type { KvCache } from "../kv/cache.ts";
+import { type KvSpec, makeKvCache } from "../kv/spec.ts";
+
+export interface LoadOptions {
+  /** Context length: tokens the KV cache holds (default: the model's max_position_embeddings). */
+  ctx?: number;
+  kv?: KvSpec;
+  /** Most tokens per forward call; longer prompts are prefilled in chunks. */
+  chunk?: number;
+  /** Keep logits for every token of a chunk, not only the last (perplexity needs them). */
+  allLogits?: boolean;
+  onProgress?: LoadProgress;
+}
+
+/** Activation buffers for one chunk of up to `chunk` tokens. */
+class RunState {
+  readonly buffers: DeviceBuffer[] = [];
+  readonly x: DeviceBuffer; // (chunk, dim) residual stream
+  readonly xb: DeviceBuffer; // (chunk, dim) normed input of a sublayer, then its output
+  readonly q: DeviceBuffer; // (chunk, heads * head_dim)
+  readonly k: DeviceBuffer; // (chunk, kv_heads * head_dim)
+  readonly v: DeviceBuffer; // (chunk, kv_heads * head_dim)
+  readonly att: DeviceBuffer; // (chunk, heads * head_dim) attention output
+  readonly hb: DeviceBuffer; // (chunk, hidden) gate, then SwiGLU
+  readonly hb2: DeviceBuffer; // (chunk, hidden) up
+  readonly logits: DeviceBuffer; // (logit rows, vocab)
+  readonly tokens: DeviceBuffer; // (chunk) int32
+  readonly positions: DeviceBuffer; // (chunk) int32
+  readonly invFreq: DeviceBuffer; // (head_dim / 2)
+
+  constructor(backend: Backend, c: ModelConfig, chunk: number, logitRows: number) {
+    const f32 = (n: number) => {
+      const b = backend.alloc(n * 4);
+      this.buffers.push(b);
+      return b;
+    };
+    try {
+      this.x = f32(chunk * c.hiddenSize);
+      this.xb = f32(chunk * c.hiddenSize);
+      this.q = f32(chunk * c.numHeads * c.headDim);
+      this.k = f32(chunk * c.numKvHeads * c.headDim);
+      this.v = f32(chunk * c.numKvHeads * c.headDim);
+      this.att = f32(chunk * c.numHeads * c.headDim);
+      this.hb = f32(chunk * c.intermediateSize);
+      this.hb2 = f32(chunk * c.intermediateSize);
+      this.logits = f32(logitRows * c.vocabSize);
+      this.tokens = f32(chunk);
+      this.positions = f32(chunk);
+      this.invFreq = f32(c.headDim / 2);
+    } catch (err) {
+      this.close();
+      throw err;
+    }
+  }
+
+  close(): void {
+    for (const b of this.buffers) b.close();
+  }
+}
+
+export class Transformer {
+  readonly chunk: number;
+  readonly allLogits: boolean;
+  #positions: Int32Array;
+
+  private constructor(
+    readonly backend: Backend,
+    readonly dir: string,
+    readonly config: ModelConfig,
+    readonly weights: ModelWeights,
+    readonly cache: KvCache,
+    readonly state: RunState,
+    opts: Required<Pick<LoadOptions, "chunk" | "allLogits">>,
+  ) {
+    this.chunk = opts.chunk;
+    this.allLogits = opts.allLogits;
+    this.#positions = new Int32Array(opts.chunk);
+    backend.upload(state.invFreq, ropeInvFreq(config));
+  }
+
+  /** Loads DIR's weights for its (already read) config and plans every buffer for `ctx` tokens. */
+  static async load(backend: Backend, dir: string, config: ModelConfig, opts: LoadOptions = {}): Promise<Transformer> {
+    const ctx = opts.ctx ?? config.maxPositionEmbeddings;
+    if (!Number.isSafeInteger(ctx) || ctx < 1) throw new RangeError(`--ctx must be a positive integer, got ${ctx}`);
+    const chunk = Math.min(opts.chunk ?? 256, ctx);
+    const allLogits = opts.allLogits ?? false;
+    const weights = await loadWeights(backend, dir, config, opts.onProgress);
+    let cache: KvCache | null = null;
+    try {
+      const shape = {
+        layers: config.numLayers,
+        heads: config.numHeads,
+        kvHeads: config.numKvHeads,
+        headDim: config.headDim,
+        capacity: ctx,
+      };
+      cache = makeKvCache(backend, shape, opts.kv ?? "fp16");
+      const state = new RunState(backend, config, chunk, allLogits ? chunk : 1);
+      return new Transformer(backend, dir, config, weights, cache, state, { chunk, allLogits });
+    } catch (err) {
+      cache?.close();
+      freeWeights(weights);
+      throw err;
+    }
+  }
+
+  /** Tokens the cache holds. */
+  get capacity(): number {
+    return this.cache.shape.capacity;
+  }
+
+  /** Runs n tokens (int32 on the device) at positions pos0 .. pos0 + n - 1 through the model and
+   * returns the logits: (vocab) of the last token, or (n, vocab) with allLogits. */
+  forward(tokens: Slice, pos0: number, n: number): Slice {
+    if (n < 1 || n > this.chunk) throw new RangeError(`forward takes 1..${this.chunk} tokens, got ${n}`);
+    if (pos0 < 0 || pos0 + n > this.capacity) {
+      throw new RangeError(`positions ${pos0}..${pos0 + n - 1} exceed the context of ${this.capacity} tokens`);
+    }
+    const be = this.backend, c = this.config, s = this.state, w = this.weights;
+    const dim = c.hiddenSize, hidden = c.intermediateSize, eps = c.rmsNormEps;
+    for (let i = 0; i < n; i++) this.#positions[i] = pos0 + i;
+    be.upload(s.positions, this.#positions.subarray(0, n));
+
+    be.embed(s.x, w.embed.buf, w.embed.dtype, tokens, n, dim, c.vocabSize); // x = embed[tokens]
+    for (let l = 0; l < c.numLayers; l++) {
+      const L = w.layers[l];
+      // attention block
+      be.rmsnorm(s.xb, s.x, L.attnNorm.buf, n, dim, eps); // xb = rmsnorm(x)
+      linear(be, s.q, s.xb, L.wq, L.bq, n); // q = xb Wqᵀ (n, heads * head_dim)
+      linear(be, s.k, s.xb, L.wk, L.bk, n); // k = xb Wkᵀ (n, kv_heads * head_dim)
+      linear(be, s.v, s.xb, L.wv, L.bv, n); // v = xb Wvᵀ
+      be.rope(s.q, s.positions, s.invFreq, n, c.numHeads, c.headDim); // rotate q
+      be.rope(s.k, s.positions, s.invFreq, n, c.numKvHeads, c.headDim); // rotate k
+      this.cache.store(l, s.k, s.v, pos0, n); // cache k, v at pos0 ..
+      this.cache.attend(l, s.q, s.att, pos0, n); // att = softmax(q kᵀ / sqrt(d)) v, causal, GQA
+      linear(be, s.xb, s.att, L.wo, L.bo, n); // xb = att Woᵀ (n, dim)
+      be.add(s.x, s.x, s.xb, n * dim); // x += xb
+      // feed-forward block
+      be.rmsnorm(s.xb, s.x, L.ffnNorm.buf, n, dim, eps); // xb = rmsnorm(x)
+      linear(be, s.hb, s.xb, L.wGate, null, n); // hb = xb Wgateᵀ (n, hidden)
+      linear(be, s.hb2, s.xb, L.wUp, null, n); // hb2 = xb Wupᵀ
+      be.swiglu(s.hb, s.hb, s.hb2, n * hidden); // hb = silu(hb) * hb2
+      linear(be, s.xb, s.hb, L.wDown, null, n); // xb = hb Wdownᵀ (n, dim)
+      be.add(s.x, s.x, s.xb, n * dim); // x += xb
+    }
+    // final norm and classifier, for the last token only unless every row's logits are wanted
+    const rows = this.allLogits ? n : 1;
+    const first = s.x.slice((n - rows) * dim * 4, rows * dim * 4);
+    be.rmsnorm(s.xb, first, w.norm.buf, rows, dim, eps); // xb = rmsnorm(x)
+    linear(be, s.logits, s.xb, w.lmHead, null, rows); // logits = xb Wheadᵀ (rows, vocab)
+    return s.logits.slice(0, rows * c.vocabSize * 4);
+  }
+
+  /** Uploads token ids into the chunk's token buffer and returns it, for forward(). */
+  stageTokens(ids: Int32Array): Slice {
+    if (ids.length > this.chunk) throw new RangeError(`at most ${this.chunk} tokens per chunk, got ${ids.length}`);
+    const vocab = this.config.vocabSize;
+    for (const id of ids) {
+      if (!(id >= 0 && id < vocab)) throw new RangeError(`token id ${id} outside the vocabulary (0..${vocab - 1})`);
+    }
+    this.backend.upload(this.state.tokens, ids);
+    return this.state.tokens.slice(0, ids.length * 4);
+  }
+
+  close(): void {
+    this.state.close();
+    this.cache.close();
+    freeWeights(this.weights);
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/** out(n, out_features) = x(n, in_features) Wᵀ + bias. */
+function linear(be: Backend, out: Slice, x: Slice, w: Weight, bias: Weight | null, n: number): void {
+  be.matmul(out, x, w.buf, w.dtype, bias?.buf ?? null, n, w.shape[1], w.shape[0]);
+}

@@ -1,0 +1,66 @@
+// The dense cache: keys and values stored as fp16 (the default) or fp32 (reference runs), one
+// [kv_heads, capacity, head_dim] buffer per layer for each.
+import { type Backend, type DeviceBuffer, DType, DTYPE_BYTES, type Slice } from "../../ffi/backend.ts";
+import type { CacheShape, KvCache } from "./cache.ts";
+
+/** Keys and values of every layer, per token. */
+export function denseBytesPerToken(spec: "fp16" | "fp32", shape: Omit<CacheShape, "capacity">): number {
+  return 2 * shape.layers * shape.kvHeads * shape.headDim * (spec === "fp16" ? 2 : 4);
+}
+
+export class DenseKvCache implements KvCache {
+  readonly bytesPerToken: number;
+  readonly allocatedBytes: number;
+  readonly #dtype: typeof DType.F16 | typeof DType.F32;
+  readonly #keys: DeviceBuffer[] = [];
+  readonly #values: DeviceBuffer[] = [];
+  readonly #scale: number;
+
+  constructor(readonly backend: Backend, readonly shape: CacheShape, readonly spec: "fp16" | "fp32") {
+    this.#dtype = spec === "fp16" ? DType.F16 : DType.F32;
+    const rowBytes = shape.kvHeads * shape.headDim * DTYPE_BYTES[this.#dtype];
+    this.bytesPerToken = denseBytesPerToken(spec, shape);
+    this.allocatedBytes = this.bytesPerToken * shape.capacity;
+    this.#scale = 1 / Math.sqrt(shape.headDim);
+    try {
+      for (let i = 0; i < shape.layers; i++) {
+        this.#keys.push(backend.alloc(rowBytes * shape.capacity));
+        this.#values.push(backend.alloc(rowBytes * shape.capacity));
+      }
+    } catch (err) {
+      this.close();
+      throw err;
+    }
+  }
+
+  store(layer: number, k: Slice, v: Slice, pos0: number, n: number): void {
+    const { kvHeads, headDim, capacity } = this.shape;
+    this.backend.kvStore(this.#keys[layer], this.#dtype, k, n, pos0, kvHeads, headDim, capacity);
+    this.backend.kvStore(this.#values[layer], this.#dtype, v, n, pos0, kvHeads, headDim, capacity);
+  }
+
+  attend(layer: number, q: Slice, out: Slice, pos0: number, n: number): void {
+    const { heads, kvHeads, headDim, capacity } = this.shape;
+    const args = {
+      out,
+      q,
+      kCache: this.#keys[layer],
+      vCache: this.#values[layer],
+      cacheDtype: this.#dtype,
+      pos0,
+      n,
+      heads,
+      kvHeads,
+      headDim,
+      cap: capacity,
+      scale: this.#scale,
+    };
+    if (n === 1) this.backend.attentionDecode(args);
+    else this.backend.attentionPrefill(args);
+  }
+
+  close(): void {
+    for (const b of [...this.#keys, ...this.#values]) b.close();
+    this.#keys.length = this.#values.length = 0;
+  }
+}

@@ -1,0 +1,195 @@
+// The forward pass end to end on the CPU backend: tiny random-weight models written in the real
+// formats, checked against themselves (prefill vs decode, chunking, config generations) and against
+// logits of Hugging Face transformers (test/fixtures/hf_reference.json, made by make_hf_reference.py).
+import { deepStrictEqual as assertEquals, ok as assert } from "node:assert";
+import { parseArgs } from "node:util";
+import { Backend } from "../ffi/backend.ts";
+import { Transformer } from "../src/engine/forward.ts";
+import { generate } from "../src/engine/generate.ts";
+import { Sampler } from "../src/engine/sampler.ts";
+import { loadConfig } from "../src/model/config.ts";
+import { type RandomModelOptions, type ShapeName, writeRandomModel } from "../src/model/random_model.ts";
+import { LLAMA3_ROPE } from "../src/model/random_model.ts";
+import type { Architecture } from "../src/model/config.ts";
+import type { KvSpec } from "../src/kv/spec.ts";
+import { Rng } from "../src/engine/sampler.ts";
+import { randomInts } from "./random.ts";
+
+const SHARED_MODELS = new URL("../../shared/models/", import.meta.url).pathname;
+
+/** Max |a - b| over max |b|: errors relative to the logits' scale. */
+function scaledError(a: Float32Array | number[], b: Float32Array | number[]): number {
+  let err = 0, scale = 0;
+  for (let i = 0; i < b.length; i++) {
+    err = Math.max(err, Math.abs(a[i] - b[i]));
+    scale = Math.max(scale, Math.abs(b[i]));
+  }
+  return err / scale;
+}
+
+async function withModel<T>(
+  opts: RandomModelOptions & { shape?: RandomModelOptions["shape"] },
+  fn: (dir: string) => Promise<T>,
+): Promise<T> {
+  const dir = await Deno.makeTempDir({ prefix: "innerq-model-" });
+  try {
+    await writeRandomModel(dir, "tiny", opts);
+    return await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** Logits (rows, vocab) for `tokens` fed in chunks of `chunk`. */
+async function logitsOf(
+  dir: string,
+  tokens: Int32Array,
+  opts: { chunk: number; kv?: KvSpec; threads?: number },
+): Promise<Float32Array> {
+  const config = await loadConfig(dir);
+  using backend = Backend.open("cpu", { threads: opts.threads ?? 2 });
+  using model = await Transformer.load(backend, dir, config, {
+    ctx: 256,
+    kv: opts.kv ?? "fp32",
+    chunk: opts.chunk,
+    allLogits: true,
+  });
+  const vocab = config.vocabSize;
+  const out = new Float32Array(tokens.length * vocab);
+  for (let pos = 0; pos < tokens.length; pos += opts.chunk) {
+    const ids = tokens.subarray(pos, pos + opts.chunk);
+    const logits = model.forward(model.stageTokens(ids), pos, ids.length);
+    backend.download(logits, out.subarray(pos * vocab, (pos + ids.length) * vocab));
+  }
+  return out;
+}
+
+Deno.test("prefill logits equal token-by-token decode logits (fp16 and fp32 caches)", async () => {
+  await withModel({ seed: 3, dtype: "BF16" }, async (dir) => {
+    const vocab = (await loadConfig(dir)).vocabSize;
+    const tokens = randomInts(new Rng(3), 40, vocab);
+    for (const kv of ["fp16", "fp32"] as const) {
+      const prefilled = await logitsOf(dir, tokens, { chunk: 40, kv });
+      const decoded = await logitsOf(dir, tokens, { chunk: 1, kv });
+      const chunked = await logitsOf(dir, tokens, { chunk: 7, kv });
+      const err = scaledError(decoded, prefilled);
+      assert(err < 1e-5, `${kv}: decode vs prefill error ${err}`);
+      assert(scaledError(chunked, prefilled) < 1e-5, `${kv}: chunked prefill differs`);
+    }
+  });
+});
+
+Deno.test("threads do not change logits", async () => {
+  await withModel({ seed: 4, dtype: "F16" }, async (dir) => {
+    const tokens = randomInts(new Rng(4), 20, (await loadConfig(dir)).vocabSize);
+    const one = await logitsOf(dir, tokens, { chunk: 8, threads: 1 });
+    const three = await logitsOf(dir, tokens, { chunk: 8, threads: 3 });
+    assertEquals(three, one);
+  });
+});
+
+Deno.test("both config generations and sharded weights give the same logits", async () => {
+  const tokens = Int32Array.from([5, 17, 99, 3, 250, 42]);
+  const v5 = await withModel({ seed: 5, configStyle: "v5" }, (dir) => logitsOf(dir, tokens, { chunk: 6 }));
+  const v4 = await withModel({ seed: 5, configStyle: "v4", shards: 3 }, (dir) => logitsOf(dir, tokens, { chunk: 6 }));
+  assertEquals(v4, v5);
+});
+
+interface ReferenceCase {
+  name: string;
+  args: string[];
+  tokens: number[];
+  rows: number[];
+  logits: number[][];
+  hf_fp32_vs_fp64_max_abs: number;
+}
+
+/** The writer options scripts/random_model.ts derives from the fixture's arguments. */
+function writerOptions(args: string[]): { shape: ShapeName; opts: RandomModelOptions } {
+  const { values: v } = parseArgs({
+    args,
+    options: {
+      shape: { type: "string" },
+      dtype: { type: "string" },
+      seed: { type: "string" },
+      arch: { type: "string" },
+      "config-style": { type: "string" },
+      "rope-scaling": { type: "string" },
+    },
+  });
+  const rope = v["rope-scaling"];
+  return {
+    shape: v.shape as ShapeName,
+    opts: {
+      seed: Number(v.seed),
+      dtype: v.dtype as "F32",
+      configStyle: v["config-style"] as "v5" | "v4",
+      shape: {
+        architecture: v.arch as Architecture,
+        ...(rope ? { ropeScaling: rope === "llama3" ? { ...LLAMA3_ROPE, factor: 8 } : null } : {}),
+      },
+    },
+  };
+}
+
+const fixture = JSON.parse(
+  await Deno.readTextFile(new URL("fixtures/hf_reference.json", import.meta.url)),
+) as { transformers: string; cases: ReferenceCase[] };
+
+for (const c of fixture.cases) {
+  Deno.test(`fp32 logits match transformers ${fixture.transformers} within 1e-4: ${c.name}`, async () => {
+    const { shape, opts } = writerOptions(c.args);
+    assertEquals(shape, "tiny");
+    await withModel(opts, async (dir) => {
+      const tokens = Int32Array.from(c.tokens);
+      const ours = await logitsOf(dir, tokens, { chunk: 64, kv: "fp32" });
+      const vocab = c.logits[0].length;
+      let worst = 0;
+      c.rows.forEach((row, i) => {
+        const mine = ours.subarray(row * vocab, (row + 1) * vocab);
+        for (let j = 0; j < vocab; j++) worst = Math.max(worst, Math.abs(mine[j] - c.logits[i][j]));
+      });
+      console.log(`  ${c.name}: max |ours - transformers| = ${worst.toExponential(2)}`);
+      assert(worst < 1e-4, `max logit error ${worst}`);
+    });
+  });
+}
+
+const sharedModels = ["gsmwiki-28m", "gsmwiki-28m-kout"].map((m) => SHARED_MODELS + m);
+const haveShared = sharedModels.every((dir) => {
+  try {
+    return Deno.statSync(`${dir}/config.json`).isFile;
+  } catch {
+    return false;
+  }
+});
+if (!haveShared) console.log(`no trained models in ${SHARED_MODELS}: skipping their tests`);
+
+async function greedyTokens(dir: string, prompt: number[], n: number): Promise<number[]> {
+  const config = await loadConfig(dir);
+  using backend = Backend.open("cpu");
+  using model = await Transformer.load(backend, dir, config, { ctx: 128, kv: "fp16" });
+  const params = { temperature: 0, topK: 0, topP: 1, minP: 0, repeatPenalty: 1, repeatLastN: 0, seed: 0 };
+  using sampler = new Sampler(backend, params, config.vocabSize);
+  const out: number[] = [];
+  const ids = Int32Array.from(prompt);
+  for await (const id of generate(model, ids, sampler, { maxTokens: n, eosTokenIds: [] })) out.push(id);
+  return out;
+}
+
+Deno.test({
+  name: "trained model: greedy generation is deterministic and the key-outlier twin gives the same tokens",
+  ignore: !haveShared,
+  fn: async () => {
+    const { TextTokenizer } = await import("../src/tokenizer.ts");
+    const tokenizer = await TextTokenizer.load(sharedModels[0]);
+    const prompt = tokenizer.encode("Natalia sold clips to 48 of her friends in April, and then");
+    const first = await greedyTokens(sharedModels[0], prompt, 24);
+    const again = await greedyTokens(sharedModels[0], prompt, 24);
+    const twin = await greedyTokens(sharedModels[1], prompt, 24);
+    assertEquals(first.length, 24);
+    assertEquals(again, first);
+    assertEquals(twin, first);
+    console.log(`  greedy: ${JSON.stringify(tokenizer.decode(first))}`);
+  },
+});
