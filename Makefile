@@ -1,4 +1,5 @@
 # Builds the kernel library: build/libinnerq_cpu.so always, build/libinnerq_cuda.so where nvcc exists.
+# cuBLAS is loaded at run time (dlopen), so the CUDA library builds where only nvcc is installed.
 # No -march=native: the binaries must run on any x86-64 (this machine, CI, the GPU machine).
 CC ?= gcc
 NVCC ?= nvcc
@@ -26,7 +27,7 @@ build/cpu/%.o: kernels/cpu/%.c kernels/innerq.h | build/cpu
 	$(CC) $(CFLAGS) -c -o $@ $<
 
 build/libinnerq_cuda.so: $(CUDA_OBJ)
-	$(NVCC) -shared -o $@ $^ -lcublas
+	$(NVCC) -shared -o $@ $^ -ldl
 
 build/cuda/%.o: kernels/cuda/%.cu kernels/innerq.h $(wildcard kernels/cuda/*.cuh) | build/cuda
 	$(NVCC) $(NVCCFLAGS) -c -o $@ $<

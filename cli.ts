@@ -28,7 +28,11 @@ async function main(args: string[]): Promise<number> {
     return command === undefined ? EXIT.usage : EXIT.ok;
   }
   const run = COMMANDS[command];
-  if (!run) throw new UsageError(`unknown command "${command}" (commands: ${Object.keys(COMMANDS).join(", ")})`);
+  if (!run) {
+    throw new UsageError(
+      `unknown command "${command}" (commands: ${Object.keys(COMMANDS).join(", ")})`,
+    );
+  }
   return await run(rest);
 }
 

@@ -78,7 +78,9 @@ function cString(ptr: Deno.PointerValue): string {
 
 function positiveInts(values: Record<string, number>): void {
   for (const [name, v] of Object.entries(values)) {
-    if (!Number.isSafeInteger(v) || v <= 0) throw new RangeError(`${name} must be a positive integer, got ${v}`);
+    if (!Number.isSafeInteger(v) || v <= 0) {
+      throw new RangeError(`${name} must be a positive integer, got ${v}`);
+    }
   }
 }
 
@@ -106,7 +108,9 @@ export class Backend {
     const lib = openLibrary(kind);
     try {
       const version = lib.symbols.iq_abi_version();
-      if (version !== 1) throw new Error(`kernel library ABI ${version}, expected 1: run \`deno task build\``);
+      if (version !== 1) {
+        throw new Error(`kernel library ABI ${version}, expected 1: run \`deno task build\``);
+      }
       const out = new BigUint64Array(1);
       const status = lib.symbols.iq_ctx_create(opts.device ?? 0, opts.threads ?? 0, out);
       const ctx = Deno.UnsafePointer.create(out[0]);
@@ -122,7 +126,9 @@ export class Backend {
 
   #check(status: number, op: string): void {
     if (status !== 0) {
-      throw new NativeError(`${this.kind} ${op}: ${cString(this.#lib.symbols.iq_last_error(this.#ctx))}`);
+      throw new NativeError(
+        `${this.kind} ${op}: ${cString(this.#lib.symbols.iq_last_error(this.#ctx))}`,
+      );
     }
   }
 
@@ -170,20 +176,39 @@ export class Backend {
 
   upload(dst: Slice, src: ArrayBufferView): void {
     need(dst, src.byteLength, "upload destination");
+    if (src.byteLength === 0) return; // Deno passes an empty buffer as NULL
     this.#check(this.#sym.iq_upload(this.#c, dst.ptr, src, BigInt(src.byteLength)), "upload");
   }
 
   download(src: Slice, dst: ArrayBufferView): void {
     need(src, dst.byteLength, "download source");
+    if (dst.byteLength === 0) return;
     this.#check(this.#sym.iq_download(this.#c, dst, src.ptr, BigInt(dst.byteLength)), "download");
   }
 
-  embed(out: Slice, table: Slice, tableDtype: DTypeCode, tokens: Slice, n: number, dim: number, vocab: number) {
+  embed(
+    out: Slice,
+    table: Slice,
+    tableDtype: DTypeCode,
+    tokens: Slice,
+    n: number,
+    dim: number,
+    vocab: number,
+  ) {
     positiveInts({ n, dim, vocab });
     need(out, n * dim * 4, "embed out");
     need(table, vocab * dim * dtypeBytes[tableDtype], "embed table");
     need(tokens, n * 4, "embed tokens");
-    const s = this.#sym.iq_embed(this.#c, out.ptr, table.ptr, tableDtype, tokens.ptr, n, dim, vocab);
+    const s = this.#sym.iq_embed(
+      this.#c,
+      out.ptr,
+      table.ptr,
+      tableDtype,
+      tokens.ptr,
+      n,
+      dim,
+      vocab,
+    );
     this.#check(s, "embed");
   }
 
@@ -211,7 +236,17 @@ export class Backend {
     need(x, n * k * 4, "matmul x");
     need(w, m * k * dtypeBytes[wDtype], "matmul w");
     if (bias) need(bias, m * 4, "matmul bias");
-    const s = this.#sym.iq_matmul(this.#c, out.ptr, x.ptr, w.ptr, wDtype, bias?.ptr ?? null, n, k, m);
+    const s = this.#sym.iq_matmul(
+      this.#c,
+      out.ptr,
+      x.ptr,
+      w.ptr,
+      wDtype,
+      bias?.ptr ?? null,
+      n,
+      k,
+      m,
+    );
     this.#check(s, "matmul");
   }
 
@@ -227,13 +262,17 @@ export class Backend {
 
   swiglu(out: Slice, gate: Slice, up: Slice, count: number): void {
     positiveInts({ count });
-    for (const [s, name] of [[out, "out"], [gate, "gate"], [up, "up"]] as const) need(s, count * 4, `swiglu ${name}`);
+    for (const [s, name] of [[out, "out"], [gate, "gate"], [up, "up"]] as const) {
+      need(s, count * 4, `swiglu ${name}`);
+    }
     this.#check(this.#sym.iq_swiglu(this.#c, out.ptr, gate.ptr, up.ptr, BigInt(count)), "swiglu");
   }
 
   add(out: Slice, a: Slice, b: Slice, count: number): void {
     positiveInts({ count });
-    for (const [s, name] of [[out, "out"], [a, "a"], [b, "b"]] as const) need(s, count * 4, `add ${name}`);
+    for (const [s, name] of [[out, "out"], [a, "a"], [b, "b"]] as const) {
+      need(s, count * 4, `add ${name}`);
+    }
     this.#check(this.#sym.iq_add(this.#c, out.ptr, a.ptr, b.ptr, BigInt(count)), "add");
   }
 
@@ -250,19 +289,35 @@ export class Backend {
   ): void {
     positiveInts({ n, kvHeads, headDim, cap });
     if (!Number.isSafeInteger(pos0) || pos0 < 0 || pos0 + n > cap) {
-      throw new RangeError(`kv_store positions ${pos0}..${pos0 + n - 1} outside a ${cap}-token cache`);
+      throw new RangeError(
+        `kv_store positions ${pos0}..${pos0 + n - 1} outside a ${cap}-token cache`,
+      );
     }
     need(cache, kvHeads * cap * headDim * dtypeBytes[cacheDtype], "kv_store cache");
     need(x, n * kvHeads * headDim * 4, "kv_store x");
-    const s = this.#sym.iq_kv_store(this.#c, cache.ptr, cacheDtype, x.ptr, n, pos0, kvHeads, headDim, cap);
+    const s = this.#sym.iq_kv_store(
+      this.#c,
+      cache.ptr,
+      cacheDtype,
+      x.ptr,
+      n,
+      pos0,
+      kvHeads,
+      headDim,
+      cap,
+    );
     this.#check(s, "kv_store");
   }
 
   #checkAttention(a: AttentionArgs, op: string): void {
     positiveInts({ n: a.n, heads: a.heads, kvHeads: a.kvHeads, headDim: a.headDim, cap: a.cap });
-    if (a.heads % a.kvHeads) throw new RangeError(`${op}: heads ${a.heads} not a multiple of kv_heads ${a.kvHeads}`);
+    if (a.heads % a.kvHeads) {
+      throw new RangeError(`${op}: heads ${a.heads} not a multiple of kv_heads ${a.kvHeads}`);
+    }
     if (!Number.isSafeInteger(a.pos0) || a.pos0 < 0 || a.pos0 + a.n > a.cap) {
-      throw new RangeError(`${op}: positions ${a.pos0}..${a.pos0 + a.n - 1} outside a ${a.cap}-token cache`);
+      throw new RangeError(
+        `${op}: positions ${a.pos0}..${a.pos0 + a.n - 1} outside a ${a.cap}-token cache`,
+      );
     }
     const rows = a.n * a.heads * a.headDim * 4;
     need(a.out, rows, `${op} out`);
@@ -317,8 +372,12 @@ export class Backend {
     positiveInts({ vocab: a.vocab });
     need(a.outToken, 4, "sample out_token");
     need(a.logits, a.vocab * 4, "sample logits");
-    if (a.nHistory > 0) need(a.history ?? { ptr: null!, bytes: 0 }, a.nHistory * 4, "sample history");
-    if (!(a.uniform >= 0 && a.uniform < 1)) throw new RangeError(`sample uniform must be in [0, 1), got ${a.uniform}`);
+    if (a.nHistory > 0) {
+      need(a.history ?? { ptr: null!, bytes: 0 }, a.nHistory * 4, "sample history");
+    }
+    if (!(a.uniform >= 0 && a.uniform < 1)) {
+      throw new RangeError(`sample uniform must be in [0, 1), got ${a.uniform}`);
+    }
     const s = this.#sym.iq_sample(
       this.#c,
       a.outToken.ptr,

@@ -2,11 +2,18 @@
 // speed work without real weights:
 //   deno run -A scripts/random_model.ts --shape llama3-8b --dtype BF16 --seed 0 DIR
 import { parseArgs } from "node:util";
-import { LLAMA3_ROPE, SHAPES, type ShapeName, writeRandomModel } from "../src/model/random_model.ts";
-import { ARCHITECTURES, type Architecture } from "../src/model/config.ts";
+import {
+  LLAMA3_ROPE,
+  type ShapeName,
+  SHAPES,
+  writeRandomModel,
+} from "../src/model/random_model.ts";
+import { type Architecture, ARCHITECTURES } from "../src/model/config.ts";
 import { type DType, isDType } from "../src/model/dtype.ts";
 
-const USAGE = `usage: random_model.ts [--shape ${Object.keys(SHAPES).join("|")}] [--dtype F32|F16|BF16]
+const USAGE = `usage: random_model.ts [--shape ${
+  Object.keys(SHAPES).join("|")
+}] [--dtype F32|F16|BF16]
   [--seed N] [--arch ${ARCHITECTURES.join("|")}] [--config-style v5|v4] [--shards N]
   [--rope-scaling none|llama3] DIR`;
 
@@ -32,7 +39,9 @@ if (positionals.length !== 1) fail("expected one output directory");
 if (!(values.shape in SHAPES)) fail(`--shape ${values.shape} is not a known shape`);
 if (!isDType(values.dtype)) fail(`--dtype ${values.dtype} is not F32, F16 or BF16`);
 const arch = values.arch;
-if (arch !== undefined && !ARCHITECTURES.includes(arch as Architecture)) fail(`--arch ${arch} is not supported`);
+if (arch !== undefined && !ARCHITECTURES.includes(arch as Architecture)) {
+  fail(`--arch ${arch} is not supported`);
+}
 const style = values["config-style"];
 if (style !== "v5" && style !== "v4") fail(`--config-style must be v5 or v4, got ${style}`);
 const ropeScaling = values["rope-scaling"];
@@ -50,7 +59,11 @@ await writeRandomModel(positionals[0], values.shape as ShapeName, {
   shards,
   shape: {
     ...(arch ? { architecture: arch as Architecture } : {}),
-    ...(ropeScaling ? { ropeScaling: ropeScaling === "llama3" ? { ...LLAMA3_ROPE, factor: 8 } : null } : {}),
+    ...(ropeScaling
+      ? { ropeScaling: ropeScaling === "llama3" ? { ...LLAMA3_ROPE, factor: 8 } : null }
+      : {}),
   },
 });
-console.error(`random_model: wrote ${values.shape} (${values.dtype}, seed ${seed}) to ${positionals[0]}`);
+console.error(
+  `random_model: wrote ${values.shape} (${values.dtype}, seed ${seed}) to ${positionals[0]}`,
+);

@@ -25,7 +25,9 @@ async function readJsonFile(path: string, required: boolean): Promise<Json | nul
   }
   try {
     const json = JSON.parse(text);
-    if (typeof json !== "object" || json === null || Array.isArray(json)) throw new Error("not an object");
+    if (typeof json !== "object" || json === null || Array.isArray(json)) {
+      throw new Error("not an object");
+    }
     return json;
   } catch (e) {
     throw new Error(`${path}: not a valid JSON object (${(e as Error).message})`);
@@ -107,7 +109,9 @@ export class TextTokenizer {
   /** The prompt text the model's chat template makes of these messages. */
   applyChatTemplate(messages: ChatMessage[], { addGenerationPrompt = true } = {}): string {
     if (!this.#template) {
-      throw new Error(`${this.file}: the model has no chat template (tokenizer_config.json chat_template)`);
+      throw new Error(
+        `${this.file}: the model has no chat template (tokenizer_config.json chat_template)`,
+      );
     }
     return this.#template.render({
       messages,
@@ -127,10 +131,15 @@ export class StreamDecoder {
   #prefixOffset = 0; // start of the window decoded for context
   #readOffset = 0; // ids before this are already emitted
 
-  constructor(readonly tokenizer: TextTokenizer, readonly opts: { skipSpecialTokens?: boolean } = {}) {}
+  constructor(
+    readonly tokenizer: TextTokenizer,
+    readonly opts: { skipSpecialTokens?: boolean } = {},
+  ) {}
 
   #decode(from: number, to = this.#ids.length): string {
-    return this.tokenizer.decode(this.#ids.slice(from, to), { skipSpecialTokens: this.opts.skipSpecialTokens });
+    return this.tokenizer.decode(this.#ids.slice(from, to), {
+      skipSpecialTokens: this.opts.skipSpecialTokens,
+    });
   }
 
   push(id: number): string {

@@ -76,7 +76,8 @@ Deno.test("bad model files exit 1 with one line naming the file", async () => {
 });
 
 Deno.test("a prompt on stdin, --json, and the same seed giving the same text", async () => {
-  const run = (seed: string) => innerq(["generate", ...base, "--json", "--seed", seed, "--ignore-eos"], "Once upon");
+  const run = (seed: string) =>
+    innerq(["generate", ...base, "--json", "--seed", seed, "--ignore-eos"], "Once upon");
   const a = await run("7"), b = await run("7");
   assertEquals(a.code, 0, a.stderr);
   const ja = JSON.parse(a.stdout), jb = JSON.parse(b.stdout);

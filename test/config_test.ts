@@ -2,7 +2,10 @@
 import { deepStrictEqual as assertEquals, ok as assert, throws as assertThrows } from "node:assert";
 
 function assertAlmostEquals(actual: number, expected: number, tolerance: number): void {
-  assert(Math.abs(actual - expected) <= tolerance, `${actual} is not within ${tolerance} of ${expected}`);
+  assert(
+    Math.abs(actual - expected) <= tolerance,
+    `${actual} is not within ${tolerance} of ${expected}`,
+  );
 }
 import { parseConfig, ropeInvFreq } from "../src/model/config.ts";
 
@@ -105,7 +108,8 @@ Deno.test("unsupported architecture, bad GQA and bad fields are one clear error 
     /m\/config.json: "hidden_size" must be a positive integer, got "4096"/,
   );
   assertThrows(
-    () => parseConfig("m/config.json", { ...LLAMA, rope_scaling: { rope_type: "yarn", factor: 4 } }),
+    () =>
+      parseConfig("m/config.json", { ...LLAMA, rope_scaling: { rope_type: "yarn", factor: 4 } }),
     /rope type "yarn" is not supported/,
   );
   assertThrows(
@@ -117,7 +121,11 @@ Deno.test("unsupported architecture, bad GQA and bad fields are one clear error 
 Deno.test("llama3 rope scaling keeps short wavelengths, slows long ones, blends between", () => {
   const plain = ropeInvFreq(parseConfig("c", { ...LLAMA, rope_theta: 500000 }));
   const scaled = ropeInvFreq(
-    parseConfig("c", { ...LLAMA, rope_theta: 500000, rope_scaling: { rope_type: "llama3", ...LLAMA3_SCALING } }),
+    parseConfig("c", {
+      ...LLAMA,
+      rope_theta: 500000,
+      rope_scaling: { rope_type: "llama3", ...LLAMA3_SCALING },
+    }),
   );
   assertEquals(plain.length, 64);
   let kept = 0, slowed = 0, blended = 0;
@@ -131,7 +139,11 @@ Deno.test("llama3 rope scaling keeps short wavelengths, slows long ones, blends 
       slowed++;
     } else {
       const smooth = (8192 / wavelen - 1) / 3;
-      assertAlmostEquals(scaled[i], (1 - smooth) * plain[i] / 8 + smooth * plain[i], plain[i] * 1e-6);
+      assertAlmostEquals(
+        scaled[i],
+        (1 - smooth) * plain[i] / 8 + smooth * plain[i],
+        plain[i] * 1e-6,
+      );
       blended++;
     }
   }

@@ -8,7 +8,11 @@ import { Transformer } from "../src/engine/forward.ts";
 import { generate } from "../src/engine/generate.ts";
 import { Sampler } from "../src/engine/sampler.ts";
 import { loadConfig } from "../src/model/config.ts";
-import { type RandomModelOptions, type ShapeName, writeRandomModel } from "../src/model/random_model.ts";
+import {
+  type RandomModelOptions,
+  type ShapeName,
+  writeRandomModel,
+} from "../src/model/random_model.ts";
 import { LLAMA3_ROPE } from "../src/model/random_model.ts";
 import type { Architecture } from "../src/model/config.ts";
 import type { KvSpec } from "../src/kv/spec.ts";
@@ -90,8 +94,14 @@ Deno.test("threads do not change logits", async () => {
 
 Deno.test("both config generations and sharded weights give the same logits", async () => {
   const tokens = Int32Array.from([5, 17, 99, 3, 250, 42]);
-  const v5 = await withModel({ seed: 5, configStyle: "v5" }, (dir) => logitsOf(dir, tokens, { chunk: 6 }));
-  const v4 = await withModel({ seed: 5, configStyle: "v4", shards: 3 }, (dir) => logitsOf(dir, tokens, { chunk: 6 }));
+  const v5 = await withModel(
+    { seed: 5, configStyle: "v5" },
+    (dir) => logitsOf(dir, tokens, { chunk: 6 }),
+  );
+  const v4 = await withModel(
+    { seed: 5, configStyle: "v4", shards: 3 },
+    (dir) => logitsOf(dir, tokens, { chunk: 6 }),
+  );
   assertEquals(v4, v5);
 });
 
@@ -169,16 +179,27 @@ async function greedyTokens(dir: string, prompt: number[], n: number): Promise<n
   const config = await loadConfig(dir);
   using backend = Backend.open("cpu");
   using model = await Transformer.load(backend, dir, config, { ctx: 128, kv: "fp16" });
-  const params = { temperature: 0, topK: 0, topP: 1, minP: 0, repeatPenalty: 1, repeatLastN: 0, seed: 0 };
+  const params = {
+    temperature: 0,
+    topK: 0,
+    topP: 1,
+    minP: 0,
+    repeatPenalty: 1,
+    repeatLastN: 0,
+    seed: 0,
+  };
   using sampler = new Sampler(backend, params, config.vocabSize);
   const out: number[] = [];
   const ids = Int32Array.from(prompt);
-  for await (const id of generate(model, ids, sampler, { maxTokens: n, eosTokenIds: [] })) out.push(id);
+  for await (const id of generate(model, ids, sampler, { maxTokens: n, eosTokenIds: [] })) {
+    out.push(id);
+  }
   return out;
 }
 
 Deno.test({
-  name: "trained model: greedy generation is deterministic and the key-outlier twin gives the same tokens",
+  name:
+    "trained model: greedy generation is deterministic and the key-outlier twin gives the same tokens",
   ignore: !haveShared,
   fn: async () => {
     const { TextTokenizer } = await import("../src/tokenizer.ts");

@@ -12,11 +12,18 @@ export const EXIT = { ok: 0, error: 1, usage: 2, interrupted: 130 } as const;
 export function intFlag(name: string, value: string | undefined, min: number): number | undefined {
   if (value === undefined) return undefined;
   const n = Number(value);
-  if (!Number.isSafeInteger(n) || n < min) throw new UsageError(`--${name}: expected an integer >= ${min}, got "${value}"`);
+  if (!Number.isSafeInteger(n) || n < min) {
+    throw new UsageError(`--${name}: expected an integer >= ${min}, got "${value}"`);
+  }
   return n;
 }
 
-export function numberFlag(name: string, value: string | undefined, min: number, max = Infinity): number | undefined {
+export function numberFlag(
+  name: string,
+  value: string | undefined,
+  min: number,
+  max = Infinity,
+): number | undefined {
   if (value === undefined) return undefined;
   const n = Number(value);
   if (value.trim() === "" || !Number.isFinite(n) || n < min || n > max) {
@@ -29,13 +36,19 @@ export type DeviceChoice = "auto" | BackendKind;
 
 export function deviceFlag(value: string | undefined): DeviceChoice {
   const v = value ?? "auto";
-  if (v !== "auto" && v !== "cpu" && v !== "cuda") throw new UsageError(`--device: expected auto, cpu or cuda, got "${v}"`);
+  if (v !== "auto" && v !== "cpu" && v !== "cuda") {
+    throw new UsageError(`--device: expected auto, cpu or cuda, got "${v}"`);
+  }
   return v;
 }
 
 /** Opens the backend asked for; `auto` takes CUDA where its library loads and a GPU answers, else
  * the CPU, saying why on stderr unless quiet. */
-export function openBackend(device: DeviceChoice, threads: number | undefined, quiet: boolean): Backend {
+export function openBackend(
+  device: DeviceChoice,
+  threads: number | undefined,
+  quiet: boolean,
+): Backend {
   if (device !== "auto") return Backend.open(device, { threads });
   try {
     Deno.statSync(libraryPath("cuda"));
@@ -46,7 +59,9 @@ export function openBackend(device: DeviceChoice, threads: number | undefined, q
   try {
     return Backend.open("cuda");
   } catch (e) {
-    if (!quiet) console.error(`innerq: no usable GPU (${(e as Error).message}); running on the CPU`);
+    if (!quiet) {
+      console.error(`innerq: no usable GPU (${(e as Error).message}); running on the CPU`);
+    }
     return Backend.open("cpu", { threads });
   }
 }
@@ -72,7 +87,9 @@ export async function defaultModel(quiet: boolean): Promise<string> {
     if (!quiet) console.error(`innerq: no --model given; using ${sharedModel} (trained weights)`);
     return sharedModel;
   }
-  if (!(await exists(`${randomModel}/config.json`))) await writeRandomModel(randomModel, "tiny", { seed: 1 });
+  if (!(await exists(`${randomModel}/config.json`))) {
+    await writeRandomModel(randomModel, "tiny", { seed: 1 });
+  }
   if (!quiet) {
     console.error(
       `innerq: no --model given and no shared model found; using ${randomModel}, a tiny model with ` +
@@ -100,7 +117,10 @@ export function formatCount(n: number): string {
 }
 
 /** A progress bar on stderr for loads that take more than a second, on a terminal only. */
-export function progressBar(label: string, quiet: boolean): { update(done: number, total: number): void; end(): void } {
+export function progressBar(
+  label: string,
+  quiet: boolean,
+): { update(done: number, total: number): void; end(): void } {
   const start = performance.now();
   const show = !quiet && Deno.stderr.isTerminal();
   let shown = false;
@@ -111,7 +131,9 @@ export function progressBar(label: string, quiet: boolean): { update(done: numbe
       shown = true;
       const width = 30, filled = Math.round((done / total) * width);
       const bar = "#".repeat(filled) + ".".repeat(width - filled);
-      Deno.stderr.writeSync(encoder.encode(`\r${label} [${bar}] ${formatBytes(done)} / ${formatBytes(total)}`));
+      Deno.stderr.writeSync(
+        encoder.encode(`\r${label} [${bar}] ${formatBytes(done)} / ${formatBytes(total)}`),
+      );
     },
     end() {
       if (shown) Deno.stderr.writeSync(encoder.encode("\r\x1b[K"));

@@ -104,7 +104,9 @@ function samplingParams(v: ReturnType<typeof parseGenerateArgs>["values"]): Samp
 
 async function readPrompt(positionals: string[], file: string | undefined): Promise<string> {
   if (file !== undefined) {
-    if (positionals.length) throw new UsageError("give the prompt either as arguments or with -f, not both");
+    if (positionals.length) {
+      throw new UsageError("give the prompt either as arguments or with -f, not both");
+    }
     try {
       return await Deno.readTextFile(file);
     } catch (e) {
@@ -114,7 +116,9 @@ async function readPrompt(positionals: string[], file: string | undefined): Prom
   const fromStdin = positionals.length === 1 && positionals[0] === "-" ||
     positionals.length === 0 && !Deno.stdin.isTerminal();
   if (fromStdin) return await new Response(Deno.stdin.readable).text();
-  if (positionals.length === 0) throw new UsageError("no prompt: give it as an argument, with -f FILE, or on stdin");
+  if (positionals.length === 0) {
+    throw new UsageError("no prompt: give it as an argument, with -f FILE, or on stdin");
+  }
   return positionals.join(" ");
 }
 
@@ -174,15 +178,22 @@ export async function runGenerate(args: string[]): Promise<number> {
   const tokenizer = await TextTokenizer.load(dir);
   const promptText = v.chat ? tokenizer.applyChatTemplate(chatMessages(prompt, v.system)) : prompt;
   const promptIds = Int32Array.from(tokenizer.encode(promptText, { addSpecialTokens: !v.chat }));
-  const ctx = ctxFlag ?? Math.min(config.maxPositionEmbeddings, config.slidingWindow ?? Infinity, 4096);
+  const ctx = ctxFlag ??
+    Math.min(config.maxPositionEmbeddings, config.slidingWindow ?? Infinity, 4096);
   if (config.slidingWindow !== null && ctx > config.slidingWindow) {
     // attention past the window would differ from the model's; refuse rather than be subtly wrong
-    throw new UsageError(`--ctx ${ctx} exceeds the model's sliding window of ${config.slidingWindow} tokens`);
+    throw new UsageError(
+      `--ctx ${ctx} exceeds the model's sliding window of ${config.slidingWindow} tokens`,
+    );
   }
 
   using backend = openBackend(device, threads, quiet);
   const progress = progressBar("loading weights", quiet);
-  using model = await Transformer.load(backend, dir, config, { ctx, kv, onProgress: progress.update });
+  using model = await Transformer.load(backend, dir, config, {
+    ctx,
+    kv,
+    onProgress: progress.update,
+  });
   progress.end();
   const loadMs = performance.now() - loadStart;
 
@@ -205,7 +216,13 @@ export async function runGenerate(args: string[]): Promise<number> {
   Deno.addSignalListener("SIGINT", onInterrupt);
   try {
     const eosTokenIds = v["ignore-eos"] ? [] : config.eosTokenIds;
-    for await (const id of generate(model, promptIds, sampler, { maxTokens, eosTokenIds, signal: abort.signal }, stats)) {
+    for await (
+      const id of generate(model, promptIds, sampler, {
+        maxTokens,
+        eosTokenIds,
+        signal: abort.signal,
+      }, stats)
+    ) {
       generated.push(id);
       const { emit: piece, stopped } = stops.push(decoder.push(id));
       await emit(piece);
@@ -236,7 +253,9 @@ export async function runGenerate(args: string[]): Promise<number> {
     timeToFirstTokenMs: round(stats.firstTokenMs),
     decodeTokens: stats.decodeTokens,
     decodeTokensPerSecond: round(stats.decodeTokensPerSecond),
-    decodeGBPerSecond: round((decodeBytesPerToken(model, stats) * stats.decodeTokensPerSecond) / 1e9),
+    decodeGBPerSecond: round(
+      (decodeBytesPerToken(model, stats) * stats.decodeTokensPerSecond) / 1e9,
+    ),
     kvBytesPerToken: model.cache.bytesPerToken,
     kvBytesUsed: model.cache.bytesPerToken * (stats.promptTokens + generated.length),
   };
@@ -271,11 +290,21 @@ function printStats(r: {
   kvBytesUsed: number;
 }): void {
   const lines = [
-    `model ${r.model} (${r.architecture}, ${formatCount(r.params)} params) on ${r.backend}, kv ${r.kv}, ctx ${r.ctx}, seed ${r.seed}`,
-    `load ${(r.loadMs / 1000).toFixed(2)} s | prompt ${r.promptTokens} tokens, prefill ${r.prefillMs.toFixed(1)} ms ` +
-    `(${r.prefillTokensPerSecond.toFixed(1)} tok/s) | first token ${r.timeToFirstTokenMs.toFixed(1)} ms`,
-    `decode ${r.decodeTokens} tokens, ${r.decodeTokensPerSecond.toFixed(1)} tok/s, ${r.decodeGBPerSecond.toFixed(2)} GB/s | ` +
-    `kv ${formatBytes(r.kvBytesPerToken)}/token, ${formatBytes(r.kvBytesUsed)} used | ${r.generatedTokens} generated, stop: ${r.stopReason}`,
+    `model ${r.model} (${r.architecture}, ${
+      formatCount(r.params)
+    } params) on ${r.backend}, kv ${r.kv}, ctx ${r.ctx}, seed ${r.seed}`,
+    `load ${(r.loadMs / 1000).toFixed(2)} s | prompt ${r.promptTokens} tokens, prefill ${
+      r.prefillMs.toFixed(1)
+    } ms ` +
+    `(${r.prefillTokensPerSecond.toFixed(1)} tok/s) | first token ${
+      r.timeToFirstTokenMs.toFixed(1)
+    } ms`,
+    `decode ${r.decodeTokens} tokens, ${r.decodeTokensPerSecond.toFixed(1)} tok/s, ${
+      r.decodeGBPerSecond.toFixed(2)
+    } GB/s | ` +
+    `kv ${formatBytes(r.kvBytesPerToken)}/token, ${
+      formatBytes(r.kvBytesUsed)
+    } used | ${r.generatedTokens} generated, stop: ${r.stopReason}`,
   ];
   for (const line of lines) console.error(`innerq: ${line}`);
 }

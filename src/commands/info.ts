@@ -21,7 +21,11 @@ export async function runInfo(args: string[]): Promise<number> {
   try {
     parsed = parseArgs({
       args,
-      options: { model: { type: "string", short: "m" }, json: { type: "boolean" }, help: { type: "boolean", short: "h" } },
+      options: {
+        model: { type: "string", short: "m" },
+        json: { type: "boolean" },
+        help: { type: "boolean", short: "h" },
+      },
       strict: true,
     });
   } catch (e) {
@@ -38,7 +42,12 @@ export async function runInfo(args: string[]): Promise<number> {
   const params = tensors.reduce((sum, [, t]) => sum + t.shape.reduce((a, b) => a * b, 1), 0);
   const bytes = tensors.reduce((sum, [, t]) => sum + t.bytes, 0);
   const dtypes = [...new Set(tensors.map(([, t]) => t.dtype))].join(", ");
-  const shape = { layers: c.numLayers, heads: c.numHeads, kvHeads: c.numKvHeads, headDim: c.headDim };
+  const shape = {
+    layers: c.numLayers,
+    heads: c.numHeads,
+    kvHeads: c.numKvHeads,
+    headDim: c.headDim,
+  };
   const kv = Object.fromEntries(KV_SPECS.map((spec) => [spec, kvBytesPerToken(spec, shape)]));
   const info = {
     model: dir,
@@ -71,11 +80,16 @@ export async function runInfo(args: string[]): Promise<number> {
     ["hidden / ffn", `${c.hiddenSize} / ${c.intermediateSize}`],
     ["heads / kv heads", `${c.numHeads} / ${c.numKvHeads} of dim ${c.headDim}`],
     ["vocabulary", String(c.vocabSize)],
-    ["context", `${c.maxPositionEmbeddings} tokens (rope theta ${c.ropeTheta}, scaling ${c.ropeScaling.type})`],
+    [
+      "context",
+      `${c.maxPositionEmbeddings} tokens (rope theta ${c.ropeTheta}, scaling ${c.ropeScaling.type})`,
+    ],
     ["tied embeddings", String(c.tieWordEmbeddings)],
     ...KV_SPECS.map((spec): [string, string] => [
       `kv cache ${spec}`,
-      `${formatBytes(kv[spec])}/token, ${formatBytes(kv[spec] * c.maxPositionEmbeddings)} at full context`,
+      `${formatBytes(kv[spec])}/token, ${
+        formatBytes(kv[spec] * c.maxPositionEmbeddings)
+      } at full context`,
     ]),
   ];
   const width = Math.max(...rows.map(([k]) => k.length));

@@ -3,7 +3,13 @@
 // KV cache for the whole context; nothing is allocated per token.
 import type { Backend, DeviceBuffer, Slice } from "../../ffi/backend.ts";
 import { type ModelConfig, ropeInvFreq } from "../model/config.ts";
-import { freeWeights, type LoadProgress, loadWeights, type ModelWeights, type Weight } from "../model/weights.ts";
+import {
+  freeWeights,
+  type LoadProgress,
+  loadWeights,
+  type ModelWeights,
+  type Weight,
+} from "../model/weights.ts";
 import type { KvCache } from "../kv/cache.ts";
 import { type KvSpec, makeKvCache } from "../kv/spec.ts";
 
@@ -85,9 +91,16 @@ export class Transformer {
   }
 
   /** Loads DIR's weights for its (already read) config and plans every buffer for `ctx` tokens. */
-  static async load(backend: Backend, dir: string, config: ModelConfig, opts: LoadOptions = {}): Promise<Transformer> {
+  static async load(
+    backend: Backend,
+    dir: string,
+    config: ModelConfig,
+    opts: LoadOptions = {},
+  ): Promise<Transformer> {
     const ctx = opts.ctx ?? config.maxPositionEmbeddings;
-    if (!Number.isSafeInteger(ctx) || ctx < 1) throw new RangeError(`--ctx must be a positive integer, got ${ctx}`);
+    if (!Number.isSafeInteger(ctx) || ctx < 1) {
+      throw new RangeError(`--ctx must be a positive integer, got ${ctx}`);
+    }
     const chunk = Math.min(opts.chunk ?? 256, ctx);
     const allLogits = opts.allLogits ?? false;
     const weights = await loadWeights(backend, dir, config, opts.onProgress);
@@ -118,9 +131,13 @@ export class Transformer {
   /** Runs n tokens (int32 on the device) at positions pos0 .. pos0 + n - 1 through the model and
    * returns the logits: (vocab) of the last token, or (n, vocab) with allLogits. */
   forward(tokens: Slice, pos0: number, n: number): Slice {
-    if (n < 1 || n > this.chunk) throw new RangeError(`forward takes 1..${this.chunk} tokens, got ${n}`);
+    if (n < 1 || n > this.chunk) {
+      throw new RangeError(`forward takes 1..${this.chunk} tokens, got ${n}`);
+    }
     if (pos0 < 0 || pos0 + n > this.capacity) {
-      throw new RangeError(`positions ${pos0}..${pos0 + n - 1} exceed the context of ${this.capacity} tokens`);
+      throw new RangeError(
+        `positions ${pos0}..${pos0 + n - 1} exceed the context of ${this.capacity} tokens`,
+      );
     }
     const be = this.backend, c = this.config, s = this.state, w = this.weights;
     const dim = c.hiddenSize, hidden = c.intermediateSize, eps = c.rmsNormEps;
@@ -159,10 +176,14 @@ export class Transformer {
 
   /** Uploads token ids into the chunk's token buffer and returns it, for forward(). */
   stageTokens(ids: Int32Array): Slice {
-    if (ids.length > this.chunk) throw new RangeError(`at most ${this.chunk} tokens per chunk, got ${ids.length}`);
+    if (ids.length > this.chunk) {
+      throw new RangeError(`at most ${this.chunk} tokens per chunk, got ${ids.length}`);
+    }
     const vocab = this.config.vocabSize;
     for (const id of ids) {
-      if (!(id >= 0 && id < vocab)) throw new RangeError(`token id ${id} outside the vocabulary (0..${vocab - 1})`);
+      if (!(id >= 0 && id < vocab)) {
+        throw new RangeError(`token id ${id} outside the vocabulary (0..${vocab - 1})`);
+      }
     }
     this.backend.upload(this.state.tokens, ids);
     return this.state.tokens.slice(0, ids.length * 4);
@@ -180,6 +201,13 @@ export class Transformer {
 }
 
 /** out(n, out_features) = x(n, in_features) Wᵀ + bias. */
-function linear(be: Backend, out: Slice, x: Slice, w: Weight, bias: Weight | null, n: number): void {
+function linear(
+  be: Backend,
+  out: Slice,
+  x: Slice,
+  w: Weight,
+  bias: Weight | null,
+  n: number,
+): void {
   be.matmul(out, x, w.buf, w.dtype, bias?.buf ?? null, n, w.shape[1], w.shape[0]);
 }

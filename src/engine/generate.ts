@@ -33,10 +33,17 @@ export interface GenerateOptions {
 }
 
 /** Runs the prompt through the model in chunks and samples the first new token. */
-export function prefill(model: Transformer, promptIds: Int32Array, sampler: Sampler, signal?: AbortSignal): number | null {
+export function prefill(
+  model: Transformer,
+  promptIds: Int32Array,
+  sampler: Sampler,
+  signal?: AbortSignal,
+): number | null {
   if (promptIds.length === 0) throw new RangeError("the prompt is empty: give at least one token");
   if (promptIds.length >= model.capacity) {
-    throw new RangeError(`the prompt has ${promptIds.length} tokens; the context holds ${model.capacity} (raise --ctx)`);
+    throw new RangeError(
+      `the prompt has ${promptIds.length} tokens; the context holds ${model.capacity} (raise --ctx)`,
+    );
   }
   sampler.accept(promptIds);
   let logits = null;

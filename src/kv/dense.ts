@@ -1,10 +1,19 @@
 // The dense cache: keys and values stored as fp16 (the default) or fp32 (reference runs), one
 // [kv_heads, capacity, head_dim] buffer per layer for each.
-import { type Backend, type DeviceBuffer, DType, DTYPE_BYTES, type Slice } from "../../ffi/backend.ts";
+import {
+  type Backend,
+  type DeviceBuffer,
+  DType,
+  DTYPE_BYTES,
+  type Slice,
+} from "../../ffi/backend.ts";
 import type { CacheShape, KvCache } from "./cache.ts";
 
 /** Keys and values of every layer, per token. */
-export function denseBytesPerToken(spec: "fp16" | "fp32", shape: Omit<CacheShape, "capacity">): number {
+export function denseBytesPerToken(
+  spec: "fp16" | "fp32",
+  shape: Omit<CacheShape, "capacity">,
+): number {
   return 2 * shape.layers * shape.kvHeads * shape.headDim * (spec === "fp16" ? 2 : 4);
 }
 
@@ -16,7 +25,11 @@ export class DenseKvCache implements KvCache {
   readonly #values: DeviceBuffer[] = [];
   readonly #scale: number;
 
-  constructor(readonly backend: Backend, readonly shape: CacheShape, readonly spec: "fp16" | "fp32") {
+  constructor(
+    readonly backend: Backend,
+    readonly shape: CacheShape,
+    readonly spec: "fp16" | "fp32",
+  ) {
     this.#dtype = spec === "fp16" ? DType.F16 : DType.F32;
     const rowBytes = shape.kvHeads * shape.headDim * DTYPE_BYTES[this.#dtype];
     this.bytesPerToken = denseBytesPerToken(spec, shape);

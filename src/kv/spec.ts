@@ -8,7 +8,9 @@ export type KvSpec = typeof KV_SPECS[number];
 
 export function parseKvSpec(spec: string): KvSpec {
   if ((KV_SPECS as readonly string[]).includes(spec)) return spec as KvSpec;
-  throw new Error(`--kv: unknown cache spec ${JSON.stringify(spec)} (allowed: ${KV_SPECS.join(", ")})`);
+  throw new Error(
+    `--kv: unknown cache spec ${JSON.stringify(spec)} (allowed: ${KV_SPECS.join(", ")})`,
+  );
 }
 
 /** Bytes per token of the cache a spec makes, before any is allocated (for planning and `info`). */

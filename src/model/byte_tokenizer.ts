@@ -18,28 +18,37 @@ function byteToUnicode(): string[] {
 
 /** Merge pairs in priority order; each pair's concatenation becomes a token. */
 const MERGES: [string, string][] = [
-  ["t", "h"],
+  ["Ġ", "t"],
   ["h", "e"],
+  ["Ġt", "he"],
   ["i", "n"],
   ["e", "r"],
   ["a", "n"],
   ["o", "n"],
-  ["Ġ", "t"],
   ["Ġ", "a"],
-  ["Ġt", "he"],
-  ["th", "e"],
+  ["t", "h"],
   ["Ġ", "s"],
   ["e", "n"],
+  ["th", "e"],
 ];
 
 export const END_OF_TEXT = "<|endoftext|>";
 
-export function byteLevelTokenizerJson(): { json: Record<string, unknown>; vocabSize: number; eosId: number } {
+export function byteLevelTokenizerJson(): {
+  json: Record<string, unknown>;
+  vocabSize: number;
+  eosId: number;
+} {
   const vocab: Record<string, number> = {};
   byteToUnicode().forEach((ch, b) => (vocab[ch] = b));
   for (const [a, b] of MERGES) vocab[a + b] ??= Object.keys(vocab).length;
   const eosId = Object.keys(vocab).length;
-  const byteLevel = { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: true };
+  const byteLevel = {
+    type: "ByteLevel",
+    add_prefix_space: false,
+    trim_offsets: true,
+    use_regex: true,
+  };
   const json = {
     version: "1.0",
     truncation: null,

@@ -4,7 +4,11 @@
 import { byteLevelTokenizerJson } from "./byte_tokenizer.ts";
 import type { Architecture } from "./config.ts";
 import { type DType, f32ToBf16, f32ToF16 } from "./dtype.ts";
-import { type TensorToWrite, writeSafetensors, writeShardedSafetensors } from "./safetensors_writer.ts";
+import {
+  type TensorToWrite,
+  writeSafetensors,
+  writeShardedSafetensors,
+} from "./safetensors_writer.ts";
 import { expectedTensors } from "./weights.ts";
 import { parseConfig } from "./config.ts";
 
@@ -26,7 +30,12 @@ export interface ModelShape {
 }
 
 /** Llama 3.1's rope scaling, less its factor. */
-export const LLAMA3_ROPE = { rope_type: "llama3", low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 };
+export const LLAMA3_ROPE = {
+  rope_type: "llama3",
+  low_freq_factor: 1,
+  high_freq_factor: 4,
+  original_max_position_embeddings: 8192,
+};
 
 /** Named shapes: a tiny one for tests and the default, and real model shapes for speed work. */
 export const SHAPES = {
@@ -112,14 +121,26 @@ function encode(values: Float32Array, dtype: DType): Uint8Array {
   return new Uint8Array(half.buffer);
 }
 
-function configJson(shape: ModelShape, vocabSize: number, eosId: number, dtype: DType, style: "v5" | "v4") {
+function configJson(
+  shape: ModelShape,
+  vocabSize: number,
+  eosId: number,
+  dtype: DType,
+  style: "v5" | "v4",
+) {
   const torchDtype = { F32: "float32", F16: "float16", BF16: "bfloat16" }[dtype];
   const rope = style === "v5"
-    ? { rope_parameters: { rope_theta: shape.ropeTheta, rope_type: "default", ...shape.ropeScaling } }
+    ? {
+      rope_parameters: { rope_theta: shape.ropeTheta, rope_type: "default", ...shape.ropeScaling },
+    }
     : { rope_theta: shape.ropeTheta, rope_scaling: shape.ropeScaling };
   return {
     architectures: [shape.architecture],
-    model_type: shape.architecture === "Qwen2ForCausalLM" ? "qwen2" : shape.architecture === "MistralForCausalLM" ? "mistral" : "llama",
+    model_type: shape.architecture === "Qwen2ForCausalLM"
+      ? "qwen2"
+      : shape.architecture === "MistralForCausalLM"
+      ? "mistral"
+      : "llama",
     hidden_size: shape.hiddenSize,
     intermediate_size: shape.intermediateSize,
     num_hidden_layers: shape.numLayers,
@@ -139,7 +160,11 @@ function configJson(shape: ModelShape, vocabSize: number, eosId: number, dtype: 
 }
 
 /** Writes a random-weight model of a named shape into DIR (created if needed). */
-export async function writeRandomModel(dir: string, name: ShapeName, opts: RandomModelOptions = {}): Promise<void> {
+export async function writeRandomModel(
+  dir: string,
+  name: ShapeName,
+  opts: RandomModelOptions = {},
+): Promise<void> {
   const shape: ModelShape = { ...SHAPES[name], ...opts.shape };
   const seed = opts.seed ?? 0, dtype = opts.dtype ?? "BF16";
   const tokenizer = byteLevelTokenizerJson();
@@ -160,7 +185,8 @@ export async function writeRandomModel(dir: string, name: ShapeName, opts: Rando
   await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify(config, null, 2) + "\n");
   await Deno.writeTextFile(
     `${dir}/generation_config.json`,
-    JSON.stringify({ bos_token_id: tokenizer.eosId, eos_token_id: tokenizer.eosId }, null, 2) + "\n",
+    JSON.stringify({ bos_token_id: tokenizer.eosId, eos_token_id: tokenizer.eosId }, null, 2) +
+      "\n",
   );
   await Deno.writeTextFile(`${dir}/tokenizer.json`, JSON.stringify(tokenizer.json));
   const shards = opts.shards ?? 1;

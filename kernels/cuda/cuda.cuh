@@ -1,0 +1,134 @@
+/* cuda.cuh: what the CUDA backend's files share (the twin of kernels/cpu/cpu.h):
+ * the context, error checks, scratch memory, cuBLAS and dtype loads. Not part
+ * of the public ABI. */
+#ifndef INNERQ_CUDA_CUH
+#define INNERQ_CUDA_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <library_types.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../innerq.h"
+
+/* cuBLAS is opened with dlopen at its first use (iq_cublas), so building needs
+ * nvcc alone and decode runs where cuBLAS is missing. These few declarations
+ * mirror cublas_api.h (values checked against cuBLAS 13). */
+typedef struct cublasContext *cublasHandle_t;
+typedef int cublasStatus_t; /* CUBLAS_STATUS_SUCCESS = 0 */
+enum { IQ_CUBLAS_OP_N = 0, IQ_CUBLAS_OP_T = 1, IQ_CUBLAS_COMPUTE_32F = 68, IQ_CUBLAS_GEMM_DEFAULT = -1 };
+struct iq_cublas {
+  void *lib;
+  cublasHandle_t handle;
+  cublasStatus_t (*destroy)(cublasHandle_t);
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, int transa, int transb, int m, int n, int k,
+                            const void *alpha, const void *a, cudaDataType a_type, int lda,
+                            const void *b, cudaDataType b_type, int ldb, const void *beta, void *c,
+                            cudaDataType c_type, int ldc, int compute_type, int algo);
+  const char *(*status_string)(cublasStatus_t);
+};
+
+/* Bad data that a kernel finds in device memory (a token id out of range) is
+ * written here, in pinned host memory the device writes through, and reported
+ * by the next call that waits for the stream (iq_sync, iq_download). */
+struct iq_fault {
+  int32_t bad_token; /* the first bad id seen by iq_embed */
+  int32_t vocab;
+  int32_t seen; /* nonzero once a fault is recorded */
+};
+
+struct iq_ctx {
+  int device;
+  int sms;                  /* multiprocessors: sizes grids */
+  cudaStream_t stream;      /* every op of this context runs on it, in order */
+  void *scratch;            /* shared by the ops (they run one at a time on the stream) */
+  size_t scratch_bytes;
+  struct iq_fault *fault;     /* pinned host memory, mapped */
+  struct iq_fault *fault_dev; /* the same, as kernels address it */
+  struct iq_cublas cublas;  /* lib NULL until first used */
+  char error[512];
+};
+
+/* Records a printf-style message on ctx (or the thread's create error when
+ * ctx is NULL) and returns status. */
+int iq_fail(iq_ctx *ctx, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* A scratch buffer of at least bytes, grown (never shrunk) on demand. */
+int iq_scratch(iq_ctx *ctx, size_t bytes, void **out);
+
+/* The context's cuBLAS handle, bound to its stream; loads cuBLAS at first use. */
+int iq_cublas(iq_ctx *ctx, struct iq_cublas **out);
+
+/* Every CUDA call is checked: a failure records "<op>: <call>: <why>" and
+ * returns IQ_ERR_DEVICE from the calling ABI function (__func__ is its name). */
+#define IQ_CUDA(ctx, call)                                                                     \
+  do {                                                                                         \
+    cudaError_t iq_err_ = (call);                                                              \
+    if (iq_err_ != cudaSuccess)                                                                \
+      return iq_fail((ctx), IQ_ERR_DEVICE, "%s: %s: %s", __func__, #call,                      \
+                     cudaGetErrorString(iq_err_));                                             \
+  } while (0)
+
+/* After every kernel launch: a bad configuration shows here, not later. */
+#define IQ_LAUNCHED(ctx) IQ_CUDA((ctx), cudaGetLastError())
+
+/* Returns from the calling function when a helper returned a failure. */
+#define IQ_TRY(call)                                                                           \
+  do {                                                                                         \
+    int iq_status_ = (call);                                                                   \
+    if (iq_status_ != IQ_OK) return iq_status_;                                                \
+  } while (0)
+
+static inline int iq_valid_dtype(int dtype) {
+  return dtype == IQ_F32 || dtype == IQ_F16 || dtype == IQ_BF16;
+}
+
+static inline int iq_dtype_bytes(int dtype) { return dtype == IQ_F32 ? 4 : 2; }
+
+/* Blocks for a grid-stride loop over count elements. */
+static inline unsigned iq_blocks(const iq_ctx *ctx, int64_t count, int threads) {
+  int64_t want = (count + threads - 1) / threads, cap = (int64_t)ctx->sms * 8;
+  return (unsigned)(want < 1 ? 1 : want < cap ? want : cap);
+}
+
+/* Element loads as float, for kernels templated on the stored type. */
+__device__ __forceinline__ float iq_f32(float v) { return v; }
+__device__ __forceinline__ float iq_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float iq_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+/* A float stored as T (round to nearest even). */
+template <typename T> __device__ __forceinline__ T iq_from_f32(float v);
+template <> __device__ __forceinline__ float iq_from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half iq_from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 iq_from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+/* Eight consecutive elements from a 16-byte aligned uint4 (T = half or bf16). */
+template <typename T>
+__device__ __forceinline__ void iq_unpack8(uint4 raw, float out[8]) {
+  const T *h = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; i++) out[i] = iq_f32(h[i]);
+}
+
+__device__ __forceinline__ float iq_warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+/* Sum over a block of whole warps; every thread gets it. red holds 32 floats. */
+__device__ __forceinline__ float iq_block_sum(float v, float *red) {
+  int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (blockDim.x + 31) / 32;
+  v = iq_warp_sum(v);
+  __syncthreads(); /* red may still be read from a previous call */
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < warps ? red[lane] : 0.0f;
+  return iq_warp_sum(v);
+}
+
+#endif /* INNERQ_CUDA_CUH */

@@ -1,0 +1,179 @@
+/* sample.cu: token sampling on the device (the twin of kernels/cpu/sample.c);
+ * only the chosen id is written, to *out_token in device memory. Same steps
+ * and the same fp32 operations in the same order as the CPU, so both pick the
+ * same token:
+ * 1. work = logits with the repetition penalty (one kernel per step);
+ * 2. temperature <= 0: a block-wide arg max, lowest id on ties;
+ * 3. else keys = work / temperature, sorted descending by CUB's radix sort,
+ *    which is stable (lower id first on ties) and treats -0 as +0;
+ * 4. one block: exps in parallel, then one thread runs the CPU's sequential
+ *    sums (softmax, top_p, pick) over the kept prefix, in the CPU's order.
+ *    With top_k 0 that walk covers the whole vocabulary: about a millisecond
+ *    at 128k, the price of summing in the CPU's order. */
+#include <cub/device/device_radix_sort.cuh>
+
+#include "cuda.cuh"
+
+constexpr int SAMPLE_THREADS = 1024;
+
+__global__ void copy_kernel(float *work, const float *logits, int vocab) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < vocab; i += gridDim.x * blockDim.x)
+    work[i] = logits[i];
+}
+
+/* Each distinct id once: an entry acts only if no earlier entry holds its id. */
+__global__ void penalty_kernel(float *work, const int32_t *history, int n_history, int vocab,
+                               float penalty) {
+  for (int i = threadIdx.x; i < n_history; i += blockDim.x) {
+    const int32_t id = history[i];
+    if (id < 0 || id >= vocab) continue;
+    bool first = true;
+    for (int j = 0; j < i && first; j++) first = history[j] != id;
+    if (!first) continue;
+    const float l = work[id];
+    work[id] = l > 0.0f ? l / penalty : l * penalty;
+  }
+}
+
+/* Arg max, lowest id on ties (a NaN never wins). One block. */
+__global__ void argmax_kernel(int32_t *out_token, const float *work, int vocab) {
+  __shared__ float best_v[SAMPLE_THREADS];
+  __shared__ int best_i[SAMPLE_THREADS];
+  float bv = -INFINITY;
+  int bi = vocab; /* none yet */
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = work[i];
+    if (v > bv || (v == bv && bi == vocab)) bv = v, bi = i;
+  }
+  best_v[threadIdx.x] = bv;
+  best_i[threadIdx.x] = bi;
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    __syncthreads();
+    if (threadIdx.x < half) {
+      const float v = best_v[threadIdx.x + half];
+      const int i = best_i[threadIdx.x + half];
+      if (v > best_v[threadIdx.x] || (v == best_v[threadIdx.x] && i < best_i[threadIdx.x]))
+        best_v[threadIdx.x] = v, best_i[threadIdx.x] = i;
+    }
+  }
+  if (threadIdx.x == 0) *out_token = best_i[0] < vocab ? best_i[0] : 0;
+}
+
+__global__ void temperature_kernel(float *keys, int32_t *ids, const float *work, int vocab,
+                                   float temperature) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < vocab; i += gridDim.x * blockDim.x) {
+    keys[i] = work[i] / temperature;
+    ids[i] = i;
+  }
+}
+
+/* Calls step(i, p[i]) for i = 0, 1, ... on thread 0 until it returns true or
+ * count ends, staging p through shared memory a tile at a time so the serial
+ * walk (the CPU's summation order) runs at shared-memory speed. Every thread of
+ * the block must call it. */
+template <typename Step>
+__device__ void serial_walk(const float *p, int count, Step step) {
+  __shared__ float tile[SAMPLE_THREADS];
+  __shared__ bool stop;
+  __syncthreads(); /* every thread is done with stop and p from before */
+  if (threadIdx.x == 0) stop = false;
+  for (int t0 = 0; t0 < count; t0 += SAMPLE_THREADS) {
+    __syncthreads(); /* the previous tile is consumed; stop is written */
+    if (stop) return;
+    if (t0 + (int)threadIdx.x < count) tile[threadIdx.x] = p[t0 + threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int i = 0; i < min(SAMPLE_THREADS, count - t0) && !stop; i++) stop = step(t0 + i, tile[i]);
+  }
+  __syncthreads();
+}
+
+/* One block. keys/ids: the candidates sorted; count: top_k or the whole
+ * vocabulary. Results of thread 0's walks reach the others through shared. */
+__global__ void __launch_bounds__(SAMPLE_THREADS)
+    pick_kernel(int32_t *out_token, const float *keys, const int32_t *ids, float *p, int count,
+                float top_p, float min_p, float uniform) {
+  __shared__ float sum;
+  __shared__ int kept;
+  const float max = keys[0];
+  for (int i = threadIdx.x; i < count; i += blockDim.x) p[i] = expf(keys[i] - max);
+  float s = 0.0f; /* thread 0's */
+  serial_walk(p, count, [&](int, float v) { return s += v, false; });
+  if (threadIdx.x == 0) sum = s, kept = count;
+  __syncthreads();
+  for (int i = threadIdx.x; i < count; i += blockDim.x) p[i] /= sum;
+  __syncthreads();
+  if (min_p > 0.0f) { /* p is non-increasing, so the kept set is a prefix: count it */
+    const float floor = min_p * p[0];
+    int n = 0;
+    for (int t0 = 0; t0 < count; t0 += blockDim.x)
+      n += __syncthreads_count(t0 + (int)threadIdx.x < count && p[t0 + threadIdx.x] >= floor);
+    if (threadIdx.x == 0) kept = n;
+    __syncthreads();
+  }
+  if (top_p < 1.0f) { /* the shortest prefix reaching top_p */
+    float cum = 0.0f;
+    int k = kept;
+    serial_walk(p, kept, [&](int i, float v) { return (cum += v) >= top_p ? (k = i + 1, true) : false; });
+    if (threadIdx.x == 0) kept = k;
+    __syncthreads();
+  }
+  float total = 0.0f;
+  serial_walk(p, kept, [&](int, float v) { return total += v, false; });
+  const float target = uniform * total;
+  float cum = 0.0f;
+  int pick = kept - 1; /* rounding can leave cum <= target to the end */
+  serial_walk(p, kept, [&](int i, float v) { return (cum += v) > target ? (pick = i, true) : false; });
+  if (threadIdx.x == 0) *out_token = ids[pick];
+}
+
+static size_t align256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
+
+extern "C" int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
+                         const int32_t *history, int n_history, float repeat_penalty,
+                         float temperature, int top_k, float top_p, float min_p, float uniform) {
+  if (!ctx || !out_token || !logits) return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: NULL argument");
+  if (vocab <= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: vocab %d must be positive", vocab);
+  if (n_history < 0 || (n_history > 0 && !history))
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: history of %d ids is NULL or negative", n_history);
+  if (!(repeat_penalty > 0.0f) || top_k < 0 || !(top_p > 0.0f && top_p <= 1.0f) ||
+      !(min_p >= 0.0f && min_p <= 1.0f) || !(uniform >= 0.0f && uniform < 1.0f))
+    return iq_fail(ctx, IQ_ERR_ARG,
+                   "iq_sample: repeat_penalty %g, top_k %d, top_p %g, min_p %g or uniform %g out of range",
+                   repeat_penalty, top_k, top_p, min_p, uniform);
+
+  const size_t row = align256(sizeof(float) * (size_t)vocab);
+  size_t sort_bytes = 0;
+  IQ_CUDA(ctx, cub::DeviceRadixSort::SortPairsDescending(
+                   nullptr, sort_bytes, (const float *)nullptr, (float *)nullptr,
+                   (const int32_t *)nullptr, (int32_t *)nullptr, vocab, 0, 32, ctx->stream));
+  void *scratch;
+  IQ_TRY(iq_scratch(ctx, 5 * row + sort_bytes, &scratch));
+  char *base = (char *)scratch;
+  float *work = (float *)base, *keys = (float *)(base + row), *sorted = (float *)(base + 2 * row);
+  int32_t *ids = (int32_t *)(base + 3 * row), *sorted_ids = (int32_t *)(base + 4 * row);
+  void *sort_tmp = base + 5 * row;
+  float *p = keys; /* free once sorted */
+
+  const unsigned blocks = iq_blocks(ctx, vocab, 256);
+  copy_kernel<<<blocks, 256, 0, ctx->stream>>>(work, logits, vocab);
+  IQ_LAUNCHED(ctx);
+  if (repeat_penalty != 1.0f && n_history > 0) {
+    penalty_kernel<<<1, 256, 0, ctx->stream>>>(work, history, n_history, vocab, repeat_penalty);
+    IQ_LAUNCHED(ctx);
+  }
+  if (temperature <= 0.0f) {
+    argmax_kernel<<<1, SAMPLE_THREADS, 0, ctx->stream>>>(out_token, work, vocab);
+    IQ_LAUNCHED(ctx);
+    return IQ_OK;
+  }
+  temperature_kernel<<<blocks, 256, 0, ctx->stream>>>(keys, ids, work, vocab, temperature);
+  IQ_LAUNCHED(ctx);
+  IQ_CUDA(ctx, cub::DeviceRadixSort::SortPairsDescending(sort_tmp, sort_bytes, keys, sorted, ids,
+                                                         sorted_ids, vocab, 0, 32, ctx->stream));
+  const int count = top_k > 0 && top_k < vocab ? top_k : vocab;
+  pick_kernel<<<1, SAMPLE_THREADS, 0, ctx->stream>>>(out_token, sorted, sorted_ids, p, count, top_p,
+                                                     min_p, uniform);
+  IQ_LAUNCHED(ctx);
+  return IQ_OK;
+}

@@ -1,0 +1,461 @@
+// The CUDA backend against the CPU reference: every op on seeded random inputs, run on both and
+// compared within the tolerance stated beside each test, then a tiny random model end to end.
+// Where no GPU answers (no library, no driver, no device) every test is registered as ignored.
+import assert from "node:assert/strict";
+import { Backend, type DeviceBuffer, DType, type DTypeCode, NativeError } from "../ffi/backend.ts";
+import { Rng, Sampler } from "../src/engine/sampler.ts";
+import { generate } from "../src/engine/generate.ts";
+import { Transformer } from "../src/engine/forward.ts";
+import { loadConfig } from "../src/model/config.ts";
+import { type DType as ModelDType, f32ToBf16, f32ToF16 } from "../src/model/dtype.ts";
+import { writeRandomModel } from "../src/model/random_model.ts";
+import { maxRelError, randomFloats, randomInts } from "./random.ts";
+
+function openCuda(): Backend | null {
+  try {
+    return Backend.open("cuda");
+  } catch (e) {
+    console.log(`no CUDA device: skipping CUDA tests (${e instanceof Error ? e.message : e})`);
+    return null;
+  }
+}
+const gpu = openCuda();
+const cpu = gpu ? Backend.open("cpu") : null;
+globalThis.addEventListener("unload", () => {
+  gpu?.close();
+  cpu?.close();
+});
+
+function test(name: string, fn: (gpu: Backend, cpu: Backend) => void | Promise<void>): void {
+  Deno.test({ name: `cuda: ${name}`, ignore: gpu === null, fn: () => fn(gpu!, cpu!) });
+}
+
+/** Uploads inputs to fresh buffers, runs op with them and an output buffer (uploaded from init
+ * or left as allocated), and returns the output's bytes. Every buffer is freed. */
+function runOn(
+  be: Backend,
+  inputs: ArrayBufferView[],
+  out: { bytes: number; init?: ArrayBufferView },
+  op: (inputs: DeviceBuffer[], out: DeviceBuffer) => void,
+): ArrayBuffer {
+  const bufs: DeviceBuffer[] = [];
+  try {
+    for (const a of inputs) {
+      const b = be.alloc(Math.max(a.byteLength, 4));
+      bufs.push(b);
+      be.upload(b, a);
+    }
+    const o = be.alloc(out.bytes);
+    bufs.push(o);
+    if (out.init) be.upload(o, out.init);
+    op(bufs.slice(0, inputs.length), o);
+    const host = new Uint8Array(out.bytes);
+    be.download(o, host);
+    return host.buffer;
+  } finally {
+    for (const b of bufs) b.close();
+  }
+}
+
+/** runOn on both backends: [cuda, cpu]. */
+function onBoth(
+  gpu: Backend,
+  cpu: Backend,
+  inputs: ArrayBufferView[],
+  out: { bytes: number; init?: ArrayBufferView },
+  op: (be: Backend, inputs: DeviceBuffer[], out: DeviceBuffer) => void,
+): [ArrayBuffer, ArrayBuffer] {
+  return [gpu, cpu].map((be) => runOn(be, inputs, out, (i, o) => op(be, i, o))) as [
+    ArrayBuffer,
+    ArrayBuffer,
+  ];
+}
+
+function assertClose(
+  actual: ArrayLike<number>,
+  expected: ArrayLike<number>,
+  tol: number,
+  what: string,
+) {
+  const err = maxRelError(actual, expected);
+  assert.ok(err <= tol, `${what}: max relative error ${err} > ${tol}`);
+}
+
+/** Largest |a - b| in each row of m, relative to the row's largest |b|. */
+function maxRowRelError(a: Float32Array, b: Float32Array, m: number): number {
+  let worst = 0;
+  for (let r = 0; r < b.length / m; r++) {
+    let scale = 0, err = 0;
+    for (let j = r * m; j < (r + 1) * m; j++) {
+      scale = Math.max(scale, Math.abs(b[j]));
+      err = Math.max(err, Math.abs(a[j] - b[j]));
+    }
+    const rel = err / Math.max(scale, 1e-30);
+    if (!(rel <= worst)) worst = Number.isNaN(rel) ? Infinity : rel;
+  }
+  return worst;
+}
+
+/** values as stored in dtype, for upload. */
+function encode(values: Float32Array, dtype: DTypeCode): ArrayBufferView {
+  return dtype === DType.F16 ? f32ToF16(values) : dtype === DType.BF16 ? f32ToBf16(values) : values;
+}
+
+const f32 = (b: ArrayBuffer) => new Float32Array(b);
+const DTYPES: [string, DTypeCode][] = [["f32", DType.F32], ["f16", DType.F16], [
+  "bf16",
+  DType.BF16,
+]];
+
+// ---- per-op tests ----------------------------------------------------------------------------
+
+test("embed copies rows exactly, every table dtype", (gpu, cpu) => {
+  const rng = new Rng(1), vocab = 1000, dim = 96, n = 7;
+  const tokens = randomInts(rng, n, vocab);
+  tokens[0] = 0;
+  tokens[1] = vocab - 1;
+  for (const [name, dt] of DTYPES) {
+    const table = encode(randomFloats(rng, vocab * dim), dt);
+    const [g, c] = onBoth(gpu, cpu, [table, tokens], { bytes: n * dim * 4 }, (be, [t, ids], o) => {
+      be.embed(o, t, dt, ids, n, dim, vocab);
+    });
+    assert.deepEqual(f32(g), f32(c), name);
+  }
+});
+
+test("embed reports an id outside the vocabulary at the next download", (gpu) => {
+  using out = gpu.alloc(16 * 4);
+  using ids = gpu.alloc(4);
+  using table = gpu.alloc(10 * 16 * 4);
+  gpu.upload(ids, new Int32Array([10]));
+  gpu.embed(out, table, DType.F32, ids, 1, 16, 10);
+  assert.throws(() => gpu.download(out, new Float32Array(16)), /token id 10, outside \[0, 10\)/);
+  gpu.download(out, new Float32Array(16)); // the fault is reported once
+});
+
+// Tolerance 1e-5 relative (to max(1, |cpu|)): fp32 on both, only the sum order differs.
+test("rmsnorm, also in place", (gpu, cpu) => {
+  const rng = new Rng(2);
+  for (const [n, dim] of [[5, 4096], [3, 100], [1, 7]]) {
+    const x = randomFloats(rng, n * dim, -3, 3), w = randomFloats(rng, dim, 0.5, 1.5);
+    const [g, c] = onBoth(gpu, cpu, [x, w], { bytes: n * dim * 4 }, (be, [xb, wb], o) => {
+      be.rmsnorm(o, xb, wb, n, dim, 1e-5);
+    });
+    assertClose(f32(g), f32(c), 1e-5, `rmsnorm ${n}x${dim}`);
+    const [gi] = onBoth(gpu, cpu, [w], { bytes: n * dim * 4, init: x }, (be, [wb], o) => {
+      be.rmsnorm(o, o, wb, n, dim, 1e-5);
+    });
+    assertClose(f32(gi), f32(c), 1e-5, `rmsnorm in place ${n}x${dim}`);
+  }
+});
+
+// Tolerance 1e-5: the angle is the same fp32 product; sinf/cosf differ by an ulp or two.
+test("rope at positions up to 5000", (gpu, cpu) => {
+  const rng = new Rng(3);
+  for (const [n, heads, hd] of [[9, 8, 128], [4, 3, 64], [2, 2, 10]]) {
+    const x = randomFloats(rng, n * heads * hd);
+    const pos = randomInts(rng, n, 5000);
+    const inv = new Float32Array(hd / 2).map((_, i) => 1 / Math.pow(500000, (2 * i) / hd));
+    const [g, c] = onBoth(
+      gpu,
+      cpu,
+      [pos, inv],
+      { bytes: x.byteLength, init: x },
+      (be, [p, f], o) => {
+        be.rope(o, p, f, n, heads, hd);
+      },
+    );
+    assertClose(f32(g), f32(c), 1e-5, `rope ${n}x${heads}x${hd}`);
+  }
+});
+
+// Tolerance 1e-5. Odd counts and 4-byte offsets reach the scalar paths beside the float4 ones.
+test("swiglu and add, aligned and not, in place", (gpu, cpu) => {
+  const rng = new Rng(4);
+  for (const [count, offset] of [[10001, 0], [4096, 0], [999, 1]]) {
+    const a = randomFloats(rng, count + 1, -6, 6), b = randomFloats(rng, count + 1, -2, 2);
+    const bytes = (count + 1) * 4, at = offset * 4, len = count * 4;
+    for (const op of ["swiglu", "add"] as const) {
+      const [g, c] = onBoth(gpu, cpu, [a, b], { bytes }, (be, [ab, bb], o) => {
+        be[op](o.slice(at, len), ab.slice(at, len), bb.slice(at, len), count);
+      });
+      assertClose(
+        f32(g).subarray(offset, offset + count),
+        f32(c).subarray(offset, offset + count),
+        1e-5,
+        `${op} ${count}+${offset}`,
+      );
+      const [gi] = onBoth(gpu, cpu, [b], { bytes, init: a }, (be, [bb], o) => {
+        be[op](o.slice(at, len), o.slice(at, len), bb.slice(at, len), count);
+      });
+      assertClose(
+        f32(gi).subarray(offset, offset + count),
+        f32(c).subarray(offset, offset + count),
+        1e-5,
+        `${op} in place ${count}`,
+      );
+    }
+  }
+});
+
+function matmulCase(
+  gpu: Backend,
+  cpu: Backend,
+  rng: Rng,
+  dt: DTypeCode,
+  n: number,
+  k: number,
+  m: number,
+) {
+  const x = randomFloats(rng, n * k), w = encode(randomFloats(rng, m * k, -0.1, 0.1), dt);
+  const bias = randomFloats(rng, m);
+  return onBoth(gpu, cpu, [x, w, bias], { bytes: n * m * 4 }, (be, [xb, wb, bb], o) => {
+    be.matmul(o, xb, wb, dt, bb, n, k, m);
+  }).map(f32);
+}
+
+// n = 1 is the GEMV: weights read exactly, fp32 sums in another order: 1e-4 relative. k = 300 is
+// not a multiple of 8 and takes the element-load kernel; 4096 the 16-byte one.
+test("matmul n=1 (GEMV), every weight dtype, with bias", (gpu, cpu) => {
+  const rng = new Rng(5);
+  for (const [name, dt] of DTYPES) {
+    for (const [k, m] of [[4096, 520], [300, 77]]) {
+      const [g, c] = matmulCase(gpu, cpu, rng, dt, 1, k, m);
+      assertClose(g, c, 1e-4, `gemv ${name} k ${k} m ${m}`);
+    }
+  }
+});
+
+// n > 1 goes to cuBLAS: fp32 weights in fp32 (1e-4 relative); fp16/bf16 weights with x rounded to
+// the weight's type (the CPU keeps x in fp32), so 1e-2 of each row's largest |value|.
+test("matmul n>1 (cuBLAS), every weight dtype, with bias", (gpu, cpu) => {
+  const rng = new Rng(6);
+  for (const [name, dt] of DTYPES) {
+    for (const [n, k, m] of [[7, 1024, 520], [64, 256, 300], [2, 40, 3]]) {
+      const [g, c] = matmulCase(gpu, cpu, rng, dt, n, k, m);
+      if (dt === DType.F32) assertClose(g, c, 1e-4, `gemm f32 ${n}x${k}x${m}`);
+      else {
+        const err = maxRowRelError(g, c, m);
+        assert.ok(err <= 1e-2, `gemm ${name} ${n}x${k}x${m}: ${err} of the row's max`);
+      }
+    }
+  }
+});
+
+test("kv_store writes the same bytes (fp16 rounding included)", (gpu, cpu) => {
+  const rng = new Rng(7), n = 5, pos0 = 3, kvHeads = 4, hd = 64, cap = 16;
+  const x = randomFloats(rng, n * kvHeads * hd, -70000, 70000); // past fp16's range too
+  for (const dt of [DType.F16, DType.F32]) {
+    const bytes = kvHeads * cap * hd * (dt === DType.F16 ? 2 : 4);
+    const [g, c] = onBoth(gpu, cpu, [x], { bytes, init: new Uint8Array(bytes) }, (be, [xb], o) => {
+      be.kvStore(o, dt, xb, n, pos0, kvHeads, hd, cap);
+    });
+    assert.deepEqual(new Uint8Array(g), new Uint8Array(c), `kv_store dtype ${dt}`);
+  }
+});
+
+interface AttnCase {
+  heads: number;
+  kvHeads: number;
+  hd: number;
+  n: number;
+  pos0: number;
+  dt: DTypeCode;
+}
+
+function attentionCase(
+  gpu: Backend,
+  cpu: Backend,
+  rng: Rng,
+  a: AttnCase,
+): [Float32Array, Float32Array] {
+  const cap = a.pos0 + a.n + 3;
+  const k = encode(randomFloats(rng, a.kvHeads * cap * a.hd), a.dt);
+  const v = encode(randomFloats(rng, a.kvHeads * cap * a.hd), a.dt);
+  const q = randomFloats(rng, a.n * a.heads * a.hd, -2, 2);
+  const [g, c] = onBoth(gpu, cpu, [q, k, v], { bytes: q.byteLength }, (be, [qb, kb, vb], o) => {
+    const args = { out: o, q: qb, kCache: kb, vCache: vb, cacheDtype: a.dt, pos0: a.pos0, n: a.n };
+    const shape = {
+      heads: a.heads,
+      kvHeads: a.kvHeads,
+      headDim: a.hd,
+      cap,
+      scale: 1 / Math.sqrt(a.hd),
+    };
+    if (a.n === 1) be.attentionDecode({ ...args, ...shape });
+    else be.attentionPrefill({ ...args, ...shape });
+  });
+  return [f32(g), f32(c)];
+}
+
+// Tolerance 1e-4: online softmax (GPU) against the CPU's, fp32 throughout.
+test("attention prefill: GQA ratios, head_dim 64/128/256/40, fp16 and fp32 caches", (gpu, cpu) => {
+  const rng = new Rng(8);
+  const shapes = [[8, 8, 64], [8, 2, 128], [12, 4, 64], [4, 1, 128], [4, 2, 256], [6, 3, 40]];
+  for (const [heads, kvHeads, hd] of shapes) {
+    for (const dt of [DType.F16, DType.F32]) {
+      for (const [n, pos0] of [[37, 20], [16, 0], [70, 100]]) {
+        const [g, c] = attentionCase(gpu, cpu, rng, { heads, kvHeads, hd, n, pos0, dt });
+        assertClose(
+          g,
+          c,
+          1e-4,
+          `prefill ${heads}/${kvHeads}x${hd} n ${n} pos0 ${pos0} dtype ${dt}`,
+        );
+      }
+    }
+  }
+});
+
+// Tolerance 1e-4. Long positions split the keys across blocks; 7 and 16 query heads per KV head
+// take the 8-head kernel (16 in two blocks); head_dim 36 falls back to the prefill kernel.
+test("attention decode: splits up to 5000 positions, GQA ratios", (gpu, cpu) => {
+  const rng = new Rng(9);
+  const shapes = [[32, 8, 128], [8, 8, 64], [28, 4, 128], [16, 1, 64], [6, 3, 256], [4, 2, 36]];
+  for (const [heads, kvHeads, hd] of shapes) {
+    for (const pos of [0, 1, 100, 1000, 4999]) {
+      const dt = pos % 2 ? DType.F16 : DType.F32;
+      const [g, c] = attentionCase(gpu, cpu, rng, { heads, kvHeads, hd, n: 1, pos0: pos, dt });
+      assertClose(g, c, 1e-4, `decode ${heads}/${kvHeads}x${hd} pos ${pos} dtype ${dt}`);
+    }
+  }
+});
+
+test("attention rejects head_dim above 256 on both backends", (gpu, cpu) => {
+  for (const be of [gpu, cpu]) {
+    assert.throws(() => {
+      runOn(be, [new Float32Array(512), new Float32Array(512), new Float32Array(512)], {
+        bytes: 2048,
+      }, (
+        [q, k, v],
+        o,
+      ) => {
+        const shape = { heads: 1, kvHeads: 1, headDim: 512, cap: 1, scale: 1 };
+        be.attentionDecode({
+          out: o,
+          q,
+          kCache: k,
+          vCache: v,
+          cacheDtype: DType.F32,
+          pos0: 0,
+          n: 1,
+          ...shape,
+        });
+      });
+    }, NativeError);
+  }
+});
+
+// Exactly the same token: both sort by (logit desc, id asc) and run the same fp32 steps. Quantised
+// logits make ties common, so the tie rules are exercised too.
+test("sample picks the CPU's token for many settings", (gpu, cpu) => {
+  const rng = new Rng(10);
+  const settings = [
+    { temperature: 0, topK: 0, topP: 1, minP: 0, repeatPenalty: 1 },
+    { temperature: 0, topK: 0, topP: 1, minP: 0, repeatPenalty: 1.5 },
+    { temperature: 0.8, topK: 40, topP: 0.95, minP: 0.05, repeatPenalty: 1 },
+    { temperature: 1, topK: 40, topP: 1, minP: 0, repeatPenalty: 1.3 },
+    { temperature: 1.2, topK: 0, topP: 1, minP: 0, repeatPenalty: 1 },
+    { temperature: 0.7, topK: 0, topP: 0.9, minP: 0, repeatPenalty: 1 },
+    { temperature: 1, topK: 0, topP: 1, minP: 0.1, repeatPenalty: 1.1 },
+    { temperature: 0.5, topK: 1, topP: 1, minP: 0, repeatPenalty: 1 },
+    { temperature: 1, topK: 100000, topP: 0.5, minP: 0, repeatPenalty: 0.8 },
+  ];
+  for (let trial = 0; trial < 120; trial++) {
+    const s = settings[trial % settings.length];
+    const vocab = [1000, 32000, 7][trial % 3];
+    const logits = randomFloats(rng, vocab, -8, 8);
+    if (trial % 2) { for (let i = 0; i < vocab; i++) logits[i] = Math.round(logits[i] * 2) / 2; }
+    const history = randomInts(rng, 50, vocab + 10).map((id, i) => (i % 7 === 0 ? -1 - id : id));
+    const uniform = trial % 10 === 9 ? 0.99999994 : rng.next();
+    const [g, c] = onBoth(gpu, cpu, [logits, history], { bytes: 4 }, (be, [lb, hb], o) => {
+      be.sample({
+        outToken: o,
+        logits: lb,
+        vocab,
+        history: hb,
+        nHistory: history.length,
+        uniform,
+        ...s,
+      });
+    });
+    const at = `trial ${trial}: vocab ${vocab} ${JSON.stringify(s)} uniform ${uniform}`;
+    assert.equal(new Int32Array(g)[0], new Int32Array(c)[0], at);
+  }
+});
+
+// ---- end to end --------------------------------------------------------------------------------
+
+async function withModel(dtype: ModelDType, body: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "innerq_cuda_test_" });
+  try {
+    await writeRandomModel(dir, "tiny", { dtype, seed: 3 });
+    await body(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** The last prompt token's logits and 16 greedy tokens after it. */
+async function runModel(
+  be: Backend,
+  dir: string,
+  chunk: number,
+): Promise<[Float32Array, number[]]> {
+  const config = await loadConfig(dir);
+  using model = await Transformer.load(be, dir, config, { ctx: 64, chunk });
+  const prompt = randomInts(new Rng(11), 20, config.vocabSize);
+  const logits = new Float32Array(config.vocabSize);
+  for (let pos = 0; pos < prompt.length; pos += chunk) {
+    const ids = prompt.subarray(pos, pos + chunk);
+    be.download(model.forward(model.stageTokens(ids), pos, ids.length), logits);
+  }
+  using sampler = new Sampler(be, {
+    temperature: 0,
+    topK: 0,
+    topP: 1,
+    minP: 0,
+    repeatPenalty: 1,
+    repeatLastN: 0,
+    seed: 1,
+  }, config.vocabSize);
+  const tokens: number[] = [];
+  for await (const t of generate(model, prompt, sampler, { maxTokens: 16, eosTokenIds: [] })) {
+    tokens.push(t);
+  }
+  return [logits, tokens];
+}
+
+// BF16 weights, prompt in one chunk: cuBLAS rounds x to bf16 in every prefill matmul, so the logits
+// agree to 3e-2 of the largest |logit| (greedy tokens may then differ where two are that close).
+test("tiny bf16 model: prefill logits match the CPU's", async (gpu, cpu) => {
+  await withModel("BF16", async (dir) => {
+    const [g] = await runModel(gpu, dir, 64);
+    const [c] = await runModel(cpu, dir, 64);
+    const err = maxRowRelError(g, c, c.length);
+    assert.ok(err <= 3e-2, `logits differ by ${err} of the largest`);
+  });
+});
+
+// One token per forward call: only the GEMV, which reads bf16 weights exactly: logits to 1e-3 of
+// the largest, and the same greedy tokens.
+test("tiny bf16 model, one token at a time: same logits and greedy tokens", async (gpu, cpu) => {
+  await withModel("BF16", async (dir) => {
+    const [gl, gt] = await runModel(gpu, dir, 1);
+    const [cl, ct] = await runModel(cpu, dir, 1);
+    const err = maxRowRelError(gl, cl, cl.length);
+    assert.ok(err <= 1e-3, `logits differ by ${err} of the largest`);
+    assert.deepEqual(gt, ct);
+  });
+});
+
+// F32 weights: cuBLAS in fp32 too, so chunked prefill agrees to 1e-4 and greedy tokens match.
+test("tiny f32 model: same logits and greedy tokens", async (gpu, cpu) => {
+  await withModel("F32", async (dir) => {
+    const [gl, gt] = await runModel(gpu, dir, 64);
+    const [cl, ct] = await runModel(cpu, dir, 64);
+    const err = maxRowRelError(gl, cl, cl.length);
+    assert.ok(err <= 1e-4, `logits differ by ${err} of the largest`);
+    assert.deepEqual(gt, ct);
+  });
+});

@@ -1,0 +1,420 @@
+// Every op of the CPU backend against the plain TypeScript reference (test/reference.ts), on
+// seeded random inputs. Tolerances are relative to max(1, |expected|): 1e-5 where both sides
+// compute in fp32 with different summation order; exact where no arithmetic happens.
+import { deepStrictEqual as assertEquals, ok as assert, throws as assertThrows } from "node:assert";
+import { Backend, type DeviceBuffer, DType, type DTypeCode, NativeError } from "../ffi/backend.ts";
+import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from "../src/model/dtype.ts";
+import { Rng } from "../src/engine/sampler.ts";
+import { maxRelError, randomFloats, randomInts } from "./random.ts";
+import * as ref from "./reference.ts";
+
+const backends = [1, 2, 3].map((threads) => Backend.open("cpu", { threads }));
+globalThis.addEventListener("unload", () => backends.forEach((b) => b.close()));
+const [cpu] = backends;
+
+function assertClose(actual: Float32Array, expected: Float32Array, tol: number, what: string) {
+  const err = maxRelError(actual, expected);
+  assert(err <= tol, `${what}: error ${err} > ${tol}`);
+}
+
+/** Uploads inputs, runs op, downloads `outFloats` floats from the output (which starts as `init`). */
+function run(
+  be: Backend,
+  inputs: ArrayBufferView[],
+  outFloats: number,
+  op: (out: DeviceBuffer, ...inputs: DeviceBuffer[]) => void,
+  init?: Float32Array,
+): Float32Array {
+  const bufs = inputs.map((a) => {
+    const b = be.alloc(Math.max(4, a.byteLength));
+    be.upload(b, a);
+    return b;
+  });
+  const out = be.alloc(outFloats * 4);
+  try {
+    if (init) be.upload(out, init);
+    op(out, ...bufs);
+    const host = new Float32Array(outFloats);
+    be.download(out, host);
+    return host;
+  } finally {
+    [out, ...bufs].forEach((b) => b.close());
+  }
+}
+
+/** Weights as stored in dtype, and the fp32 values they hold. */
+function weightsOf(values: Float32Array, dtype: DTypeCode): [ArrayBufferView, Float32Array] {
+  if (dtype === DType.BF16) {
+    const bits = f32ToBf16(values);
+    return [bits, bf16ToF32(bits)];
+  }
+  if (dtype === DType.F16) {
+    const bits = f32ToF16(values);
+    return [bits, f16ToF32(bits)];
+  }
+  return [values, values];
+}
+
+const DTYPES = [DType.F32, DType.F16, DType.BF16];
+
+Deno.test("embed gathers rows of every table dtype; a bad id is a NativeError naming it", () => {
+  const rng = new Rng(1), vocab = 50, dim = 37;
+  const tokens = randomInts(rng, 9, vocab);
+  for (const dtype of DTYPES) {
+    const [table, values] = weightsOf(randomFloats(rng, vocab * dim), dtype);
+    const got = run(
+      cpu,
+      [table, tokens],
+      9 * dim,
+      (o, t, ids) => cpu.embed(o, t, dtype, ids, 9, dim, vocab),
+    );
+    assertEquals(got, ref.embed(values, tokens, dim));
+  }
+  const bad = Int32Array.of(3, 50);
+  assertThrows(
+    () =>
+      run(
+        cpu,
+        [new Float32Array(vocab * dim), bad],
+        2 * dim,
+        (o, t, ids) => cpu.embed(o, t, DType.F32, ids, 2, dim, vocab),
+      ),
+    (e: Error) => e instanceof NativeError && /token id 50 at position 1/.test(e.message),
+  );
+});
+
+Deno.test("rmsnorm, also in place", () => {
+  const rng = new Rng(2);
+  for (const [n, dim] of [[1, 64], [5, 384], [3, 1001]]) {
+    const x = randomFloats(rng, n * dim, -3, 3), w = randomFloats(rng, dim, 0.5, 1.5);
+    const want = ref.rmsnorm(x, w, dim, 1e-5);
+    for (const be of backends) {
+      assertClose(
+        run(be, [x, w], n * dim, (o, xb, wb) => be.rmsnorm(o, xb, wb, n, dim, 1e-5)),
+        want,
+        1e-5,
+        "rmsnorm",
+      );
+      const inPlace = run(be, [w], n * dim, (o, wb) => be.rmsnorm(o, o, wb, n, dim, 1e-5), x);
+      assertClose(inPlace, want, 1e-5, "rmsnorm in place");
+    }
+  }
+});
+
+Deno.test("matmul: every weight dtype, GEMV and tiled paths, bias or none, any thread count", () => {
+  const rng = new Rng(3);
+  for (
+    const [n, k, m] of [[1, 384, 100], [1, 37, 1], [1, 1000, 33], [37, 384, 70], [5, 2500, 9], [
+      256,
+      64,
+      5,
+    ]]
+  ) {
+    for (const dtype of DTYPES) {
+      const x = randomFloats(rng, n * k);
+      const [w, values] = weightsOf(randomFloats(rng, m * k), dtype);
+      const bias = m % 2 ? randomFloats(rng, m) : null;
+      const want = ref.matmul(x, values, bias, n, k, m);
+      const results = backends.map((be) =>
+        run(
+          be,
+          bias ? [x, w, bias] : [x, w],
+          n * m,
+          (o, xb, wb, bb) => be.matmul(o, xb, wb, dtype, bb ?? null, n, k, m),
+        )
+      );
+      // sums of k products of |values| < 1: error relative to sqrt(k)-sized results
+      for (const got of results) {
+        assertClose(got, want, 1e-5 * Math.sqrt(k), `matmul ${n}x${k}x${m} dtype ${dtype}`);
+      }
+      assertEquals(results[1], results[0]);
+      assertEquals(results[2], results[0]);
+    }
+  }
+  assertThrows(
+    () =>
+      run(
+        cpu,
+        [new Float32Array(4)],
+        4,
+        (o, xb) => cpu.matmul(o, xb, xb, DType.F32, null, 3, 2, 1),
+      ),
+    (e: Error) => e instanceof RangeError && /matmul x: needs 24 bytes/.test(e.message),
+  );
+});
+
+Deno.test("rope: Hugging Face rotate_half at positions up to 4000", () => {
+  const rng = new Rng(4);
+  for (const [n, heads, hd] of [[1, 4, 64], [7, 6, 128], [3, 2, 16]]) {
+    const x = randomFloats(rng, n * heads * hd);
+    const pos = randomInts(rng, n, 4000);
+    const inv = Float32Array.from({ length: hd / 2 }, (_, i) => Math.pow(10000, (-2 * i) / hd));
+    for (const be of backends) {
+      const got = run(be, [pos, inv], x.length, (o, p, f) => be.rope(o, p, f, n, heads, hd), x);
+      assertClose(got, ref.rope(x, pos, inv, heads, hd), 1e-5, "rope");
+    }
+  }
+});
+
+Deno.test("swiglu and add, in place too", () => {
+  const rng = new Rng(5);
+  for (const count of [1, 1000, 40001]) {
+    const a = randomFloats(rng, count, -8, 8), b = randomFloats(rng, count, -2, 2);
+    for (const be of backends) {
+      assertClose(
+        run(be, [a, b], count, (o, ab, bb) => be.swiglu(o, ab, bb, count)),
+        ref.swiglu(a, b),
+        1e-5,
+        "swiglu",
+      );
+      assertClose(
+        run(be, [a, b], count, (o, ab, bb) => be.add(o, ab, bb, count)),
+        ref.add(a, b),
+        1e-6,
+        "add",
+      );
+      assertClose(
+        run(be, [b], count, (o, bb) => be.add(o, o, bb, count), a),
+        ref.add(a, b),
+        1e-6,
+        "add in place",
+      );
+    }
+  }
+});
+
+/** A cache [kvHeads, cap, hd] holding `rows` in the given dtype, and the fp32 values stored. */
+function storeBoth(
+  be: Backend,
+  rows: Float32Array,
+  dtype: DTypeCode,
+  n: number,
+  kvHeads: number,
+  hd: number,
+  cap: number,
+) {
+  const bytes = kvHeads * cap * hd * (dtype === DType.F16 ? 2 : 4);
+  const cache = be.alloc(bytes), x = be.alloc(rows.byteLength);
+  be.upload(cache, new Uint8Array(bytes));
+  be.upload(x, rows);
+  be.kvStore(cache, dtype, x, n, 0, kvHeads, hd, cap);
+  x.close();
+  const host = new Uint8Array(bytes);
+  be.download(cache, host);
+  const values = dtype === DType.F16
+    ? f16ToF32(new Uint16Array(host.buffer))
+    : new Float32Array(host.buffer);
+  return { cache, values };
+}
+
+Deno.test("kv_store: fp16 rounds like the reference converter, [kv_heads, cap, head_dim] layout", () => {
+  const rng = new Rng(6), n = 5, kvHeads = 3, hd = 8, cap = 7;
+  const rows = randomFloats(rng, n * kvHeads * hd, -70000, 70000); // past fp16's range too
+  for (const dtype of [DType.F32, DType.F16]) {
+    const { cache, values } = storeBoth(cpu, rows, dtype, n, kvHeads, hd, cap);
+    cache.close();
+    for (let t = 0; t < n; t++) {
+      for (let h = 0; h < kvHeads; h++) {
+        const src = rows.subarray((t * kvHeads + h) * hd, (t * kvHeads + h + 1) * hd);
+        const want = dtype === DType.F16 ? f16ToF32(f32ToF16(src)) : src;
+        assertEquals(values.subarray((h * cap + t) * hd, (h * cap + t + 1) * hd), want);
+      }
+    }
+  }
+});
+
+Deno.test("attention: prefill against the reference, decode equal to prefill's rows, GQA, both caches", () => {
+  const rng = new Rng(7);
+  for (const [heads, kvHeads, hd] of [[4, 4, 64], [4, 2, 128], [6, 2, 48], [8, 1, 16]]) {
+    for (const dtype of [DType.F32, DType.F16]) {
+      const cap = 40, total = 33, pos0 = 7, n = total - pos0, scale = 1 / Math.sqrt(hd);
+      const k = storeBoth(
+        cpu,
+        randomFloats(rng, total * kvHeads * hd, -2, 2),
+        dtype,
+        total,
+        kvHeads,
+        hd,
+        cap,
+      );
+      const v = storeBoth(
+        cpu,
+        randomFloats(rng, total * kvHeads * hd, -2, 2),
+        dtype,
+        total,
+        kvHeads,
+        hd,
+        cap,
+      );
+      const q = randomFloats(rng, n * heads * hd, -2, 2);
+      const shape = {
+        pos0,
+        heads,
+        kvHeads,
+        headDim: hd,
+        cap,
+        scale,
+        cacheDtype: dtype,
+        kCache: k.cache,
+        vCache: v.cache,
+      };
+      const want = ref.attention(q, k.values, v.values, {
+        n,
+        pos0,
+        heads,
+        kvHeads,
+        hd,
+        cap,
+        scale,
+      });
+      for (const be of backends) {
+        const got = run(
+          be,
+          [q],
+          q.length,
+          (out, qb) => be.attentionPrefill({ ...shape, out, q: qb, n }),
+        );
+        assertClose(got, want, 1e-5, `prefill ${heads}/${kvHeads}x${hd} dtype ${dtype}`);
+        for (const t of [0, 5, n - 1]) {
+          const row = q.subarray(t * heads * hd, (t + 1) * heads * hd);
+          const one = run(
+            be,
+            [row],
+            row.length,
+            (out, qb) => be.attentionDecode({ ...shape, out, q: qb, n: 1, pos0: pos0 + t }),
+          );
+          assertEquals(one, got.subarray(t * heads * hd, (t + 1) * heads * hd));
+        }
+      }
+      k.cache.close();
+      v.cache.close();
+    }
+  }
+});
+
+Deno.test("attention errors: positions past the cache and uneven GQA in TypeScript, head_dim > 256 in C", () => {
+  const buf = cpu.alloc(4 * 512 * 8);
+  try {
+    const base = { out: buf, q: buf, kCache: buf, vCache: buf, cacheDtype: DType.F32, scale: 1 };
+    const a = { ...base, n: 1, pos0: 4, heads: 2, kvHeads: 1, headDim: 8, cap: 4 };
+    assertThrows(() => cpu.attentionDecode(a), /positions 4..4 outside a 4-token cache/);
+    assertThrows(
+      () => cpu.attentionDecode({ ...a, pos0: 0, heads: 3, kvHeads: 2 }),
+      /not a multiple of kv_heads/,
+    );
+    assertThrows(
+      () => cpu.attentionDecode({ ...a, pos0: 0, heads: 1, headDim: 512, cap: 1 }),
+      (e: Error) => e instanceof NativeError && /head_dim 512 exceeds 256/.test(e.message),
+    );
+  } finally {
+    buf.close();
+  }
+});
+
+const SAMPLINGS: Omit<ref.SampleSettings, "uniform">[] = [
+  { history: [], repeatPenalty: 1, temperature: 0, topK: 0, topP: 1, minP: 0 },
+  {
+    history: [3, 3, 9, -1, 1e9, 17],
+    repeatPenalty: 1.3,
+    temperature: 0,
+    topK: 0,
+    topP: 1,
+    minP: 0,
+  },
+  { history: [], repeatPenalty: 1, temperature: 0.7, topK: 40, topP: 1, minP: 0 },
+  { history: [], repeatPenalty: 1, temperature: 0.7, topK: 0, topP: 0.9, minP: 0 },
+  { history: [], repeatPenalty: 1, temperature: 0.7, topK: 0, topP: 1, minP: 0.05 },
+  { history: [1, 2, 2, 5], repeatPenalty: 1.3, temperature: 0.8, topK: 40, topP: 0.95, minP: 0.05 },
+  { history: [], repeatPenalty: 1, temperature: 1.5, topK: 0, topP: 1, minP: 0 },
+];
+
+Deno.test("sample picks the reference's token; logits are left unchanged", () => {
+  const rng = new Rng(8);
+  for (const vocab of [1000, 50000]) {
+    const logits = randomFloats(rng, vocab, -10, 10);
+    logits[17] = logits[18] = 12; // a tie at the top: the lower id wins greedy
+    for (const s of SAMPLINGS) {
+      for (const uniform of [0, 0.25, 0.5, 0.999999, rng.next()]) {
+        const settings = { ...s, uniform };
+        const want = ref.sample(logits, settings);
+        const history = Int32Array.from(s.history.map((id) => id | 0));
+        const got = run(cpu, [logits, history], vocab, (out, l, h) => {
+          cpu.sample({
+            ...settings,
+            outToken: out,
+            logits: l,
+            vocab,
+            history: h,
+            nHistory: history.length,
+          });
+          const after = new Float32Array(vocab);
+          cpu.download(l, after);
+          assertEquals(after, logits);
+        });
+        assertEquals(new Int32Array(got.buffer)[0], want, JSON.stringify({ vocab, ...settings }));
+      }
+    }
+  }
+});
+
+Deno.test("sample at temperature 1 follows the softmax", () => {
+  const vocab = 8, logits = Float32Array.from([2, 1, 0.5, 0, -1, 3, 0.1, 1.5]);
+  const draws = 4000, counts = new Array(vocab).fill(0);
+  for (let i = 0; i < draws; i++) {
+    const settings = {
+      history: [],
+      repeatPenalty: 1,
+      temperature: 1,
+      topK: 0,
+      topP: 1,
+      minP: 0,
+      uniform: (i + 0.5) / draws,
+    };
+    const got = run(
+      cpu,
+      [logits],
+      1,
+      (out, l) =>
+        cpu.sample({ ...settings, outToken: out, logits: l, vocab, history: null, nHistory: 0 }),
+    );
+    counts[new Int32Array(got.buffer)[0]]++;
+  }
+  const z = logits.reduce((s, l) => s + Math.exp(l), 0);
+  logits.forEach((l, i) =>
+    assert(Math.abs(counts[i] / draws - Math.exp(l) / z) < 0.002, `token ${i}`)
+  );
+});
+
+Deno.test("sample rejects NaN logits in C and a uniform of 1 in TypeScript", () => {
+  const logits = Float32Array.from([0, NaN, 1]);
+  const args = {
+    history: null,
+    nHistory: 0,
+    repeatPenalty: 1,
+    temperature: 1,
+    topK: 0,
+    topP: 1,
+    minP: 0,
+    vocab: 3,
+  };
+  assertThrows(
+    () =>
+      run(
+        cpu,
+        [logits],
+        1,
+        (out, l) => cpu.sample({ ...args, outToken: out, logits: l, uniform: 0.5 }),
+      ),
+    (e: Error) => e instanceof NativeError && /logit 1 is NaN/.test(e.message),
+  );
+  assertThrows(
+    () =>
+      run(
+        cpu,
+        [logits],
+        1,
+        (out, l) => cpu.sample({ ...args, outToken: out, logits: l, uniform: 1 }),
+      ),
+    /uniform must be in \[0, 1\)/,
+  );
+});
