@@ -67,7 +67,7 @@ export function openBackend(
 }
 
 const repoRoot = new URL("../../", import.meta.url).pathname;
-const sharedModel = `${repoRoot}../shared/models/gsmwiki-28m`;
+const sharedModel = new URL("../../../shared/models/gsmwiki-28m", import.meta.url).pathname;
 const randomModel = `${repoRoot}.cache/random-tiny-llama`;
 
 async function exists(path: string): Promise<boolean> {
