@@ -3,6 +3,7 @@
 import { EXIT, UsageError } from "./src/commands/common.ts";
 import { runGenerate } from "./src/commands/generate.ts";
 import { runInfo } from "./src/commands/info.ts";
+import { runBench } from "./src/commands/bench.ts";
 
 const HELP = `innerq: run Llama-family language models with a compressed KV cache
 
@@ -11,6 +12,7 @@ Usage: innerq <command> [options]
 Commands
   generate   generate text from a prompt (arguments, -f FILE or stdin)
   info       describe a model directory: shape, parameters, KV-cache bytes per token
+  bench      prompt-processing and generation speed (llama-bench style), or --kernels
 
 Run \`innerq <command> --help\` for a command's options.
 Exit codes: 0 done, 1 error, 2 bad command line, 130 interrupted.
@@ -19,6 +21,7 @@ Exit codes: 0 done, 1 error, 2 bad command line, 130 interrupted.
 const COMMANDS: Record<string, (args: string[]) => Promise<number>> = {
   generate: runGenerate,
   info: runInfo,
+  bench: runBench,
 };
 
 async function main(args: string[]): Promise<number> {

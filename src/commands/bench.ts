@@ -1,0 +1,317 @@
+// `innerq bench`: llama-bench-style throughput of a model (prompt processing ppN and generation tgN
+// at several context depths), and with --kernels the decode-attention and GEMV kernels alone at
+// the Llama-3-8B layer shape, as achieved GB/s against the bytes each must read.
+import { parseArgs } from "node:util";
+import type { Backend } from "../../ffi/backend.ts";
+import { DType } from "../../ffi/backend.ts";
+import { Transformer } from "../engine/forward.ts";
+import { Sampler } from "../engine/sampler.ts";
+import { loadConfig } from "../model/config.ts";
+import { parseKvSpec } from "../kv/spec.ts";
+import {
+  defaultModel,
+  deviceFlag,
+  EXIT,
+  formatCount,
+  intFlag,
+  openBackend,
+  UsageError,
+} from "./common.ts";
+
+export const BENCH_HELP = `innerq bench: measure prompt processing and generation speed
+
+Usage: innerq bench [options]
+  -m, --model DIR       model directory (default: as for generate)
+  -p, --prompt LIST     prompt lengths to time, comma-separated (default 512)
+  -n, --gen N           tokens to generate per tg test (default 128)
+  -d, --depth LIST      context depths the tests start at (default 0)
+  -r, --repeats N       repetitions of each test (default 3)
+      --chunk N         most tokens per forward call in prompt processing (default 512)
+      --kv SPEC         KV cache (default fp16)
+      --device D        auto (default), cuda or cpu
+  -t, --threads N       CPU threads
+      --kernels         time the decode attention (32 heads, 8 KV heads, head_dim 128, fp16
+                        cache, 4k to 1M tokens) and GEMV kernels instead of a model
+      --json            one JSON object per row instead of the table
+  -h, --help            this help
+
+Rows: ppN = prompt processing of N tokens, tgN = generating N tokens one at a time (forward,
+sampling and the token id back to the host), each after "depth" tokens already in the cache.
+t/s is mean ± standard deviation over the repeats; GB/s for tg is (weights + KV cache read per
+token) x tokens/s. Exit codes: 0 done, 1 error, 2 bad command line.
+`;
+
+const OPTIONS = {
+  model: { type: "string", short: "m" },
+  prompt: { type: "string", short: "p" },
+  gen: { type: "string", short: "n" },
+  depth: { type: "string", short: "d" },
+  repeats: { type: "string", short: "r" },
+  chunk: { type: "string" },
+  kv: { type: "string" },
+  device: { type: "string" },
+  threads: { type: "string", short: "t" },
+  kernels: { type: "boolean" },
+  json: { type: "boolean" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+function listFlag(
+  name: string,
+  value: string | undefined,
+  fallback: number[],
+  min: number,
+): number[] {
+  if (value === undefined) return fallback;
+  return value.split(",").map((part) => intFlag(name, part.trim(), min)!);
+}
+
+interface Row {
+  test: string;
+  depth: number;
+  tokensPerSecond: number[];
+  gbPerSecond?: number;
+}
+
+function mean(xs: number[]): number {
+  return xs.reduce((a, b) => a + b, 0) / xs.length;
+}
+
+function stddev(xs: number[]): number {
+  const m = mean(xs);
+  return xs.length > 1 ? Math.sqrt(xs.reduce((a, x) => a + (x - m) ** 2, 0) / (xs.length - 1)) : 0;
+}
+
+/** Seconds taken by fn, after the device has finished its work. */
+function timed(backend: Backend, fn: () => void): number {
+  backend.sync();
+  const start = performance.now();
+  fn();
+  backend.sync();
+  return (performance.now() - start) / 1000;
+}
+
+/** Runs tokens through the model from `pos` in chunks; returns nothing, the cache fills. */
+function prefillAt(model: Transformer, ids: Int32Array, pos: number): void {
+  for (let i = 0; i < ids.length; i += model.chunk) {
+    const chunk = ids.subarray(i, i + model.chunk);
+    model.forward(model.stageTokens(chunk), pos + i, chunk.length);
+  }
+}
+
+async function benchModel(
+  v: ReturnType<typeof parse>["values"],
+  emit: (r: Row) => void,
+): Promise<string> {
+  const prompts = listFlag("prompt", v.prompt, [512], 1);
+  const gen = intFlag("gen", v.gen, 0) ?? 128;
+  const depths = listFlag("depth", v.depth, [0], 0);
+  const repeats = intFlag("repeats", v.repeats, 1) ?? 3;
+  const kv = parseKvSpec(v.kv ?? "fp16");
+  const dir = v.model ?? await defaultModel(v.json ?? false);
+  const config = await loadConfig(dir);
+  const ctx = Math.max(...depths) + Math.max(...prompts, gen) + 1;
+  const chunk = intFlag("chunk", v.chunk, 1) ?? Math.min(512, Math.max(...prompts));
+  using backend = openBackend(
+    deviceFlag(v.device),
+    intFlag("threads", v.threads, 1),
+    v.json ?? false,
+  );
+  using model = await Transformer.load(backend, dir, config, { ctx, kv, chunk });
+  const params = {
+    temperature: 0,
+    topK: 0,
+    topP: 1,
+    minP: 0,
+    repeatPenalty: 1,
+    repeatLastN: 0,
+    seed: 0,
+  };
+  using sampler = new Sampler(backend, params, config.vocabSize);
+  const tokens = (n: number) =>
+    Int32Array.from({ length: n }, (_, i) => (i * 7919 + 13) % config.vocabSize);
+  const title =
+    `${dir.split("/").filter(Boolean).pop()} (${formatCount(model.weights.params)} params, ` +
+    `${config.dtype}) on ${backend.deviceInfo().name}, kv ${model.cache.spec}, chunk ${chunk}`;
+
+  for (const depth of depths) {
+    if (depth > 0) prefillAt(model, tokens(depth), 0); // the context the tests start from
+    for (const p of prompts) {
+      prefillAt(model, tokens(p), depth); // warm-up
+      const rates = [];
+      for (let r = 0; r < repeats; r++) {
+        rates.push(p / timed(backend, () => prefillAt(model, tokens(p), depth)));
+      }
+      emit({ test: `pp${p}`, depth, tokensPerSecond: rates });
+    }
+    if (gen > 0) {
+      const rates = [];
+      sampler.sample(model.forward(model.stageTokens(tokens(1)), depth, 1)); // warm-up; the first input
+      for (let r = 0; r < repeats; r++) {
+        rates.push(
+          gen / timed(backend, () => {
+            for (let i = 0; i < gen; i++) {
+              sampler.sample(model.forward(sampler.token, depth + i, 1));
+            }
+          }),
+        );
+      }
+      const bytes = model.weights.decodeBytes + model.cache.bytesPerToken * (depth + gen / 2);
+      emit({
+        test: `tg${gen}`,
+        depth,
+        tokensPerSecond: rates,
+        gbPerSecond: (bytes * mean(rates)) / 1e9,
+      });
+    }
+  }
+  return title;
+}
+
+/** The Llama-3-8B layer shape the peers in ../shared/peers are measured at. */
+const HEADS = 32, KV_HEADS = 8, HEAD_DIM = 128;
+
+function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => void): string {
+  const repeats = intFlag("repeats", v.repeats, 1) ?? 3;
+  using backend = openBackend(
+    deviceFlag(v.device),
+    intFlag("threads", v.threads, 1),
+    v.json ?? false,
+  );
+  const iterations = backend.kind === "cuda" ? 200 : 3;
+  const lengths = backend.kind === "cuda" ? [4096, 32768, 131072, 1048576] : [4096, 32768];
+  const q = backend.alloc(HEADS * HEAD_DIM * 4), out = backend.alloc(HEADS * HEAD_DIM * 4);
+  try {
+    backend.upload(q, new Float32Array(HEADS * HEAD_DIM).map((_, i) => Math.sin(i)));
+    for (const tokens of lengths) {
+      const cacheBytes = KV_HEADS * tokens * HEAD_DIM * 2;
+      using k = backend.alloc(cacheBytes);
+      using v = backend.alloc(cacheBytes);
+      const rows = 4096,
+        fill = new Float32Array(rows * KV_HEADS * HEAD_DIM).map((_, i) => Math.cos(i * 0.37));
+      using x = backend.alloc(fill.byteLength);
+      backend.upload(x, fill);
+      for (let p = 0; p < tokens; p += rows) {
+        backend.kvStore(k, DType.F16, x, Math.min(rows, tokens - p), p, KV_HEADS, HEAD_DIM, tokens);
+        backend.kvStore(v, DType.F16, x, Math.min(rows, tokens - p), p, KV_HEADS, HEAD_DIM, tokens);
+      }
+      const args = {
+        out,
+        q,
+        kCache: k,
+        vCache: v,
+        cacheDtype: DType.F16,
+        pos0: tokens - 1,
+        n: 1,
+        heads: HEADS,
+        kvHeads: KV_HEADS,
+        headDim: HEAD_DIM,
+        cap: tokens,
+        scale: 1 / Math.sqrt(HEAD_DIM),
+      };
+      backend.attentionDecode(args);
+      const seconds = [];
+      for (let r = 0; r < repeats; r++) {
+        seconds.push(
+          timed(backend, () => {
+            for (let i = 0; i < iterations; i++) backend.attentionDecode(args);
+          }) / iterations,
+        );
+      }
+      const us = seconds.map((s) => s * 1e6);
+      emit({
+        test: `attn-decode ${tokens} tok (us)`,
+        depth: tokens,
+        tokensPerSecond: us,
+        gbPerSecond: (2 * cacheBytes) / mean(seconds) / 1e9,
+      });
+    }
+    const gemvs = [[4096, 14336], [14336, 4096], [4096, 128256]].slice(
+      0,
+      backend.kind === "cuda" ? 3 : 2,
+    );
+    for (const [kIn, mOut] of gemvs) {
+      using w = backend.alloc(kIn * mOut * 2);
+      // real data: untouched pages would read as one shared zero page and flatter the CPU
+      backend.upload(w, new Uint16Array(kIn * mOut).map((_, i) => 0x3c00 + (i & 0xff)));
+      using xv = backend.alloc(kIn * 4);
+      using y = backend.alloc(mOut * 4);
+      backend.upload(xv, new Float32Array(kIn).fill(0.01));
+      backend.matmul(y, xv, w, DType.BF16, null, 1, kIn, mOut);
+      const seconds = [];
+      for (let r = 0; r < repeats; r++) {
+        seconds.push(
+          timed(backend, () => {
+            for (let i = 0; i < iterations; i++) {
+              backend.matmul(y, xv, w, DType.BF16, null, 1, kIn, mOut);
+            }
+          }) / iterations,
+        );
+      }
+      emit({
+        test: `gemv bf16 ${mOut}x${kIn} (us)`,
+        depth: 0,
+        tokensPerSecond: seconds.map((s) => s * 1e6),
+        gbPerSecond: (kIn * mOut * 2) / mean(seconds) / 1e9,
+      });
+    }
+  } finally {
+    q.close();
+    out.close();
+  }
+  return `kernels on ${backend.deviceInfo().name}`;
+}
+
+function parse(args: string[]) {
+  try {
+    return parseArgs({ args, options: OPTIONS, strict: true });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+}
+
+export async function runBench(args: string[]): Promise<number> {
+  const { values: v } = parse(args);
+  if (v.help) {
+    console.log(BENCH_HELP);
+    return EXIT.ok;
+  }
+  const rows: Row[] = [];
+  const emit = (r: Row) => {
+    rows.push(r);
+    if (v.json) {
+      console.log(
+        JSON.stringify({ ...r, mean: mean(r.tokensPerSecond), stddev: stddev(r.tokensPerSecond) }),
+      );
+    } else console.error(`innerq: ${r.test} at depth ${r.depth} done`);
+  };
+  let title: string;
+  try {
+    title = v.kernels ? benchKernels(v, emit) : await benchModel(v, emit);
+  } catch (e) {
+    if (e instanceof RangeError) throw new UsageError(e.message);
+    throw e;
+  }
+  if (!v.json) {
+    const unit = v.kernels ? "us" : "t/s";
+    console.log(`${title}\n`);
+    console.log(
+      `| ${"test".padEnd(28)} | ${"depth".padStart(8)} | ${unit.padStart(20)} | ${
+        "GB/s".padStart(8)
+      } |`,
+    );
+    console.log(`| ${"-".repeat(28)} | ${"-".repeat(8)}:| ${"-".repeat(20)}:| ${"-".repeat(8)}:|`);
+    for (const r of rows) {
+      const rate = `${mean(r.tokensPerSecond).toFixed(2)} ± ${
+        stddev(r.tokensPerSecond).toFixed(2)
+      }`;
+      const gb = r.gbPerSecond === undefined ? "" : r.gbPerSecond.toFixed(1);
+      console.log(
+        `| ${r.test.padEnd(28)} | ${String(r.depth).padStart(8)} | ${rate.padStart(20)} | ${
+          gb.padStart(8)
+        } |`,
+      );
+    }
+  }
+  return EXIT.ok;
+}
