@@ -12,13 +12,14 @@ export interface ChatMessage {
   content: string;
 }
 
-async function readJsonFile(path: string, required: boolean): Promise<Json | null> {
+/** The JSON object in PATH; null when the file is absent and optional. */
+async function readJsonFile(path: string, { optional = false } = {}): Promise<Json | null> {
   let text: string;
   try {
     text = await Deno.readTextFile(path);
   } catch (e) {
     if (e instanceof Deno.errors.NotFound) {
-      if (!required) return null;
+      if (optional) return null;
       throw new Error(`${path}: not found (the model directory needs a tokenizer.json)`);
     }
     throw new Error(`${path}: cannot read (${(e as Error).message})`);
@@ -54,43 +55,74 @@ function chatTemplateOf(config: Json | null): string | null {
 }
 
 export class TextTokenizer {
+  /** Highest id in the vocabulary or the added tokens, plus one. */
   readonly vocabSize: number;
   readonly bosToken: string | null;
   readonly eosToken: string | null;
+  /** Ids of the added tokens marked special (what skipSpecialTokens leaves out). */
+  readonly specialTokenIds: ReadonlySet<number>;
   #template: Template | null;
+  /** BOS/EOS ids that tokenizer_config.json asks for instead of the post-processor's; null: none. */
+  #configBosEos: { prefix: number[]; suffix: number[] } | null;
 
-  private constructor(readonly file: string, readonly tokenizer: Tokenizer, config: Json | null) {
-    let maxId = -1;
-    for (const id of tokenizer.get_vocab(true).values()) maxId = Math.max(maxId, id);
-    this.vocabSize = maxId + 1;
+  private constructor(readonly dir: string, readonly tokenizer: Tokenizer, config: Json | null) {
+    const addedTokens = tokenizer.get_added_tokens_decoder();
+    const ids = [...tokenizer.get_vocab(true).values(), ...addedTokens.keys()];
+    this.vocabSize = ids.reduce((max, id) => Math.max(max, id), -1) + 1;
+    this.specialTokenIds = new Set([...addedTokens].filter(([, t]) => t.special).map(([id]) => id));
     this.bosToken = tokenText(config?.bos_token);
     this.eosToken = tokenText(config?.eos_token);
     const source = chatTemplateOf(config);
     this.#template = source === null ? null : new Template(source);
+    this.#configBosEos = this.#configBosEosIds(config);
+  }
+
+  /** Like transformers, an add_bos_token or add_eos_token setting replaces the post-processor. */
+  #configBosEosIds(config: Json | null) {
+    if (!config || !("add_bos_token" in config || "add_eos_token" in config)) return null;
+    const idIf = (wanted: unknown, token: string | null) => {
+      const id = wanted === true && token !== null ? this.tokenToId(token) : undefined;
+      return id === undefined ? [] : [id];
+    };
+    return {
+      prefix: idIf(config.add_bos_token, this.bosToken),
+      suffix: idIf(config.add_eos_token, this.eosToken),
+    };
   }
 
   /** Reads DIR/tokenizer.json and, when present, DIR/tokenizer_config.json. */
   static async load(dir: string): Promise<TextTokenizer> {
     const file = `${dir}/tokenizer.json`;
-    const json = (await readJsonFile(file, true))!;
-    const config = await readJsonFile(`${dir}/tokenizer_config.json`, false);
+    const json = await readJsonFile(file);
+    const config = await readJsonFile(`${dir}/tokenizer_config.json`, { optional: true });
     let tokenizer: Tokenizer;
     try {
-      tokenizer = new Tokenizer(json, config ?? {});
+      tokenizer = new Tokenizer(json!, config ?? {});
     } catch (e) {
       throw new Error(`${file}: not a tokenizer this tool can read (${(e as Error).message})`);
     }
-    return new TextTokenizer(file, tokenizer, config);
+    return new TextTokenizer(dir, tokenizer, config);
   }
 
-  /** Token ids of text; with addSpecialTokens, what the tokenizer's post-processor adds (e.g. BOS). */
+  /** Token ids of text; addSpecialTokens adds what the post-processor adds (e.g. BOS), or what
+   * tokenizer_config.json's add_bos_token / add_eos_token ask for when it sets them. */
   encode(text: string, { addSpecialTokens = true } = {}): number[] {
-    return this.tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+    if (!addSpecialTokens || this.#configBosEos === null) {
+      return this.tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+    }
+    const { prefix, suffix } = this.#configBosEos;
+    const ids = this.tokenizer.encode(text, { add_special_tokens: false }).ids;
+    return [...prefix, ...ids, ...suffix];
   }
 
   decode(ids: number[], { skipSpecialTokens = false } = {}): string {
     if (ids.length === 0) return ""; // the library rejects an empty list
-    return this.tokenizer.decode(ids, { skip_special_tokens: skipSpecialTokens });
+    // No clean-up pass: it is transformers' (not tokenizer.json's) and mangles text ("a ." -> "a.",
+    // "do n't" -> "don't"), so decoding would not round-trip nor stream consistently.
+    return this.tokenizer.decode(ids, {
+      skip_special_tokens: skipSpecialTokens,
+      clean_up_tokenization_spaces: false,
+    });
   }
 
   tokenToId(token: string): number | undefined {
@@ -110,7 +142,7 @@ export class TextTokenizer {
   applyChatTemplate(messages: ChatMessage[], { addGenerationPrompt = true } = {}): string {
     if (!this.#template) {
       throw new Error(
-        `${this.file}: the model has no chat template (tokenizer_config.json chat_template)`,
+        `${this.dir}: model has no chat template (tokenizer_config.json chat_template)`,
       );
     }
     return this.#template.render({
