@@ -124,6 +124,13 @@ static int launch_prefill(iq_ctx *ctx, float *out, const float *q, const void *k
 /* ---- decode --------------------------------------------------------------- */
 
 constexpr int DEC_WARPS = 4;
+/* Tuning, measured with scripts/device_bench.sh (overridable with -D to try others). */
+#ifndef DEC_BLOCKS_PER_SM
+#define DEC_BLOCKS_PER_SM 16
+#endif
+#ifndef DEC_MIN_KEYS
+#define DEC_MIN_KEYS 128
+#endif
 
 /* Eight consecutive elements (16-byte aligned) as floats. */
 __device__ __forceinline__ void load8(const __half *p, float out[8]) {
@@ -167,15 +174,20 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
       acc[g][e] = 0.0f;
     }
   }
-  /* The loop bound is warp-uniform (shuffles need every lane); j may pass end. */
-  for (int base = begin + warp * KW; base < end; base += DEC_WARPS * KW) {
-    const int j = base + grp;
+  /* The loop bound is warp-uniform (shuffles need every lane); j may pass end.
+   * The next step's K and V are loaded before this step's math, so each lane
+   * keeps two 16-byte loads of each in flight: memory latency, not issue,
+   * bounds a split, and there are too few warps per SM to hide it otherwise. */
+  const int step = DEC_WARPS * KW;
+  float k[8] = {0}, v[8] = {0}, kn[8] = {0}, vn[8] = {0};
+  {
+    const int j = begin + warp * KW + grp;
+    if (j < end && active) load8(kb + (int64_t)j * d, k), load8(vb + (int64_t)j * d, v);
+  }
+  for (int base = begin + warp * KW; base < end; base += step) {
+    const int j = base + grp, jn = j + step;
     const bool valid = j < end;
-    float k[8] = {0}, v[8] = {0};
-    if (valid && active) {
-      load8(kb + (int64_t)j * d, k);
-      load8(vb + (int64_t)j * d, v);
-    }
+    if (jn < end && active) load8(kb + (int64_t)jn * d, kn), load8(vb + (int64_t)jn * d, vn);
 #pragma unroll
     for (int g = 0; g < G; g++) {
       float dot = 0.0f;
@@ -198,6 +210,8 @@ __global__ void __launch_bounds__(DEC_WARPS * 32)
         for (int e = 0; e < 8; e++) acc[g][e] += p * v[e];
       }
     }
+#pragma unroll
+    for (int e = 0; e < 8; e++) k[e] = kn[e], v[e] = vn[e];
   }
 
   const int state = warp * KW + grp, states = DEC_WARPS * KW;
@@ -267,10 +281,12 @@ static int decode(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
   const int hblocks = (group + G - 1) / G;
   int L = 1;
   while (L * 8 < d) L *= 2;
-  /* Enough chunks for about two blocks per multiprocessor, each of >= 32 keys. */
+  /* Enough chunks for DEC_BLOCKS_PER_SM blocks per multiprocessor (the memory
+   * system needs that many loads in flight), each of >= DEC_MIN_KEYS keys so
+   * short contexts are not all merge overhead. */
   const int positions = pos + 1, per_split = kv_heads * hblocks;
-  int splits = (2 * ctx->sms + per_split - 1) / per_split;
-  splits = max(1, min(splits, (positions + 31) / 32));
+  int splits = (DEC_BLOCKS_PER_SM * ctx->sms + per_split - 1) / per_split;
+  splits = max(1, min(splits, (positions + DEC_MIN_KEYS - 1) / DEC_MIN_KEYS));
   const int chunk = (positions + splits - 1) / splits;
   splits = (positions + chunk - 1) / chunk; /* none empty */
 
