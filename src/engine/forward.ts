@@ -5,13 +5,14 @@ import type { Backend, DeviceBuffer, Slice } from "../../ffi/backend.ts";
 import { type ModelConfig, ropeInvFreq } from "../model/config.ts";
 import {
   freeWeights,
+  gib,
   type LoadProgress,
   loadWeights,
   type ModelWeights,
   type Weight,
 } from "../model/weights.ts";
 import type { KvCache } from "../kv/cache.ts";
-import { type KvSpec, makeKvCache } from "../kv/spec.ts";
+import { kvBytesPerToken, type KvSpec, makeKvCache } from "../kv/spec.ts";
 
 export interface LoadOptions {
   /** Context length: tokens the KV cache holds (default: the model's max_position_embeddings). */
@@ -39,6 +40,13 @@ class RunState {
   readonly tokens: DeviceBuffer; // (chunk) int32
   readonly positions: DeviceBuffer; // (chunk) int32
   readonly invFreq: DeviceBuffer; // (head_dim / 2)
+
+  /** Device bytes the buffers below take. */
+  static bytes(c: ModelConfig, chunk: number, logitRows: number): number {
+    const rows = 2 * c.hiddenSize + 2 * c.numHeads * c.headDim + 2 * c.numKvHeads * c.headDim +
+      2 * c.intermediateSize + 2;
+    return 4 * (chunk * rows + logitRows * c.vocabSize + c.headDim / 2);
+  }
 
   constructor(backend: Backend, c: ModelConfig, chunk: number, logitRows: number) {
     const f32 = (n: number) => {
@@ -103,17 +111,24 @@ export class Transformer {
     }
     const chunk = Math.min(opts.chunk ?? 256, ctx);
     const allLogits = opts.allLogits ?? false;
-    const weights = await loadWeights(backend, dir, config, opts.onProgress);
+    const shape = {
+      layers: config.numLayers,
+      heads: config.numHeads,
+      kvHeads: config.numKvHeads,
+      headDim: config.headDim,
+      capacity: ctx,
+    };
+    const kv = opts.kv ?? "fp16";
+    const cacheBytes = kvBytesPerToken(kv, shape) * ctx;
+    const stateBytes = RunState.bytes(config, chunk, allLogits ? chunk : 1);
+    const reserve = {
+      bytes: cacheBytes + stateBytes,
+      what: `${kv} KV cache for ${ctx} tokens ${gib(cacheBytes)}, activations ${gib(stateBytes)}`,
+    };
+    const weights = await loadWeights(backend, dir, config, opts.onProgress, reserve);
     let cache: KvCache | null = null;
     try {
-      const shape = {
-        layers: config.numLayers,
-        heads: config.numHeads,
-        kvHeads: config.numKvHeads,
-        headDim: config.headDim,
-        capacity: ctx,
-      };
-      cache = makeKvCache(backend, shape, opts.kv ?? "fp16");
+      cache = makeKvCache(backend, shape, kv);
       const state = new RunState(backend, config, chunk, allLogits ? chunk : 1);
       return new Transformer(backend, dir, config, weights, cache, state, { chunk, allLogits });
     } catch (err) {

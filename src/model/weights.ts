@@ -129,15 +129,44 @@ function listNames(names: string[]): string {
 
 export type LoadProgress = (doneBytes: number, totalBytes: number) => void;
 
-/** Loads DIR's weights onto the backend. On failure every buffer made so far is freed. */
+/** Device memory the caller will need beside the weights (KV cache, activations), for the
+ * up-front check; `what` says what it is in the error. */
+export interface Reserve {
+  bytes: number;
+  what: string;
+}
+
+/** Bytes as GiB with two decimals, for memory messages. */
+export const gib = (bytes: number): string => `${(bytes / 2 ** 30).toFixed(2)} GiB`;
+
+/** Loads DIR's weights onto the backend. On failure every buffer made so far is freed. On a GPU,
+ * weights plus `reserve` are checked against free memory first, so a model that cannot fit fails
+ * at once with the numbers, not after minutes of loading. */
 export async function loadWeights(
   backend: Backend,
   dir: string,
   c: ModelConfig,
   onProgress: LoadProgress = () => {},
+  reserve: Reserve = { bytes: 0, what: "nothing else" },
 ): Promise<ModelWeights> {
   const tensors = matchTensors(dir, c, await openModelWeights(dir));
   const totalBytes = tensors.reduce((sum, [, t]) => sum + t.bytes, 0);
+  // vectors are widened to fp32 on the device
+  const deviceBytes = tensors.reduce(
+    (sum, [e, t]) => sum + (e.kind === "matrix" ? t.bytes : t.shape.reduce((a, b) => a * b, 1) * 4),
+    0,
+  );
+  if (backend.kind === "cuda") { // host memory is paged and overcommitted: no such check on the CPU
+    const { name, freeBytes } = backend.deviceInfo();
+    if (deviceBytes + reserve.bytes > freeBytes) {
+      throw new Error(
+        `${dir}: needs ${gib(deviceBytes + reserve.bytes)} on ${name} (weights ${
+          gib(deviceBytes)
+        }, ` +
+          `${reserve.what}) but ${gib(freeBytes)} is free: lower --ctx or use a smaller model`,
+      );
+    }
+  }
   const loaded = new Map<string, Weight>();
   let doneBytes = 0;
   try {
