@@ -1,60 +1,122 @@
 /* attention.c: the KV cache store and causal attention with GQA. Each query
- * is one pass of online softmax over its keys (running max, sum and weighted
- * value, rescaled when the max grows), so no scratch grows with the context;
- * prefill and decode share that routine, so decode at position p gives the
- * same bits as prefill's row for p. */
+ * is one pass of online softmax over its keys, a block of positions at a time
+ * (block max, one rescale of the running sum and weighted value when the max
+ * grows), so no scratch grows with the context. Prefill and decode share that
+ * routine, so decode at position p gives the same bits as prefill's row for p,
+ * at any thread count. */
+#include <immintrin.h>
 #include <math.h>
+#include <string.h>
 
 #include "cpu.h"
 
 #define MAX_HEAD_DIM 256
+#define BLOCK 32 /* positions per block: 32 KiB of fp32 rows at head_dim 256 */
+#define GROUP 8  /* query heads sharing one pass over their KV head's rows */
+#define LANES 16 /* independent sums, so the dot product vectorizes */
+#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 
 typedef struct {
   float *out;
   const float *q;
   const void *k, *v;
-  int dtype, pos0, heads, group, head_dim, cap;
+  int dtype, n, pos0, heads, group, head_dim, cap;
   float scale;
+  int sub; /* query heads per pass over a KV head, at most GROUP */
 } attention_job;
 
-static void load_row(float *dst, const void *cache, int dtype, int64_t offset, int head_dim) {
-  if (dtype == IQ_F16) iq_to_f32(dst, (const uint16_t *)cache + offset, IQ_F16, head_dim);
-  else iq_to_f32(dst, (const float *)cache + offset, IQ_F32, head_dim);
+/* GCC 12 converts _Float16 one element at a time even in an AVX2 clone, so
+ * fp16 rows go through F16C intrinsics where the CPU has them. */
+__attribute__((target("avx,f16c"))) static void f16_to_f32_f16c(float *dst, const uint16_t *src,
+                                                                 int64_t count) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+  for (; i < count; i++) dst[i] = iq_f16_to_f32(src[i]);
 }
 
-/* out = softmax(q · k[0..len)ᵀ * scale) · v[0..len) for one head. */
-static void attend(float *out, const float *q, const attention_job *j, int64_t base, int len) {
-  float acc[MAX_HEAD_DIM] = {0}, row[MAX_HEAD_DIM];
-  float max = -INFINITY, sum = 0.0f;
-  int d = j->head_dim;
-  for (int p = 0; p < len; p++) {
-    load_row(row, j->k, j->dtype, base + (int64_t)p * d, d);
-    float s = 0.0f;
-    for (int i = 0; i < d; i++) s += q[i] * row[i];
-    s *= j->scale;
-    if (s > max) { /* rescale what was summed under the old max */
-      float c = expf(max - s);
-      sum *= c;
-      for (int i = 0; i < d; i++) acc[i] *= c;
-      max = s;
-    }
-    float w = expf(s - max);
-    sum += w;
-    load_row(row, j->v, j->dtype, base + (int64_t)p * d, d);
-    for (int i = 0; i < d; i++) acc[i] += w * row[i];
+static void load_rows(float *dst, const void *cache, int dtype, int64_t offset, int64_t count) {
+  if (dtype == IQ_F32) {
+    memcpy(dst, (const float *)cache + offset, (size_t)count * sizeof(float));
+  } else if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx")) {
+    f16_to_f32_f16c(dst, (const uint16_t *)cache + offset, count);
+  } else {
+    const uint16_t *src = (const uint16_t *)cache + offset;
+    for (int64_t i = 0; i < count; i++) dst[i] = iq_f16_to_f32(src[i]);
   }
-  for (int i = 0; i < d; i++) out[i] = acc[i] / sum;
 }
 
-/* Items are (query t, head h) pairs, t-major. */
+static inline float dot(const float *a, const float *b, int d) {
+  float acc[LANES] = {0};
+  int i = 0;
+  for (; i + LANES <= d; i += LANES)
+    for (int j = 0; j < LANES; j++) acc[j] += a[i + j] * b[i + j];
+  for (; i < d; i++) acc[0] += a[i] * b[i];
+  float s = 0.0f;
+  for (int j = 0; j < LANES; j++) s += acc[j];
+  return s;
+}
+
+/* For query t and the g heads h0.. that share one KV head: out = softmax(q ·
+ * kᵀ * scale) · v over positions 0 .. pos0 + t. Each K and V block is loaded
+ * once for all g heads; each head's arithmetic is the same whatever g is.
+ * Both clones compute the same bits: -std=c11 turns off FMA contraction and
+ * dot sums its lanes in a fixed order. */
+CLONES static void attend(const attention_job *j, int t, int h0, int g) {
+  float acc[GROUP][MAX_HEAD_DIM], rows[BLOCK * MAX_HEAD_DIM], s[GROUP][BLOCK];
+  float max[GROUP], sum[GROUP];
+  int d = j->head_dim, len = j->pos0 + t + 1;
+  int64_t base = (int64_t)(h0 / j->group) * j->cap * d;
+  const float *q = j->q + ((int64_t)t * j->heads + h0) * d;
+  for (int x = 0; x < g; x++) {
+    max[x] = -INFINITY;
+    sum[x] = 0.0f;
+    memset(acc[x], 0, (size_t)d * sizeof(float));
+  }
+  for (int p0 = 0; p0 < len; p0 += BLOCK) {
+    int b = len - p0 < BLOCK ? len - p0 : BLOCK;
+    int64_t at = base + (int64_t)p0 * d;
+    load_rows(rows, j->k, j->dtype, at, (int64_t)b * d);
+    for (int x = 0; x < g; x++) {
+      float block_max = -INFINITY;
+      for (int r = 0; r < b; r++) {
+        s[x][r] = dot(q + x * d, rows + r * d, d) * j->scale;
+        if (s[x][r] > block_max) block_max = s[x][r];
+      }
+      if (block_max > max[x]) { /* rescale what was summed under the old max */
+        float c = expf(max[x] - block_max);
+        sum[x] *= c;
+        for (int i = 0; i < d; i++) acc[x][i] *= c;
+        max[x] = block_max;
+      }
+    }
+    load_rows(rows, j->v, j->dtype, at, (int64_t)b * d);
+    for (int x = 0; x < g; x++)
+      for (int r = 0; r < b; r++) {
+        float w = expf(s[x][r] - max[x]);
+        sum[x] += w;
+        for (int i = 0; i < d; i++) acc[x][i] += w * rows[r * d + i];
+      }
+  }
+  float *out = j->out + ((int64_t)t * j->heads + h0) * d;
+  for (int x = 0; x < g; x++)
+    for (int i = 0; i < d; i++) out[x * d + i] = acc[x][i] / sum[x];
+}
+
+/* Item (k, u) does head sub-group u of queries k and n - 1 - k: causal queries
+ * cost more the later they are, so pairing the first with the last balances
+ * the equal ranges that iq_parallel_for hands out. */
 static void attention_items(void *arg, int64_t begin, int64_t end, int worker) {
   (void)worker;
   const attention_job *j = arg;
+  int per_kv = (j->group + j->sub - 1) / j->sub, units = j->heads / j->group * per_kv;
   for (int64_t item = begin; item < end; item++) {
-    int t = (int)(item / j->heads), h = (int)(item % j->heads);
-    int64_t row = item * j->head_dim;
-    int64_t base = (int64_t)(h / j->group) * j->cap * j->head_dim;
-    attend(j->out + row, j->q + row, j, base, j->pos0 + t + 1);
+    int k = (int)(item / units), u = (int)(item % units);
+    int first = u % per_kv * j->sub; /* within the group */
+    int h0 = u / per_kv * j->group + first;
+    int g = j->sub < j->group - first ? j->sub : j->group - first;
+    attend(j, k, h0, g);
+    if (j->n - 1 - k != k) attend(j, j->n - 1 - k, h0, g);
   }
 }
 
@@ -71,33 +133,63 @@ static int check(iq_ctx *ctx, const char *op, const float *out, const float *q, 
   if (heads % kv_heads)
     return iq_fail(ctx, IQ_ERR_ARG, "%s: heads %d not a multiple of kv_heads %d", op, heads, kv_heads);
   if (pos0 < 0 || (int64_t)pos0 + n > cap)
-    return iq_fail(ctx, IQ_ERR_ARG, "%s: positions %d..%d outside a %d-token cache", op, pos0,
-                   pos0 + n - 1, cap);
+    return iq_fail(ctx, IQ_ERR_ARG, "%s: positions %d..%lld outside a %d-token cache", op, pos0,
+                   (long long)pos0 + n - 1, cap);
+  return IQ_OK;
+}
+
+static int attention(iq_ctx *ctx, const char *op, float *out, const float *q, const void *k_cache,
+                     const void *v_cache, int cache_dtype, int n, int pos0, int heads,
+                     int kv_heads, int head_dim, int cap, float scale) {
+  int s = check(ctx, op, out, q, k_cache, v_cache, cache_dtype, n, pos0, heads, kv_heads,
+                head_dim, cap);
+  if (s != IQ_OK) return s;
+  int group = heads / kv_heads, sub = group < GROUP ? group : GROUP;
+  int64_t pairs = ((int64_t)n + 1) / 2;
+  /* smaller sub-groups where there would be fewer items than threads */
+  while (sub > 1 && pairs * kv_heads * ((group + sub - 1) / sub) < ctx->threads)
+    sub = (sub + 1) / 2;
+  attention_job job = {out,   q,     k_cache,  v_cache, cache_dtype, n, pos0,
+                       heads, group, head_dim, cap,     scale,       sub};
+  iq_parallel_for(ctx, pairs * kv_heads * ((group + sub - 1) / sub), 1, attention_items, &job);
   return IQ_OK;
 }
 
 int iq_attention_prefill(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
                          const void *v_cache, int cache_dtype, int n, int pos0, int heads,
                          int kv_heads, int head_dim, int cap, float scale) {
-  int s = check(ctx, "iq_attention_prefill", out, q, k_cache, v_cache, cache_dtype, n, pos0, heads,
-                kv_heads, head_dim, cap);
-  if (s != IQ_OK) return s;
-  attention_job job = {out,  q,     k_cache,         v_cache,  cache_dtype, pos0,
-                       heads, heads / kv_heads, head_dim, cap,   scale};
-  iq_parallel_for(ctx, (int64_t)n * heads, 1, attention_items, &job);
-  return IQ_OK;
+  return attention(ctx, "iq_attention_prefill", out, q, k_cache, v_cache, cache_dtype, n, pos0,
+                   heads, kv_heads, head_dim, cap, scale);
 }
 
 int iq_attention_decode(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
                         const void *v_cache, int cache_dtype, int pos, int heads, int kv_heads,
                         int head_dim, int cap, float scale) {
-  int s = check(ctx, "iq_attention_decode", out, q, k_cache, v_cache, cache_dtype, 1, pos, heads,
-                kv_heads, head_dim, cap);
-  if (s != IQ_OK) return s;
-  attention_job job = {out,  q,     k_cache,         v_cache,  cache_dtype, pos,
-                       heads, heads / kv_heads, head_dim, cap,   scale};
-  iq_parallel_for(ctx, heads, 1, attention_items, &job);
-  return IQ_OK;
+  return attention(ctx, "iq_attention_decode", out, q, k_cache, v_cache, cache_dtype, 1, pos,
+                   heads, kv_heads, head_dim, cap, scale);
+}
+
+typedef struct {
+  void *cache;
+  const float *x;
+  int dtype, pos0, kv_heads, head_dim, cap;
+} store_job;
+
+/* Items are (token t, kv head h) rows of x. */
+static void store_rows(void *arg, int64_t begin, int64_t end, int worker) {
+  (void)worker;
+  const store_job *j = arg;
+  for (int64_t item = begin; item < end; item++) {
+    int64_t t = item / j->kv_heads, h = item % j->kv_heads;
+    const float *src = j->x + item * j->head_dim;
+    int64_t dst = (h * j->cap + j->pos0 + t) * j->head_dim;
+    if (j->dtype == IQ_F32) {
+      for (int i = 0; i < j->head_dim; i++) ((float *)j->cache)[dst + i] = src[i];
+    } else {
+      for (int i = 0; i < j->head_dim; i++)
+        ((uint16_t *)j->cache)[dst + i] = iq_f32_to_f16(src[i]);
+    }
+  }
 }
 
 int iq_kv_store(iq_ctx *ctx, void *cache, int cache_dtype, const float *x, int n, int pos0,
@@ -108,17 +200,10 @@ int iq_kv_store(iq_ctx *ctx, void *cache, int cache_dtype, const float *x, int n
   if (n <= 0 || kv_heads <= 0 || head_dim <= 0 || cap <= 0)
     return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: sizes must be positive");
   if (pos0 < 0 || (int64_t)pos0 + n > cap)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: positions %d..%d outside a %d-token cache", pos0,
-                   pos0 + n - 1, cap);
-  for (int t = 0; t < n; t++)
-    for (int h = 0; h < kv_heads; h++) {
-      const float *src = x + ((int64_t)t * kv_heads + h) * head_dim;
-      int64_t dst = ((int64_t)h * cap + pos0 + t) * head_dim;
-      if (cache_dtype == IQ_F32) {
-        for (int i = 0; i < head_dim; i++) ((float *)cache)[dst + i] = src[i];
-      } else {
-        for (int i = 0; i < head_dim; i++) ((uint16_t *)cache)[dst + i] = iq_f32_to_f16(src[i]);
-      }
-    }
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: positions %d..%lld outside a %d-token cache",
+                   pos0, (long long)pos0 + n - 1, cap);
+  store_job job = {cache, x, cache_dtype, pos0, kv_heads, head_dim, cap};
+  /* a decode step's few rows are not worth waking the pool for */
+  iq_parallel_for(ctx, (int64_t)n * kv_heads, 64, store_rows, &job);
   return IQ_OK;
 }

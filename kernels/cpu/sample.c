@@ -1,7 +1,7 @@
 /* sample.c: one token from logits, by the eight steps of iq_sample in
  * innerq.h. With top_k the candidates are chosen by a min-heap of size top_k
  * (O(vocab log k)) and only those are sorted; without it the whole vocabulary
- * is sorted. The sums run in candidate order, as the CUDA twin's do. */
+ * is radix sorted. The sums run in candidate order, as the CUDA twin's do. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,6 +48,37 @@ static void top_k_sorted(candidate *all, int vocab, int k) {
   qsort(all, (size_t)k, sizeof *all, compare);
 }
 
+/* A key whose ascending order is candidate order: value descending, -0 and +0
+ * equal (the stable sort keeps ids ascending among equal keys). NaN is
+ * rejected before this. */
+static uint32_t sort_key(float value) {
+  uint32_t bits;
+  if (value == 0.0f) value = 0.0f;
+  memcpy(&bits, &value, 4);
+  return bits & 0x80000000u ? bits : ~bits & 0x7fffffffu;
+}
+
+/* Sorts cand[0..vocab) (ids ascending) into candidate order: a stable LSD
+ * radix sort by 11-bit digits through tmp; three passes, ending in cand. */
+static void sort_all(candidate *cand, candidate *tmp, int vocab) {
+  candidate *src = cand, *dst = tmp;
+  for (int shift = 0; shift < 33; shift += 11) {
+    int64_t start[2048] = {0};
+    for (int i = 0; i < vocab; i++) start[sort_key(src[i].value) >> shift & 2047]++;
+    int64_t at = 0;
+    for (int b = 0; b < 2048; b++) {
+      int64_t c = start[b];
+      start[b] = at;
+      at += c;
+    }
+    for (int i = 0; i < vocab; i++) dst[start[sort_key(src[i].value) >> shift & 2047]++] = src[i];
+    candidate *t = src;
+    src = dst;
+    dst = t;
+  }
+  if (src != cand) memcpy(cand, src, (size_t)vocab * sizeof *cand);
+}
+
 int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
               const int32_t *history, int n_history, float repeat_penalty, float temperature,
               int top_k, float top_p, float min_p, float uniform) {
@@ -56,17 +87,20 @@ int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
   if (vocab <= 0 || n_history < 0)
     return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: vocab %d must be positive, n_history %d >= 0",
                    vocab, n_history);
-  if (!(repeat_penalty > 0.0f) || top_k < 0 || !(top_p > 0.0f && top_p <= 1.0f) ||
-      !(min_p >= 0.0f && min_p <= 1.0f) || !(uniform >= 0.0f && uniform < 1.0f))
+  if (!(repeat_penalty > 0.0f && isfinite(repeat_penalty)) || isnan(temperature) || top_k < 0 ||
+      !(top_p > 0.0f && top_p <= 1.0f) || !(min_p >= 0.0f && min_p <= 1.0f) ||
+      !(uniform >= 0.0f && uniform < 1.0f))
     return iq_fail(ctx, IQ_ERR_ARG,
-                   "iq_sample: repeat_penalty %g, top_k %d, top_p %g, min_p %g or uniform %g out of range",
-                   repeat_penalty, top_k, top_p, min_p, uniform);
+                   "iq_sample: repeat_penalty %g, temperature %g, top_k %d, top_p %g, min_p %g or "
+                   "uniform %g out of range",
+                   repeat_penalty, temperature, top_k, top_p, min_p, uniform);
+  /* candidates, the radix sort's second buffer, p, the history's seen flags */
   size_t cand_bytes = (size_t)vocab * sizeof(candidate);
   void *scratch;
-  int s = iq_scratch(ctx, cand_bytes + (size_t)vocab * (sizeof(float) + 1), &scratch);
+  int s = iq_scratch(ctx, 2 * cand_bytes + (size_t)vocab * (sizeof(float) + 1), &scratch);
   if (s != IQ_OK) return s;
-  candidate *cand = scratch;
-  float *p = (float *)((char *)scratch + cand_bytes);
+  candidate *cand = scratch, *tmp = cand + vocab;
+  float *p = (float *)(tmp + vocab);
   uint8_t *seen = (uint8_t *)(p + vocab);
 
   /* 1. the repetition penalty, on a copy, each distinct id once */
@@ -96,8 +130,12 @@ int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
   for (int i = 0; i < vocab; i++) cand[i].value /= temperature;
   int count = top_k > 0 && top_k < vocab ? top_k : vocab;
   if (count < vocab) top_k_sorted(cand, vocab, count);
-  else qsort(cand, (size_t)vocab, sizeof *cand, compare);
-  /* 5. softmax over the candidates */
+  else sort_all(cand, tmp, vocab);
+  /* 5. softmax over the candidates; it needs a finite largest value (all
+   * -inf, an +inf logit or overflow by a tiny temperature have none) */
+  if (!isfinite(cand[0].value))
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: the largest scaled logit (id %d) is %g",
+                   cand[0].id, cand[0].value);
   float sum = 0.0f;
   for (int i = 0; i < count; i++) sum += p[i] = expf(cand[i].value - cand[0].value);
   for (int i = 0; i < count; i++) p[i] /= sum;
