@@ -13,11 +13,11 @@ echo "== compute-sanitizer memcheck over the CUDA tests"
 compute-sanitizer --tool memcheck --leak-check no deno test -A --cached-only test/cuda_test.ts 2>&1 | grep -E "ERROR SUMMARY|passed|failed|Invalid" | head -10
 echo "== kernels"
 deno run -A --cached-only cli.ts bench --kernels --device cuda -r 5
-[ -f .cache/peers/torch_decode_attn_peer.py ] && OUT="$out" python3 .cache/peers/torch_decode_attn_peer.py 2>&1 | tail -12
+[ -z "${NO_PEERS:-}" ] && [ -f .cache/peers/torch_decode_attn_peer.py ] && OUT="$out" python3 .cache/peers/torch_decode_attn_peer.py 2>&1 | tail -12
 echo "== models"
-for shape in llama3-8b; do
+for shape in ${SHAPES:-llama3-8b}; do
   dir=/tmp/models/$shape
   [ -f "$dir/config.json" ] || deno run -A --cached-only scripts/random_model.ts --shape "$shape" --shards 4 "$dir"
   deno run -A --cached-only cli.ts bench --device cuda --model "$dir" ${BENCH_ARGS:--p 512,4096 -n 128 -d 0,4096,32768 -r 3}
-  python3 bench/torch_reference.py "$dir" 512 4096 2>&1 | grep test
+  [ -z "${NO_PEERS:-}" ] && python3 bench/torch_reference.py "$dir" 512 4096 2>&1 | grep test
 done

@@ -4,8 +4,10 @@
  * - prefill: one block per (16 queries, head); key tiles go through shared
  *   memory; fp32 SIMT math.
  * - decode (flash-decoding): positions 0..pos are split into chunks across
- *   blocks; one block serves every query head of a KV head, so each K/V element
- *   is read once, with 16-byte loads; a second kernel merges the chunks. */
+ *   blocks; one block serves up to 8 query heads of a KV head, so each K/V
+ *   element is read once; a thread dots one whole key per tile (no shuffles
+ *   per key) and the block walks V rows coalesced; a second kernel merges the
+ *   chunks. */
 #include <math.h>
 
 #include "cuda.cuh"
@@ -123,14 +125,14 @@ static int launch_prefill(iq_ctx *ctx, float *out, const float *q, const void *k
 
 /* ---- decode --------------------------------------------------------------- */
 
-constexpr int DEC_WARPS = 4;
-/* Tuning, measured with scripts/device_bench.sh (overridable with -D to try others). */
+/* Tuning, measured with scripts/sweep_decode.sh (overridable with -D to try others). */
 #ifndef DEC_BLOCKS_PER_SM
-#define DEC_BLOCKS_PER_SM 16
+#define DEC_BLOCKS_PER_SM 8
 #endif
 #ifndef DEC_MIN_KEYS
 #define DEC_MIN_KEYS 128
 #endif
+constexpr int DEC_THREADS = 128; /* keys per tile: one per thread */
 
 /* Eight consecutive elements (16-byte aligned) as floats. */
 __device__ __forceinline__ void load8(const __half *p, float out[8]) {
@@ -141,103 +143,132 @@ __device__ __forceinline__ void load8(const float *p, float out[8]) {
   out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
   out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
 }
+__device__ __forceinline__ float2 load2(const __half *p) {
+  return __half22float2(*reinterpret_cast<const __half2 *>(p));
+}
+__device__ __forceinline__ float2 load2(const float *p) { return *reinterpret_cast<const float2 *>(p); }
 
-/* grid (kv_heads * hblocks, splits); block (kv head, up to G of its query
- * heads, one chunk of positions). A group of L lanes (L = pow2 >= d / 8)
- * holds one key, 8 channels per lane, so a warp takes 32 / L keys a step.
- * Every (warp, group) keeps its own online-softmax state per head; the block
- * merges them and writes its chunk's unnormalised partial:
- * part_acc[split, head, d], part_ml[split, head, {max, sum}]. */
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+/* grid (kv_heads * hblocks, splits): a block takes one KV head, up to G of its
+ * query heads and one chunk of positions, in tiles of DEC_THREADS keys.
+ * QK: each thread owns one key of the tile and dots its whole row with the G
+ * queries (no shuffles per key; q comes from shared memory as broadcasts).
+ * Softmax: one block-wide max and sum per tile and head (online: the running
+ * state is rescaled once per tile). PV: each thread owns channel pairs of the
+ * G outputs and walks the tile's V rows, coalesced across the warp.
+ * Writes the chunk's unnormalised partial: part_acc[split, head, d],
+ * part_ml[split, head, {max, sum}]. Needs d % 8 == 0 and 16-byte aligned rows. */
 template <typename T, int G>
-__global__ void __launch_bounds__(DEC_WARPS * 32)
+__global__ void __launch_bounds__(DEC_THREADS)
     decode_kernel(float *part_acc, float *part_ml, const float *q, const T *k_cache,
-                  const T *v_cache, int heads, int group, int hblocks, int d, int L, int cap,
+                  const T *v_cache, int heads, int group, int hblocks, int d, int cap,
                   int positions, int chunk, float scale) {
-  __shared__ float sm_ml[DEC_WARPS * 32][G][2];
-  __shared__ float sm_acc[DEC_WARPS * 256 * G]; /* states x G x d <= DEC_WARPS * 32 / L * 8 L * G */
+  constexpr int WARPS = DEC_THREADS / 32, MAX_PAIRS = G * MAX_HEAD_DIM / 2;
+  constexpr int SLOTS = (MAX_PAIRS + DEC_THREADS - 1) / DEC_THREADS;
+  extern __shared__ float4 dec_smem[];
+  float *q_s = reinterpret_cast<float *>(dec_smem); /* [G][d], scaled */
+  float *p_s = q_s + G * d;                           /* [G][DEC_THREADS] */
+  __shared__ float red[G][WARPS], m_s[G], l_s[G], corr_s[G];
   const int kvh = blockIdx.x / hblocks, h0 = kvh * group + (blockIdx.x % hblocks) * G;
   const int nh = min(G, kvh * group + group - h0);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int KW = 32 / L, grp = lane / L, c0 = (lane % L) * 8;
-  const bool active = c0 < d;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int begin = blockIdx.y * chunk, end = min(positions, begin + chunk);
-  const T *kb = k_cache + (int64_t)kvh * cap * d + c0, *vb = v_cache + (int64_t)kvh * cap * d + c0;
+  const T *kb = k_cache + (int64_t)kvh * cap * d, *vb = v_cache + (int64_t)kvh * cap * d;
+  const int pairs = d / 2;
 
-  float qr[G][8], m[G], l[G], acc[G][8];
-#pragma unroll
-  for (int g = 0; g < G; g++) {
-    m[g] = -INFINITY;
-    l[g] = 0.0f;
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-      qr[g][e] = active && g < nh ? q[(int64_t)(h0 + g) * d + c0 + e] : 0.0f;
-      acc[g][e] = 0.0f;
-    }
+  for (int i = tid; i < G * d; i += DEC_THREADS) {
+    const int g = i / d;
+    q_s[i] = g < nh ? q[(int64_t)(h0 + g) * d + i % d] * scale : 0.0f;
   }
-  /* The loop bound is warp-uniform (shuffles need every lane); j may pass end.
-   * The next step's K and V are loaded before this step's math, so each lane
-   * keeps two 16-byte loads of each in flight: memory latency, not issue,
-   * bounds a split, and there are too few warps per SM to hide it otherwise. */
-  const int step = DEC_WARPS * KW;
-  float k[8] = {0}, v[8] = {0}, kn[8] = {0}, vn[8] = {0};
-  {
-    const int j = begin + warp * KW + grp;
-    if (j < end && active) load8(kb + (int64_t)j * d, k), load8(vb + (int64_t)j * d, v);
-  }
-  for (int base = begin + warp * KW; base < end; base += step) {
-    const int j = base + grp, jn = j + step;
-    const bool valid = j < end;
-    if (jn < end && active) load8(kb + (int64_t)jn * d, kn), load8(vb + (int64_t)jn * d, vn);
+  if (tid < G) m_s[tid] = -INFINITY, l_s[tid] = 0.0f;
+  float2 acc[SLOTS];
 #pragma unroll
-    for (int g = 0; g < G; g++) {
-      float dot = 0.0f;
+  for (int r = 0; r < SLOTS; r++) acc[r] = make_float2(0.0f, 0.0f);
+  __syncthreads();
+
+  for (int base = begin; base < end; base += DEC_THREADS) {
+    const int j = base + tid, n = min(DEC_THREADS, end - base);
+    float s[G];
 #pragma unroll
-      for (int e = 0; e < 8; e++) dot += qr[g][e] * k[e];
-      for (int o = L / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      if (!valid) continue;
-      /* One exp per key: either the max moves (rescale the past) or it doesn't. */
-      const float s = dot * scale;
-      if (s > m[g]) {
-        const float corr = expf(m[g] - s);
-        m[g] = s;
-        l[g] = l[g] * corr + 1.0f;
+    for (int g = 0; g < G; g++) s[g] = j < end ? 0.0f : -INFINITY;
+    if (j < end) {
+      const T *kr = kb + (int64_t)j * d;
+      for (int c = 0; c < d; c += 8) {
+        float k[8];
+        load8(kr + c, k);
 #pragma unroll
-        for (int e = 0; e < 8; e++) acc[g][e] = acc[g][e] * corr + v[e];
-      } else {
-        const float p = expf(s - m[g]);
-        l[g] += p;
-#pragma unroll
-        for (int e = 0; e < 8; e++) acc[g][e] += p * v[e];
+        for (int g = 0; g < G; g++) {
+          const float4 qa = *reinterpret_cast<const float4 *>(q_s + g * d + c);
+          const float4 qb = *reinterpret_cast<const float4 *>(q_s + g * d + c + 4);
+          s[g] += qa.x * k[0] + qa.y * k[1] + qa.z * k[2] + qa.w * k[3] + qb.x * k[4] +
+                  qb.y * k[5] + qb.z * k[6] + qb.w * k[7];
+        }
       }
     }
 #pragma unroll
-    for (int e = 0; e < 8; e++) k[e] = kn[e], v[e] = vn[e];
+    for (int g = 0; g < G; g++) {
+      const float mx = warp_max(s[g]);
+      if (lane == 0) red[g][warp] = mx;
+    }
+    __syncthreads();
+    if (tid < G) {
+      float mx = m_s[tid];
+      for (int w = 0; w < WARPS; w++) mx = fmaxf(mx, red[tid][w]);
+      corr_s[tid] = expf(m_s[tid] - mx); /* 0 on the first tile */
+      m_s[tid] = mx;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      const float p = j < end ? expf(s[g] - m_s[g]) : 0.0f;
+      p_s[g * DEC_THREADS + tid] = p;
+      const float sum = iq_warp_sum(p);
+      if (lane == 0) red[g][warp] = sum;
+    }
+    __syncthreads();
+    if (tid < G) {
+      float sum = 0.0f;
+      for (int w = 0; w < WARPS; w++) sum += red[tid][w];
+      l_s[tid] = l_s[tid] * corr_s[tid] + sum;
+    }
+#pragma unroll
+    for (int r = 0; r < SLOTS; r++) {
+      const int i = tid + r * DEC_THREADS;
+      if (i >= G * pairs) break;
+      const int g = i / pairs, c = 2 * (i % pairs);
+      const float corr = corr_s[g];
+      float2 a = make_float2(acc[r].x * corr, acc[r].y * corr);
+      const T *vc = vb + (int64_t)base * d + c;
+      const float *p = p_s + g * DEC_THREADS;
+#pragma unroll 8
+      for (int t = 0; t < n; t++) {
+        const float2 v = load2(vc + (int64_t)t * d);
+        a.x += p[t] * v.x;
+        a.y += p[t] * v.y;
+      }
+      acc[r] = a;
+    }
+    __syncthreads(); /* p_s, red and corr_s are rewritten by the next tile */
   }
 
-  const int state = warp * KW + grp, states = DEC_WARPS * KW;
 #pragma unroll
-  for (int g = 0; g < G; g++) {
-    if (active)
-#pragma unroll
-      for (int e = 0; e < 8; e++) sm_acc[(state * G + g) * d + c0 + e] = acc[g][e];
-    if (lane % L == 0) sm_ml[state][g][0] = m[g], sm_ml[state][g][1] = l[g];
+  for (int r = 0; r < SLOTS; r++) {
+    const int i = tid + r * DEC_THREADS;
+    if (i >= G * pairs) break;
+    const int g = i / pairs, c = 2 * (i % pairs);
+    if (g >= nh) continue;
+    const int64_t ph = (int64_t)blockIdx.y * heads + h0 + g;
+    part_acc[ph * d + c] = acc[r].x;
+    part_acc[ph * d + c + 1] = acc[r].y;
   }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < nh * d; idx += blockDim.x) {
-    const int g = idx / d, c = idx % d, h = h0 + g;
-    float mx = -INFINITY;
-    for (int s = 0; s < states; s++) mx = fmaxf(mx, sm_ml[s][g][0]);
-    float sum = 0.0f, a = 0.0f;
-    for (int s = 0; s < states; s++) {
-      const float ms = sm_ml[s][g][0];
-      if (ms == -INFINITY) continue; /* a state that saw no key */
-      const float w = expf(ms - mx);
-      sum += sm_ml[s][g][1] * w;
-      a += sm_acc[(s * G + g) * d + c] * w;
-    }
-    const int64_t ph = (int64_t)blockIdx.y * heads + h;
-    part_acc[ph * d + c] = a;
-    if (c == 0) part_ml[ph * 2] = mx, part_ml[ph * 2 + 1] = sum;
+  if (tid < nh) {
+    const int64_t ph = (int64_t)blockIdx.y * heads + h0 + tid;
+    part_ml[ph * 2] = m_s[tid];
+    part_ml[ph * 2 + 1] = l_s[tid];
   }
 }
 
@@ -265,11 +296,11 @@ __global__ void merge_kernel(float *out, const float *part_acc, const float *par
 template <typename T, int G>
 static void launch_decode(iq_ctx *ctx, dim3 grid, float *part_acc, float *part_ml, const float *q,
                           const void *k_cache, const void *v_cache, int heads, int group,
-                          int hblocks, int d, int L, int cap, int positions, int chunk,
-                          float scale) {
-  decode_kernel<T, G><<<grid, DEC_WARPS * 32, 0, ctx->stream>>>(
-      part_acc, part_ml, q, (const T *)k_cache, (const T *)v_cache, heads, group, hblocks, d, L,
-      cap, positions, chunk, scale);
+                          int hblocks, int d, int cap, int positions, int chunk, float scale) {
+  const size_t smem = sizeof(float) * G * (d + DEC_THREADS);
+  decode_kernel<T, G><<<grid, DEC_THREADS, smem, ctx->stream>>>(
+      part_acc, part_ml, q, (const T *)k_cache, (const T *)v_cache, heads, group, hblocks, d, cap,
+      positions, chunk, scale);
 }
 
 template <typename T>
@@ -277,10 +308,8 @@ static int decode(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
                   const void *v_cache, int pos, int heads, int kv_heads, int d, int cap,
                   float scale) {
   const int group = heads / kv_heads;
-  const int G = group >= 8 ? 8 : group > 4 ? 8 : group > 2 ? 4 : group;
+  const int G = group > 4 ? 8 : group > 2 ? 4 : group;
   const int hblocks = (group + G - 1) / G;
-  int L = 1;
-  while (L * 8 < d) L *= 2;
   /* Enough chunks for DEC_BLOCKS_PER_SM blocks per multiprocessor (the memory
    * system needs that many loads in flight), each of >= DEC_MIN_KEYS keys so
    * short contexts are not all merge overhead. */
@@ -295,10 +324,10 @@ static int decode(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
   float *part_acc = (float *)scratch, *part_ml = part_acc + (size_t)splits * heads * d;
   dim3 grid((unsigned)(kv_heads * hblocks), (unsigned)splits);
   switch (G) {
-  case 1: launch_decode<T, 1>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, L, cap, positions, chunk, scale); break;
-  case 2: launch_decode<T, 2>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, L, cap, positions, chunk, scale); break;
-  case 4: launch_decode<T, 4>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, L, cap, positions, chunk, scale); break;
-  default: launch_decode<T, 8>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, L, cap, positions, chunk, scale);
+  case 1: launch_decode<T, 1>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale); break;
+  case 2: launch_decode<T, 2>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale); break;
+  case 4: launch_decode<T, 4>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale); break;
+  default: launch_decode<T, 8>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale);
   }
   IQ_LAUNCHED(ctx);
   merge_kernel<<<heads, 128, 0, ctx->stream>>>(out, part_acc, part_ml, heads, d, splits);
