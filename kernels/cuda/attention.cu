@@ -1,8 +1,9 @@
 /* attention.cu: KV-cache stores and causal attention (the twin of
  * kernels/cpu/attention.c). Both attention kernels use online softmax (running
  * max, sum and weighted V), so no score matrix is ever materialised.
- * - prefill: one block per (16 queries, head); key tiles go through shared
- *   memory; fp32 SIMT math.
+ * - prefill: on tensor cores for an fp16 cache and head_dim 64/128
+ *   (prefill_mma.cuh); otherwise one block per (16 queries, head) with key
+ *   tiles in shared memory and fp32 SIMT math.
  * - decode (flash-decoding): positions 0..pos are split into chunks across
  *   blocks; one block serves up to 8 query heads of a KV head, so each K/V
  *   element is read once; a thread dots one whole key per tile (no shuffles
@@ -11,6 +12,7 @@
 #include <math.h>
 
 #include "cuda.cuh"
+#include "prefill_mma.cuh"
 
 constexpr int MAX_HEAD_DIM = 256;
 
@@ -376,11 +378,30 @@ extern "C" int iq_kv_store(iq_ctx *ctx, void *cache, int cache_dtype, const floa
   return IQ_OK;
 }
 
+template <int D>
+static int launch_prefill_mma(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
+                              const void *v_cache, int n, int pos0, int heads, int kv_heads, int cap,
+                              float scale) {
+  dim3 grid((unsigned)((n + MMA_Q - 1) / MMA_Q), (unsigned)heads);
+  prefill_mma_kernel<D><<<grid, MMA_WARPS * 32, 0, ctx->stream>>>(
+      out, q, (const __half *)k_cache, (const __half *)v_cache, n, pos0, heads, heads / kv_heads, cap,
+      scale);
+  IQ_LAUNCHED(ctx);
+  return IQ_OK;
+}
+
 extern "C" int iq_attention_prefill(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
                                     const void *v_cache, int cache_dtype, int n, int pos0,
                                     int heads, int kv_heads, int head_dim, int cap, float scale) {
   IQ_TRY(check(ctx, "iq_attention_prefill", out, q, k_cache, v_cache, cache_dtype, n, pos0, heads,
                kv_heads, head_dim, cap));
+  /* Tensor cores for chunks of several queries over an fp16 cache (16-byte aligned rows). */
+  const bool mma = cache_dtype == IQ_F16 && n > 1 &&
+                   (((uintptr_t)k_cache | (uintptr_t)v_cache) & 15) == 0;
+  if (mma && head_dim == 128)
+    return launch_prefill_mma<128>(ctx, out, q, k_cache, v_cache, n, pos0, heads, kv_heads, cap, scale);
+  if (mma && head_dim == 64)
+    return launch_prefill_mma<64>(ctx, out, q, k_cache, v_cache, n, pos0, heads, kv_heads, cap, scale);
   if (cache_dtype == IQ_F16)
     return launch_prefill<__half>(ctx, out, q, k_cache, v_cache, n, pos0, heads, kv_heads, head_dim,
                                   cap, scale);
