@@ -3,7 +3,7 @@
 // Where no GPU answers (no library, no driver, no device) every test is registered as ignored.
 import assert from "node:assert/strict";
 import { Backend, type DeviceBuffer, DType, type DTypeCode, NativeError } from "../ffi/backend.ts";
-import { Rng, Sampler } from "../src/engine/sampler.ts";
+import { GREEDY, Rng, Sampler } from "../src/engine/sampler.ts";
 import { generate } from "../src/engine/generate.ts";
 import { Transformer } from "../src/engine/forward.ts";
 import { loadConfig } from "../src/model/config.ts";
@@ -413,15 +413,7 @@ async function runModel(
     const ids = prompt.subarray(pos, pos + chunk);
     be.download(model.forward(model.stageTokens(ids), pos, ids.length), logits);
   }
-  using sampler = new Sampler(be, {
-    temperature: 0,
-    topK: 0,
-    topP: 1,
-    minP: 0,
-    repeatPenalty: 1,
-    repeatLastN: 0,
-    seed: 1,
-  }, config.vocabSize);
+  using sampler = new Sampler(be, GREEDY, config.vocabSize);
   const tokens: number[] = [];
   for await (const t of generate(model, prompt, sampler, { maxTokens: 16, eosTokenIds: [] })) {
     tokens.push(t);

@@ -6,17 +6,15 @@ import { parseArgs } from "node:util";
 import { Backend } from "../ffi/backend.ts";
 import { Transformer } from "../src/engine/forward.ts";
 import { generate } from "../src/engine/generate.ts";
-import { Sampler } from "../src/engine/sampler.ts";
-import { loadConfig } from "../src/model/config.ts";
+import { GREEDY, Rng, Sampler } from "../src/engine/sampler.ts";
+import { type Architecture, loadConfig } from "../src/model/config.ts";
 import {
+  LLAMA3_ROPE,
   type RandomModelOptions,
   type ShapeName,
   writeRandomModel,
 } from "../src/model/random_model.ts";
-import { LLAMA3_ROPE } from "../src/model/random_model.ts";
-import type { Architecture } from "../src/model/config.ts";
 import type { KvSpec } from "../src/kv/spec.ts";
-import { Rng } from "../src/engine/sampler.ts";
 import { randomInts } from "./random.ts";
 
 const SHARED_MODELS = new URL("../../shared/models/", import.meta.url).pathname;
@@ -179,16 +177,7 @@ async function greedyTokens(dir: string, prompt: number[], n: number): Promise<n
   const config = await loadConfig(dir);
   using backend = Backend.open("cpu");
   using model = await Transformer.load(backend, dir, config, { ctx: 128, kv: "fp16" });
-  const params = {
-    temperature: 0,
-    topK: 0,
-    topP: 1,
-    minP: 0,
-    repeatPenalty: 1,
-    repeatLastN: 0,
-    seed: 0,
-  };
-  using sampler = new Sampler(backend, params, config.vocabSize);
+  using sampler = new Sampler(backend, GREEDY, config.vocabSize);
   const out: number[] = [];
   const ids = Int32Array.from(prompt);
   for await (const id of generate(model, ids, sampler, { maxTokens: n, eosTokenIds: [] })) {

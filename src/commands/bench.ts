@@ -5,7 +5,7 @@ import { parseArgs } from "node:util";
 import type { Backend } from "../../ffi/backend.ts";
 import { DType } from "../../ffi/backend.ts";
 import { Transformer } from "../engine/forward.ts";
-import { Sampler } from "../engine/sampler.ts";
+import { GREEDY, Sampler } from "../engine/sampler.ts";
 import { loadConfig } from "../model/config.ts";
 import { parseKvSpec } from "../kv/spec.ts";
 import {
@@ -118,16 +118,7 @@ async function benchModel(
     v.json ?? false,
   );
   using model = await Transformer.load(backend, dir, config, { ctx, kv, chunk });
-  const params = {
-    temperature: 0,
-    topK: 0,
-    topP: 1,
-    minP: 0,
-    repeatPenalty: 1,
-    repeatLastN: 0,
-    seed: 0,
-  };
-  using sampler = new Sampler(backend, params, config.vocabSize);
+  using sampler = new Sampler(backend, GREEDY, config.vocabSize);
   const tokens = (n: number) =>
     Int32Array.from({ length: n }, (_, i) => (i * 7919 + 13) % config.vocabSize);
   const title =

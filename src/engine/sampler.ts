@@ -28,6 +28,17 @@ export const DEFAULT_SAMPLING: Omit<SamplingParams, "seed"> = {
   repeatLastN: 64,
 };
 
+/** Greedy decoding: the arg max every step (benchmarks and deterministic tests). */
+export const GREEDY: SamplingParams = {
+  temperature: 0,
+  topK: 0,
+  topP: 1,
+  minP: 0,
+  repeatPenalty: 1,
+  repeatLastN: 0,
+  seed: 0,
+};
+
 /** mulberry32: small, fast and seedable; equal seeds give equal draws. */
 export class Rng {
   #state: number;
