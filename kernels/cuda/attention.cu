@@ -136,19 +136,13 @@ static int launch_prefill(iq_ctx *ctx, float *out, const float *q, const void *k
 #endif
 constexpr int DEC_THREADS = 128; /* keys per tile: one per thread */
 
-/* Eight consecutive elements (16-byte aligned) as floats. */
+/* Eight consecutive halves (16-byte aligned, in shared memory) as floats. */
 __device__ __forceinline__ void load8(const __half *p, float out[8]) {
-  iq_unpack8<__half>(__ldg(reinterpret_cast<const uint4 *>(p)), out);
-}
-__device__ __forceinline__ void load8(const float *p, float out[8]) {
-  float4 a = __ldg(reinterpret_cast<const float4 *>(p)), b = __ldg(reinterpret_cast<const float4 *>(p) + 1);
-  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
-  out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+  iq_unpack8<__half>(*reinterpret_cast<const uint4 *>(p), out);
 }
 __device__ __forceinline__ float2 load2(const __half *p) {
   return __half22float2(*reinterpret_cast<const __half2 *>(p));
 }
-__device__ __forceinline__ float2 load2(const float *p) { return *reinterpret_cast<const float2 *>(p); }
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -156,14 +150,16 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 /* grid (kv_heads * hblocks, splits): a block takes one KV head, up to G of its
- * query heads and one chunk of positions, in tiles of DEC_THREADS keys.
+ * query heads and one chunk of positions, in tiles of DEC_THREADS keys. Each
+ * tile's K and V rows are copied to shared memory with coalesced cp.async.
  * QK: each thread owns one key of the tile and dots its whole row with the G
  * queries (no shuffles per key; q comes from shared memory as broadcasts).
  * Softmax: one block-wide max and sum per tile and head (online: the running
  * state is rescaled once per tile). PV: each thread owns channel pairs of the
- * G outputs and walks the tile's V rows, coalesced across the warp.
+ * G outputs and walks the tile's V rows.
  * Writes the chunk's unnormalised partial: part_acc[split, head, d],
- * part_ml[split, head, {max, sum}]. Needs d % 8 == 0 and 16-byte aligned rows. */
+ * part_ml[split, head, {max, sum}]. Needs an fp16 cache, d % 8 == 0 and 16-byte
+ * aligned rows. */
 template <typename T, int G>
 __global__ void __launch_bounds__(DEC_THREADS)
     decode_kernel(float *part_acc, float *part_ml, const float *q, const T *k_cache,
@@ -174,6 +170,10 @@ __global__ void __launch_bounds__(DEC_THREADS)
   extern __shared__ float4 dec_smem[];
   float *q_s = reinterpret_cast<float *>(dec_smem); /* [G][d], scaled */
   float *p_s = q_s + G * d;                           /* [G][DEC_THREADS] */
+  /* The tile's K rows (padded by 16 bytes so a quarter-warp reading 8 rows
+   * hits distinct banks) and V rows, copied in coalesced by cp.async. */
+  const int kstride = d + 16 / (int)sizeof(T);
+  T *k_s = reinterpret_cast<T *>(p_s + G * DEC_THREADS), *v_s = k_s + DEC_THREADS * kstride;
   __shared__ float red[G][WARPS], m_s[G], l_s[G], corr_s[G];
   const int kvh = blockIdx.x / hblocks, h0 = kvh * group + (blockIdx.x % hblocks) * G;
   const int nh = min(G, kvh * group + group - h0);
@@ -197,8 +197,21 @@ __global__ void __launch_bounds__(DEC_THREADS)
     float s[G];
 #pragma unroll
     for (int g = 0; g < G; g++) s[g] = j < end ? 0.0f : -INFINITY;
+    const int row_chunks = d * (int)sizeof(T) / 16;
+    for (int e = tid; e < n * row_chunks; e += DEC_THREADS) {
+      const int r = e / row_chunks, c = (e % row_chunks) * (16 / (int)sizeof(T));
+      const unsigned kd = (unsigned)__cvta_generic_to_shared(k_s + r * kstride + c);
+      const unsigned vd = (unsigned)__cvta_generic_to_shared(v_s + r * d + c);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(kd),
+                   "l"(kb + (int64_t)(base + r) * d + c));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(vd),
+                   "l"(vb + (int64_t)(base + r) * d + c));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_all;\n" ::);
+    __syncthreads();
     if (j < end) {
-      const T *kr = kb + (int64_t)j * d;
+      const T *kr = k_s + tid * kstride;
       for (int c = 0; c < d; c += 8) {
         float k[8];
         load8(kr + c, k);
@@ -244,7 +257,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
       const int g = i / pairs, c = 2 * (i % pairs);
       const float corr = corr_s[g];
       float2 a = make_float2(acc[r].x * corr, acc[r].y * corr);
-      const T *vc = vb + (int64_t)base * d + c;
+      const T *vc = v_s + c;
       const float *p = p_s + g * DEC_THREADS;
 #pragma unroll 8
       for (int t = 0; t < n; t++) {
@@ -296,13 +309,18 @@ __global__ void merge_kernel(float *out, const float *part_acc, const float *par
 }
 
 template <typename T, int G>
-static void launch_decode(iq_ctx *ctx, dim3 grid, float *part_acc, float *part_ml, const float *q,
-                          const void *k_cache, const void *v_cache, int heads, int group,
-                          int hblocks, int d, int cap, int positions, int chunk, float scale) {
-  const size_t smem = sizeof(float) * G * (d + DEC_THREADS);
+static int launch_decode(iq_ctx *ctx, dim3 grid, float *part_acc, float *part_ml, const float *q,
+                         const void *k_cache, const void *v_cache, int heads, int group,
+                         int hblocks, int d, int cap, int positions, int chunk, float scale) {
+  const size_t smem = sizeof(float) * G * (d + DEC_THREADS) +
+                      sizeof(T) * DEC_THREADS * (2 * d + 16 / sizeof(T));
+  IQ_CUDA(ctx, cudaFuncSetAttribute(decode_kernel<T, G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem));
   decode_kernel<T, G><<<grid, DEC_THREADS, smem, ctx->stream>>>(
       part_acc, part_ml, q, (const T *)k_cache, (const T *)v_cache, heads, group, hblocks, d, cap,
       positions, chunk, scale);
+  IQ_LAUNCHED(ctx);
+  return IQ_OK;
 }
 
 template <typename T>
@@ -326,12 +344,11 @@ static int decode(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
   float *part_acc = (float *)scratch, *part_ml = part_acc + (size_t)splits * heads * d;
   dim3 grid((unsigned)(kv_heads * hblocks), (unsigned)splits);
   switch (G) {
-  case 1: launch_decode<T, 1>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale); break;
-  case 2: launch_decode<T, 2>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale); break;
-  case 4: launch_decode<T, 4>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale); break;
-  default: launch_decode<T, 8>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale);
+  case 1: IQ_TRY((launch_decode<T, 1>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale))); break;
+  case 2: IQ_TRY((launch_decode<T, 2>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale))); break;
+  case 4: IQ_TRY((launch_decode<T, 4>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale))); break;
+  default: IQ_TRY((launch_decode<T, 8>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale)));
   }
-  IQ_LAUNCHED(ctx);
   merge_kernel<<<heads, 128, 0, ctx->stream>>>(out, part_acc, part_ml, heads, d, splits);
   IQ_LAUNCHED(ctx);
   return IQ_OK;
@@ -414,12 +431,12 @@ extern "C" int iq_attention_decode(iq_ctx *ctx, float *out, const float *q, cons
                                    int kv_heads, int head_dim, int cap, float scale) {
   IQ_TRY(check(ctx, "iq_attention_decode", out, q, k_cache, v_cache, cache_dtype, 1, pos, heads,
                kv_heads, head_dim, cap));
-  /* The vector path needs 16-byte aligned rows of 8-channel slices. */
-  bool vec = head_dim % 8 == 0 && (((uintptr_t)k_cache | (uintptr_t)v_cache) & 15) == 0;
+  /* The split kernel takes fp16 caches with 16-byte aligned rows of 8-channel
+   * slices; an fp32 cache (reference runs) or odd head_dim takes the prefill kernel. */
+  bool vec = cache_dtype == IQ_F16 && head_dim % 8 == 0 &&
+             (((uintptr_t)k_cache | (uintptr_t)v_cache) & 15) == 0;
   if (!vec)
     return iq_attention_prefill(ctx, out, q, k_cache, v_cache, cache_dtype, 1, pos, heads, kv_heads,
                                 head_dim, cap, scale);
-  if (cache_dtype == IQ_F16)
-    return decode<__half>(ctx, out, q, k_cache, v_cache, pos, heads, kv_heads, head_dim, cap, scale);
-  return decode<float>(ctx, out, q, k_cache, v_cache, pos, heads, kv_heads, head_dim, cap, scale);
+  return decode<__half>(ctx, out, q, k_cache, v_cache, pos, heads, kv_heads, head_dim, cap, scale);
 }
