@@ -1,4 +1,7 @@
-/* rmsnorm.c: out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight. */
+/* rmsnorm.c: out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight.
+ * The sum of squares is kept in double, in independent lanes the compiler can
+ * vectorize, so long rows lose no precision. out may be x: each row is read
+ * in full before it is written. */
 #include <math.h>
 
 #include "cpu.h"
@@ -16,10 +19,14 @@ static void rmsnorm_rows(void *arg, int64_t begin, int64_t end, int worker) {
   for (int64_t r = begin; r < end; r++) {
     const float *x = j->x + r * j->dim;
     float *out = j->out + r * j->dim;
-    float ss = 0.0f;
-    for (int i = 0; i < j->dim; i++) ss += x[i] * x[i];
-    float scale = 1.0f / sqrtf(ss / (float)j->dim + j->eps);
-    for (int i = 0; i < j->dim; i++) out[i] = x[i] * scale * j->weight[i];
+    double lanes[8] = {0}, ss = 0.0;
+    int i = 0;
+    for (; i + 8 <= j->dim; i += 8)
+      for (int l = 0; l < 8; l++) lanes[l] += (double)x[i + l] * x[i + l];
+    for (; i < j->dim; i++) ss += (double)x[i] * x[i];
+    for (int l = 0; l < 8; l++) ss += lanes[l];
+    float scale = (float)(1.0 / sqrt(ss / j->dim + j->eps));
+    for (i = 0; i < j->dim; i++) out[i] = x[i] * scale * j->weight[i];
   }
 }
 
