@@ -4,6 +4,9 @@ import { type BackendKind, type KernelLibrary, openLibrary } from "./library.ts"
 
 export type { BackendKind } from "./library.ts";
 
+/** IQ_ABI_VERSION in kernels/innerq.h: the symbol table below matches it. */
+const ABI_VERSION = 2;
+
 /** iq_dtype in kernels/innerq.h. */
 export const DType = { F32: 0, F16: 1, BF16: 2 } as const;
 export type DTypeCode = typeof DType[keyof typeof DType];
@@ -108,8 +111,10 @@ export class Backend {
     const lib = openLibrary(kind);
     try {
       const version = lib.symbols.iq_abi_version();
-      if (version !== 1) {
-        throw new Error(`kernel library ABI ${version}, expected 1: run \`deno task build\``);
+      if (version !== ABI_VERSION) {
+        throw new Error(
+          `kernel library ABI ${version}, expected ${ABI_VERSION}: run \`deno task build\``,
+        );
       }
       const out = new BigUint64Array(1);
       const status = lib.symbols.iq_ctx_create(opts.device ?? 0, opts.threads ?? 0, out);
@@ -250,13 +255,40 @@ export class Backend {
     this.#check(s, "matmul");
   }
 
-  rope(x: Slice, pos: Slice, invFreq: Slice, n: number, heads: number, headDim: number): void {
+  /** Rotates x[n, heads, headDim] in place; `scale` multiplies both channels of each pair after
+   * the turn, one row [headDim / 2] per group of heads / scale.heads heads. */
+  rope(
+    x: Slice,
+    pos: Slice,
+    invFreq: Slice,
+    n: number,
+    heads: number,
+    headDim: number,
+    scale: { pairs: Slice; heads: number } | null = null,
+  ): void {
     positiveInts({ n, heads, headDim });
     if (headDim % 2) throw new RangeError(`rope head_dim must be even, got ${headDim}`);
     need(x, n * heads * headDim * 4, "rope x");
     need(pos, n * 4, "rope positions");
     need(invFreq, (headDim / 2) * 4, "rope inv_freq");
-    const s = this.#sym.iq_rope(this.#c, x.ptr, pos.ptr, invFreq.ptr, n, heads, headDim);
+    if (scale) {
+      positiveInts({ scaleHeads: scale.heads });
+      if (heads % scale.heads) {
+        throw new RangeError(`rope heads ${heads} not a multiple of scale heads ${scale.heads}`);
+      }
+      need(scale.pairs, scale.heads * (headDim / 2) * 4, "rope pair scale");
+    }
+    const s = this.#sym.iq_rope(
+      this.#c,
+      x.ptr,
+      pos.ptr,
+      invFreq.ptr,
+      scale?.pairs.ptr ?? null,
+      n,
+      heads,
+      headDim,
+      scale?.heads ?? 0,
+    );
     this.#check(s, "rope");
   }
 

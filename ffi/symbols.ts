@@ -98,9 +98,11 @@ export const symbols = {
       "pointer", // float *x
       "pointer", // const int32_t *pos
       "pointer", // const float *inv_freq
+      "pointer", // const float *pair_scale (NULL: none)
       "i32", // int n
       "i32", // int heads
       "i32", // int head_dim
+      "i32", // int scale_heads
     ],
     result: "i32",
   },

@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define IQ_ABI_VERSION 1
+#define IQ_ABI_VERSION 2
 
 typedef enum {
   IQ_OK = 0,
@@ -81,9 +81,15 @@ int iq_matmul(iq_ctx *ctx, float *out, const float *x, const void *w,
 /* Rotary embedding in place on x[n, heads, head_dim], Hugging Face layout:
  * channel i < head_dim/2 pairs with i + head_dim/2 and both turn by the angle
  * pos[t] * inv_freq[i]. inv_freq[head_dim/2] carries rope_theta and any
- * rope_scaling (computed by the caller). */
+ * rope_scaling (computed by the caller).
+ * pair_scale, when not NULL, is [scale_heads, head_dim/2]: after turning, both
+ * channels of pair i of head h are multiplied by pair_scale[h / (heads /
+ * scale_heads)][i] (heads a multiple of scale_heads). A factor shared by a pair
+ * commutes with the rotation; the InnerQ cache multiplies q by its keys'
+ * per-channel normalization here, so decode pays nothing for it. */
 int iq_rope(iq_ctx *ctx, float *x, const int32_t *pos, const float *inv_freq,
-            int n, int heads, int head_dim);
+            const float *pair_scale, int n, int heads, int head_dim,
+            int scale_heads);
 
 /* out[i] = silu(gate[i]) * up[i]; out may alias either input. */
 int iq_swiglu(iq_ctx *ctx, float *out, const float *gate, const float *up,

@@ -166,6 +166,18 @@ test("rope at positions up to 5000", (gpu, cpu) => {
       },
     );
     assertClose(f32(g), f32(c), 1e-5, `rope ${n}x${heads}x${hd}`);
+    const scaleHeads = heads % 2 ? 1 : heads / 2; // the q-scale hook, one row per head group
+    const values = randomFloats(rng, scaleHeads * (hd / 2), 0.5, 4);
+    const [gs, cs] = onBoth(
+      gpu,
+      cpu,
+      [pos, inv, values],
+      { bytes: x.byteLength, init: x },
+      (be, [p, f, sc], o) => {
+        be.rope(o, p, f, n, heads, hd, { pairs: sc, heads: scaleHeads });
+      },
+    );
+    assertClose(f32(gs), f32(cs), 1e-5, `rope scaled ${n}x${heads}x${hd}`);
   }
 });
 

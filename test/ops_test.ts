@@ -200,10 +200,30 @@ Deno.test("rope: Hugging Face rotate_half at positions up to 4000", () => {
     assertClose(results[0], ref.rope(x, pos, inv, heads, hd), 1e-6, "rope");
     assertEquals(results[1], results[0]);
     assertEquals(results[2], results[0]);
+    // the per-pair scale hook, one row per group of heads (GQA: q heads over KV-head rows)
+    const scaleHeads = heads % 2 ? heads : heads / 2;
+    const values = randomFloats(rng, scaleHeads * (hd / 2), 0.5, 4);
+    const scaled = run(
+      cpu,
+      [pos, inv, values],
+      x.length,
+      (o, p, f, sc) => cpu.rope(o, p, f, n, heads, hd, { pairs: sc, heads: scaleHeads }),
+      x,
+    );
+    assertClose(
+      scaled,
+      ref.rope(x, pos, inv, heads, hd, { values, heads: scaleHeads }),
+      1e-6,
+      "rope scaled",
+    );
   }
   const buf = cpu.alloc(64);
   try {
     assertThrows(() => cpu.rope(buf, buf, buf, 1, 1, 3), /head_dim must be even, got 3/);
+    assertThrows(
+      () => cpu.rope(buf, buf, buf, 1, 3, 2, { pairs: buf, heads: 2 }),
+      /heads 3 not a multiple of scale heads 2/,
+    );
   } finally {
     buf.close();
   }

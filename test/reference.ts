@@ -37,13 +37,15 @@ export function matmul(
   return out;
 }
 
-/** Hugging Face rotate_half: channel i turns with i + head_dim/2 by pos * inv_freq[i] (fp32 product). */
+/** Hugging Face rotate_half: channel i turns with i + head_dim/2 by pos * inv_freq[i] (fp32 product),
+ * then both are multiplied by pairScale[h / (heads / scaleHeads)][i] when given. */
 export function rope(
   x: Float32Array,
   pos: Int32Array,
   invFreq: Float32Array,
   heads: number,
   hd: number,
+  pairScale: { values: Float32Array; heads: number } | null = null,
 ) {
   const out = Float32Array.from(x), half = hd / 2;
   pos.forEach((p, t) => {
@@ -52,8 +54,11 @@ export function rope(
       for (let i = 0; i < half; i++) {
         const angle = Math.fround(p * invFreq[i]);
         const a = x[base + i], b = x[base + i + half];
-        out[base + i] = a * Math.cos(angle) - b * Math.sin(angle);
-        out[base + i + half] = b * Math.cos(angle) + a * Math.sin(angle);
+        const scale = pairScale
+          ? pairScale.values[Math.floor(h / (heads / pairScale.heads)) * half + i]
+          : 1;
+        out[base + i] = (a * Math.cos(angle) - b * Math.sin(angle)) * scale;
+        out[base + i + half] = (b * Math.cos(angle) + a * Math.sin(angle)) * scale;
       }
     }
   });
