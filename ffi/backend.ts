@@ -87,6 +87,13 @@ function positiveInts(values: Record<string, number>): void {
   }
 }
 
+/** Bytes per element of a dtype code; an unknown code is a RangeError here, not NaN sizes. */
+function elementBytes(dtype: DTypeCode): number {
+  const bytes = dtypeBytes[dtype];
+  if (bytes === undefined) throw new RangeError(`unknown dtype code ${dtype}`);
+  return bytes;
+}
+
 function need(slice: Slice, bytes: number, name: string): void {
   if (slice.bytes < bytes) {
     throw new RangeError(`${name}: needs ${bytes} bytes, buffer has ${slice.bytes}`);
@@ -202,7 +209,7 @@ export class Backend {
   ) {
     positiveInts({ n, dim, vocab });
     need(out, n * dim * 4, "embed out");
-    need(table, vocab * dim * dtypeBytes[tableDtype], "embed table");
+    need(table, vocab * dim * elementBytes(tableDtype), "embed table");
     need(tokens, n * 4, "embed tokens");
     const s = this.#sym.iq_embed(
       this.#c,
@@ -239,7 +246,7 @@ export class Backend {
     positiveInts({ n, k, m });
     need(out, n * m * 4, "matmul out");
     need(x, n * k * 4, "matmul x");
-    need(w, m * k * dtypeBytes[wDtype], "matmul w");
+    need(w, m * k * elementBytes(wDtype), "matmul w");
     if (bias) need(bias, m * 4, "matmul bias");
     const s = this.#sym.iq_matmul(
       this.#c,
@@ -325,7 +332,7 @@ export class Backend {
         `kv_store positions ${pos0}..${pos0 + n - 1} outside a ${cap}-token cache`,
       );
     }
-    need(cache, kvHeads * cap * headDim * dtypeBytes[cacheDtype], "kv_store cache");
+    need(cache, kvHeads * cap * headDim * elementBytes(cacheDtype), "kv_store cache");
     need(x, n * kvHeads * headDim * 4, "kv_store x");
     const s = this.#sym.iq_kv_store(
       this.#c,
@@ -354,7 +361,7 @@ export class Backend {
     const rows = a.n * a.heads * a.headDim * 4;
     need(a.out, rows, `${op} out`);
     need(a.q, rows, `${op} q`);
-    const cacheBytes = a.kvHeads * a.cap * a.headDim * dtypeBytes[a.cacheDtype];
+    const cacheBytes = a.kvHeads * a.cap * a.headDim * elementBytes(a.cacheDtype);
     need(a.kCache, cacheBytes, `${op} k cache`);
     need(a.vCache, cacheBytes, `${op} v cache`);
   }

@@ -88,7 +88,8 @@ int iq_sync(iq_ctx *ctx) {
 int iq_alloc(iq_ctx *ctx, uint64_t bytes, void **out) {
   if (!ctx || !out) return iq_fail(ctx, IQ_ERR_ARG, "iq_alloc: NULL argument");
   *out = NULL;
-  if (bytes == 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_alloc: zero bytes");
+  if (bytes == 0 || bytes > SIZE_MAX - 63)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_alloc: cannot allocate %llu bytes", (unsigned long long)bytes);
   /* 64-byte alignment suits every vector load; round the size up to match. */
   uint64_t rounded = (bytes + 63) & ~(uint64_t)63;
   void *p = aligned_alloc(64, (size_t)rounded);
