@@ -399,6 +399,38 @@ test("sample picks the CPU's token for many settings", (gpu, cpu) => {
   }
 });
 
+test("sample rejects a NaN temperature and an infinite penalty on both backends", (gpu, cpu) => {
+  const logits = Float32Array.from([1, 2, 3]);
+  for (
+    const bad of [{ temperature: NaN, repeatPenalty: 1 }, {
+      temperature: 1,
+      repeatPenalty: Infinity,
+    }]
+  ) {
+    for (const be of [gpu, cpu]) {
+      assert.throws(
+        () =>
+          runOn(be, [logits], { bytes: 4 }, ([lb], o) => {
+            be.sample({
+              outToken: o,
+              logits: lb,
+              vocab: 3,
+              history: null,
+              nHistory: 0,
+              topK: 0,
+              topP: 1,
+              minP: 0,
+              uniform: 0.5,
+              ...bad,
+            });
+          }),
+        (e: Error) => e instanceof NativeError && /iq_sample: .* out of range/.test(e.message),
+        `${be.kind} ${JSON.stringify(bad)}`,
+      );
+    }
+  }
+});
+
 // ---- end to end --------------------------------------------------------------------------------
 
 async function withModel(dtype: ModelDType, body: (dir: string) => Promise<void>): Promise<void> {

@@ -136,11 +136,14 @@ extern "C" int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, i
   if (vocab <= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: vocab %d must be positive", vocab);
   if (n_history < 0 || (n_history > 0 && !history))
     return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: history of %d ids is NULL or negative", n_history);
-  if (!(repeat_penalty > 0.0f) || top_k < 0 || !(top_p > 0.0f && top_p <= 1.0f) ||
-      !(min_p >= 0.0f && min_p <= 1.0f) || !(uniform >= 0.0f && uniform < 1.0f))
+  /* the same argument checks, and message, as the CPU twin */
+  if (!(repeat_penalty > 0.0f && isfinite(repeat_penalty)) || isnan(temperature) || top_k < 0 ||
+      !(top_p > 0.0f && top_p <= 1.0f) || !(min_p >= 0.0f && min_p <= 1.0f) ||
+      !(uniform >= 0.0f && uniform < 1.0f))
     return iq_fail(ctx, IQ_ERR_ARG,
-                   "iq_sample: repeat_penalty %g, top_k %d, top_p %g, min_p %g or uniform %g out of range",
-                   repeat_penalty, top_k, top_p, min_p, uniform);
+                   "iq_sample: repeat_penalty %g, temperature %g, top_k %d, top_p %g, min_p %g or "
+                   "uniform %g out of range",
+                   repeat_penalty, temperature, top_k, top_p, min_p, uniform);
 
   const size_t row = align256(sizeof(float) * (size_t)vocab);
   size_t sort_bytes = 0;
