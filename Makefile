@@ -29,7 +29,7 @@ build/cpu/%.o: kernels/cpu/%.c kernels/innerq.h | build/cpu
 build/libinnerq_cuda.so: $(CUDA_OBJ)
 	$(NVCC) -shared -o $@ $^ -ldl
 
-build/cuda/%.o: kernels/cuda/%.cu kernels/innerq.h $(wildcard kernels/cuda/*.cuh) | build/cuda
+build/cuda/%.o: kernels/cuda/%.cu kernels/innerq.h kernels/checks.h $(wildcard kernels/cuda/*.cuh) | build/cuda
 	$(NVCC) $(NVCCFLAGS) -c -o $@ $<
 
 build/cpu build/cuda:

@@ -9,8 +9,8 @@
 #include <string.h>
 
 #include "cpu.h"
+#include "../checks.h"
 
-#define MAX_HEAD_DIM 256
 #define BLOCK 32 /* positions per block: 32 KiB of fp32 rows at head_dim 256 */
 #define GROUP 8  /* query heads sharing one pass over their KV head's rows */
 #define LANES 16 /* independent sums, so the dot product vectorizes */
@@ -63,7 +63,7 @@ static inline float dot(const float *a, const float *b, int d) {
  * Both clones compute the same bits: -std=c11 turns off FMA contraction and
  * dot sums its lanes in a fixed order. */
 CLONES static void attend(const attention_job *j, int t, int h0, int g) {
-  float acc[GROUP][MAX_HEAD_DIM], rows[BLOCK * MAX_HEAD_DIM], s[GROUP][BLOCK];
+  float acc[GROUP][IQ_MAX_HEAD_DIM], rows[BLOCK * IQ_MAX_HEAD_DIM], s[GROUP][BLOCK];
   float max[GROUP], sum[GROUP];
   int d = j->head_dim, len = j->pos0 + t + 1;
   int64_t base = (int64_t)(h0 / j->group) * j->cap * d;
@@ -120,29 +120,11 @@ static void attention_items(void *arg, int64_t begin, int64_t end, int worker) {
   }
 }
 
-static int check(iq_ctx *ctx, const char *op, const float *out, const float *q, const void *k,
-                 const void *v, int dtype, int n, int pos0, int heads, int kv_heads, int head_dim,
-                 int cap) {
-  if (!ctx || !out || !q || !k || !v) return iq_fail(ctx, IQ_ERR_ARG, "%s: NULL argument", op);
-  if (dtype != IQ_F16 && dtype != IQ_F32)
-    return iq_fail(ctx, IQ_ERR_ARG, "%s: cache dtype %d is not F16 or F32", op, dtype);
-  if (n <= 0 || heads <= 0 || kv_heads <= 0 || cap <= 0 || head_dim <= 0)
-    return iq_fail(ctx, IQ_ERR_ARG, "%s: sizes must be positive", op);
-  if (head_dim > MAX_HEAD_DIM)
-    return iq_fail(ctx, IQ_ERR_ARG, "%s: head_dim %d exceeds %d", op, head_dim, MAX_HEAD_DIM);
-  if (heads % kv_heads)
-    return iq_fail(ctx, IQ_ERR_ARG, "%s: heads %d not a multiple of kv_heads %d", op, heads, kv_heads);
-  if (pos0 < 0 || (int64_t)pos0 + n > cap)
-    return iq_fail(ctx, IQ_ERR_ARG, "%s: positions %d..%lld outside a %d-token cache", op, pos0,
-                   (long long)pos0 + n - 1, cap);
-  return IQ_OK;
-}
-
 static int attention(iq_ctx *ctx, const char *op, float *out, const float *q, const void *k_cache,
                      const void *v_cache, int cache_dtype, int n, int pos0, int heads,
                      int kv_heads, int head_dim, int cap, float scale) {
-  int s = check(ctx, op, out, q, k_cache, v_cache, cache_dtype, n, pos0, heads, kv_heads,
-                head_dim, cap);
+  int s = iq_check_attention(ctx, op, out, q, k_cache, v_cache, cache_dtype, n, pos0, heads,
+                             kv_heads, head_dim, cap);
   if (s != IQ_OK) return s;
   int group = heads / kv_heads, sub = group < GROUP ? group : GROUP;
   int64_t pairs = ((int64_t)n + 1) / 2;
@@ -194,14 +176,8 @@ static void store_rows(void *arg, int64_t begin, int64_t end, int worker) {
 
 int iq_kv_store(iq_ctx *ctx, void *cache, int cache_dtype, const float *x, int n, int pos0,
                 int kv_heads, int head_dim, int cap) {
-  if (!ctx || !cache || !x) return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: NULL argument");
-  if (cache_dtype != IQ_F16 && cache_dtype != IQ_F32)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: cache dtype %d is not F16 or F32", cache_dtype);
-  if (n <= 0 || kv_heads <= 0 || head_dim <= 0 || cap <= 0)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: sizes must be positive");
-  if (pos0 < 0 || (int64_t)pos0 + n > cap)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: positions %d..%lld outside a %d-token cache",
-                   pos0, (long long)pos0 + n - 1, cap);
+  int s = iq_check_kv_store(ctx, cache, cache_dtype, x, n, pos0, kv_heads, head_dim, cap);
+  if (s != IQ_OK) return s;
   store_job job = {cache, x, cache_dtype, pos0, kv_heads, head_dim, cap};
   /* a decode step's few rows are not worth waking the pool for */
   iq_parallel_for(ctx, (int64_t)n * kv_heads, 64, store_rows, &job);

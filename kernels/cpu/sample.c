@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cpu.h"
+#include "../checks.h"
 
 typedef struct {
   float value;
@@ -82,22 +83,13 @@ static void sort_all(candidate *cand, candidate *tmp, int vocab) {
 int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
               const int32_t *history, int n_history, float repeat_penalty, float temperature,
               int top_k, float top_p, float min_p, float uniform) {
-  if (!ctx || !out_token || !logits || (n_history > 0 && !history))
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: NULL argument");
-  if (vocab <= 0 || n_history < 0)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: vocab %d must be positive, n_history %d >= 0",
-                   vocab, n_history);
-  if (!(repeat_penalty > 0.0f && isfinite(repeat_penalty)) || isnan(temperature) || top_k < 0 ||
-      !(top_p > 0.0f && top_p <= 1.0f) || !(min_p >= 0.0f && min_p <= 1.0f) ||
-      !(uniform >= 0.0f && uniform < 1.0f))
-    return iq_fail(ctx, IQ_ERR_ARG,
-                   "iq_sample: repeat_penalty %g, temperature %g, top_k %d, top_p %g, min_p %g or "
-                   "uniform %g out of range",
-                   repeat_penalty, temperature, top_k, top_p, min_p, uniform);
+  int s = iq_check_sample(ctx, out_token, logits, vocab, history, n_history, repeat_penalty,
+                          temperature, top_k, top_p, min_p, uniform);
+  if (s != IQ_OK) return s;
   /* candidates, the radix sort's second buffer, p, the history's seen flags */
   size_t cand_bytes = (size_t)vocab * sizeof(candidate);
   void *scratch;
-  int s = iq_scratch(ctx, 2 * cand_bytes + (size_t)vocab * (sizeof(float) + 1), &scratch);
+  s = iq_scratch(ctx, 2 * cand_bytes + (size_t)vocab * (sizeof(float) + 1), &scratch);
   if (s != IQ_OK) return s;
   candidate *cand = scratch, *tmp = cand + vocab;
   float *p = (float *)(tmp + vocab);

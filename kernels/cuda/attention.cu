@@ -12,9 +12,9 @@
 #include <math.h>
 
 #include "cuda.cuh"
+#include "checks.h"
 #include "prefill_mma.cuh"
 
-constexpr int MAX_HEAD_DIM = 256;
 
 template <typename T>
 __global__ void kv_store_kernel(T *cache, const float *x, int pos0, int kv_heads, int d, int cap,
@@ -33,7 +33,7 @@ constexpr int PF_Q = 16;     /* queries per block */
 constexpr int PF_K = 32;     /* keys per shared-memory tile: one per lane */
 constexpr int PF_WARPS = 8;  /* each warp owns PF_Q / PF_WARPS queries */
 constexpr int PF_QW = PF_Q / PF_WARPS;
-constexpr int PF_DL = MAX_HEAD_DIM / 32; /* output channels per lane: lane + 32 i */
+constexpr int PF_DL = IQ_MAX_HEAD_DIM / 32; /* output channels per lane: lane + 32 i */
 
 static size_t prefill_smem(int d) { return sizeof(float) * ((size_t)PF_Q * d + 2 * PF_K * (d + 1)); }
 
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
     decode_kernel(float *part_acc, float *part_ml, const float *q, const T *k_cache,
                   const T *v_cache, int heads, int group, int hblocks, int d, int cap,
                   int positions, int chunk, float scale) {
-  constexpr int WARPS = DEC_THREADS / 32, MAX_PAIRS = G * MAX_HEAD_DIM / 2;
+  constexpr int WARPS = DEC_THREADS / 32, MAX_PAIRS = G * IQ_MAX_HEAD_DIM / 2;
   constexpr int SLOTS = (MAX_PAIRS + DEC_THREADS - 1) / DEC_THREADS;
   extern __shared__ float4 dec_smem[];
   float *q_s = reinterpret_cast<float *>(dec_smem); /* [G][d], scaled */
@@ -356,33 +356,9 @@ static int decode(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
 
 /* ---- ABI ------------------------------------------------------------------ */
 
-static int check(iq_ctx *ctx, const char *op, const void *out, const void *q, const void *k,
-                 const void *v, int dtype, int n, int pos0, int heads, int kv_heads, int d, int cap) {
-  if (!ctx || !out || !q || !k || !v) return iq_fail(ctx, IQ_ERR_ARG, "%s: NULL argument", op);
-  if (dtype != IQ_F16 && dtype != IQ_F32)
-    return iq_fail(ctx, IQ_ERR_ARG, "%s: cache dtype %d is not F16 or F32", op, dtype);
-  if (n <= 0 || heads <= 0 || kv_heads <= 0 || d <= 0 || cap <= 0 || heads % kv_heads)
-    return iq_fail(ctx, IQ_ERR_ARG, "%s: bad shape: n %d, heads %d, kv_heads %d, head_dim %d, cap %d",
-                   op, n, heads, kv_heads, d, cap);
-  if (d > MAX_HEAD_DIM)
-    return iq_fail(ctx, IQ_ERR_ARG, "%s: head_dim %d above %d", op, d, MAX_HEAD_DIM);
-  if (pos0 < 0 || (int64_t)pos0 + n > cap)
-    return iq_fail(ctx, IQ_ERR_ARG, "%s: positions %d..%lld outside a %d-token cache", op, pos0,
-                   (long long)pos0 + n - 1, cap);
-  return IQ_OK;
-}
-
 extern "C" int iq_kv_store(iq_ctx *ctx, void *cache, int cache_dtype, const float *x, int n,
                            int pos0, int kv_heads, int head_dim, int cap) {
-  if (!ctx || !cache || !x) return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: NULL argument");
-  if (cache_dtype != IQ_F16 && cache_dtype != IQ_F32)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: cache dtype %d is not F16 or F32", cache_dtype);
-  if (n <= 0 || kv_heads <= 0 || head_dim <= 0 || cap <= 0)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: bad shape: n %d, kv_heads %d, head_dim %d, cap %d",
-                   n, kv_heads, head_dim, cap);
-  if (pos0 < 0 || (int64_t)pos0 + n > cap)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: positions %d..%lld outside a %d-token cache",
-                   pos0, (long long)pos0 + n - 1, cap);
+  IQ_TRY(iq_check_kv_store(ctx, cache, cache_dtype, x, n, pos0, kv_heads, head_dim, cap));
   int64_t count = (int64_t)n * kv_heads * head_dim;
   unsigned blocks = iq_blocks(ctx, count, 256);
   if (cache_dtype == IQ_F16)
@@ -410,8 +386,8 @@ static int launch_prefill_mma(iq_ctx *ctx, float *out, const float *q, const voi
 extern "C" int iq_attention_prefill(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
                                     const void *v_cache, int cache_dtype, int n, int pos0,
                                     int heads, int kv_heads, int head_dim, int cap, float scale) {
-  IQ_TRY(check(ctx, "iq_attention_prefill", out, q, k_cache, v_cache, cache_dtype, n, pos0, heads,
-               kv_heads, head_dim, cap));
+  IQ_TRY(iq_check_attention(ctx, "iq_attention_prefill", out, q, k_cache, v_cache, cache_dtype, n,
+                            pos0, heads, kv_heads, head_dim, cap));
   /* Tensor cores for chunks of several queries over an fp16 cache (16-byte aligned rows). */
   const bool mma = cache_dtype == IQ_F16 && n > 1 &&
                    (((uintptr_t)k_cache | (uintptr_t)v_cache) & 15) == 0;
@@ -429,8 +405,8 @@ extern "C" int iq_attention_prefill(iq_ctx *ctx, float *out, const float *q, con
 extern "C" int iq_attention_decode(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
                                    const void *v_cache, int cache_dtype, int pos, int heads,
                                    int kv_heads, int head_dim, int cap, float scale) {
-  IQ_TRY(check(ctx, "iq_attention_decode", out, q, k_cache, v_cache, cache_dtype, 1, pos, heads,
-               kv_heads, head_dim, cap));
+  IQ_TRY(iq_check_attention(ctx, "iq_attention_decode", out, q, k_cache, v_cache, cache_dtype, 1,
+                            pos, heads, kv_heads, head_dim, cap));
   /* The split kernel takes fp16 caches with 16-byte aligned rows of 8-channel
    * slices; an fp32 cache (reference runs) or odd head_dim takes the prefill kernel. */
   bool vec = cache_dtype == IQ_F16 && head_dim % 8 == 0 &&

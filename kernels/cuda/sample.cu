@@ -13,6 +13,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "cuda.cuh"
+#include "checks.h"
 
 constexpr int SAMPLE_THREADS = 1024;
 
@@ -132,18 +133,8 @@ static size_t align256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
 extern "C" int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
                          const int32_t *history, int n_history, float repeat_penalty,
                          float temperature, int top_k, float top_p, float min_p, float uniform) {
-  if (!ctx || !out_token || !logits) return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: NULL argument");
-  if (vocab <= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: vocab %d must be positive", vocab);
-  if (n_history < 0 || (n_history > 0 && !history))
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: history of %d ids is NULL or negative", n_history);
-  /* the same argument checks, and message, as the CPU twin */
-  if (!(repeat_penalty > 0.0f && isfinite(repeat_penalty)) || isnan(temperature) || top_k < 0 ||
-      !(top_p > 0.0f && top_p <= 1.0f) || !(min_p >= 0.0f && min_p <= 1.0f) ||
-      !(uniform >= 0.0f && uniform < 1.0f))
-    return iq_fail(ctx, IQ_ERR_ARG,
-                   "iq_sample: repeat_penalty %g, temperature %g, top_k %d, top_p %g, min_p %g or "
-                   "uniform %g out of range",
-                   repeat_penalty, temperature, top_k, top_p, min_p, uniform);
+  IQ_TRY(iq_check_sample(ctx, out_token, logits, vocab, history, n_history, repeat_penalty,
+                         temperature, top_k, top_p, min_p, uniform));
 
   const size_t row = align256(sizeof(float) * (size_t)vocab);
   size_t sort_bytes = 0;
