@@ -38,17 +38,17 @@ class RunState {
   readonly hb2: DeviceBuffer; // (chunk, hidden) up
   readonly logits: DeviceBuffer; // (logit rows, vocab)
   readonly tokens: DeviceBuffer; // (chunk) int32
-  readonly positions: DeviceBuffer; // (chunk) int32
+  readonly positions: DeviceBuffer; // (ctx) int32: 0 .. ctx - 1, so a call's positions are a slice
   readonly invFreq: DeviceBuffer; // (head_dim / 2)
 
   /** Device bytes the buffers below take. */
-  static bytes(c: ModelConfig, chunk: number, logitRows: number): number {
+  static bytes(c: ModelConfig, chunk: number, logitRows: number, ctx: number): number {
     const rows = 2 * c.hiddenSize + 2 * c.numHeads * c.headDim + 2 * c.numKvHeads * c.headDim +
-      2 * c.intermediateSize + 2;
-    return 4 * (chunk * rows + logitRows * c.vocabSize + c.headDim / 2);
+      2 * c.intermediateSize + 1;
+    return 4 * (chunk * rows + logitRows * c.vocabSize + ctx + c.headDim / 2);
   }
 
-  constructor(backend: Backend, c: ModelConfig, chunk: number, logitRows: number) {
+  constructor(backend: Backend, c: ModelConfig, chunk: number, logitRows: number, ctx: number) {
     const f32 = (n: number) => {
       const b = backend.alloc(n * 4);
       this.buffers.push(b);
@@ -65,7 +65,7 @@ class RunState {
       this.hb2 = f32(chunk * c.intermediateSize);
       this.logits = f32(logitRows * c.vocabSize);
       this.tokens = f32(chunk);
-      this.positions = f32(chunk);
+      this.positions = f32(ctx);
       this.invFreq = f32(c.headDim / 2);
     } catch (err) {
       this.close();
@@ -81,7 +81,6 @@ class RunState {
 export class Transformer {
   readonly chunk: number;
   readonly allLogits: boolean;
-  #positions: Int32Array;
 
   private constructor(
     readonly backend: Backend,
@@ -94,8 +93,9 @@ export class Transformer {
   ) {
     this.chunk = opts.chunk;
     this.allLogits = opts.allLogits;
-    this.#positions = new Int32Array(opts.chunk);
     backend.upload(state.invFreq, ropeInvFreq(config));
+    // every position once, so no forward call (above all no decode step) uploads any
+    backend.upload(state.positions, Int32Array.from({ length: cache.shape.capacity }, (_, i) => i));
   }
 
   /** Loads DIR's weights for its (already read) config and plans every buffer for `ctx` tokens. */
@@ -120,7 +120,7 @@ export class Transformer {
     };
     const kv = opts.kv ?? "fp16";
     const cacheBytes = kvBytesPerToken(kv, shape) * ctx;
-    const stateBytes = RunState.bytes(config, chunk, allLogits ? chunk : 1);
+    const stateBytes = RunState.bytes(config, chunk, allLogits ? chunk : 1, ctx);
     const reserve = {
       bytes: cacheBytes + stateBytes,
       what: `${kv} KV cache for ${ctx} tokens ${gib(cacheBytes)}, activations ${gib(stateBytes)}`,
@@ -129,7 +129,7 @@ export class Transformer {
     let cache: KvCache | null = null;
     try {
       cache = makeKvCache(backend, shape, kv);
-      const state = new RunState(backend, config, chunk, allLogits ? chunk : 1);
+      const state = new RunState(backend, config, chunk, allLogits ? chunk : 1, ctx);
       return new Transformer(backend, dir, config, weights, cache, state, { chunk, allLogits });
     } catch (err) {
       cache?.close();
@@ -156,8 +156,7 @@ export class Transformer {
     }
     const be = this.backend, c = this.config, s = this.state, w = this.weights;
     const dim = c.hiddenSize, hidden = c.intermediateSize, eps = c.rmsNormEps;
-    for (let i = 0; i < n; i++) this.#positions[i] = pos0 + i;
-    be.upload(s.positions, this.#positions.subarray(0, n));
+    const positions = s.positions.slice(pos0 * 4, n * 4); // pos0 .. pos0 + n - 1
 
     be.embed(s.x, w.embed.buf, w.embed.dtype, tokens, n, dim, c.vocabSize); // x = embed[tokens]
     for (let l = 0; l < c.numLayers; l++) {
@@ -167,8 +166,8 @@ export class Transformer {
       linear(be, s.q, s.xb, L.wq, L.bq, n); // q = xb Wqᵀ (n, heads * head_dim)
       linear(be, s.k, s.xb, L.wk, L.bk, n); // k = xb Wkᵀ (n, kv_heads * head_dim)
       linear(be, s.v, s.xb, L.wv, L.bv, n); // v = xb Wvᵀ
-      be.rope(s.q, s.positions, s.invFreq, n, c.numHeads, c.headDim); // rotate q
-      be.rope(s.k, s.positions, s.invFreq, n, c.numKvHeads, c.headDim); // rotate k
+      be.rope(s.q, positions, s.invFreq, n, c.numHeads, c.headDim); // rotate q
+      be.rope(s.k, positions, s.invFreq, n, c.numKvHeads, c.headDim); // rotate k
       this.cache.store(l, s.k, s.v, pos0, n); // cache k, v at pos0 ..
       this.cache.attend(l, s.q, s.att, pos0, n); // att = softmax(q kᵀ / sqrt(d)) v, causal, GQA
       linear(be, s.xb, s.att, L.wo, L.bo, n); // xb = att Woᵀ (n, dim)
