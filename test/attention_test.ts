@@ -72,17 +72,14 @@ class Caches {
   }
 }
 
-interface Shape {
-  n: number;
-  pos0: number;
-  heads: number;
-  kvHeads: number;
-  hd: number;
-  cap: number;
-}
-
 /** Runs prefill (or decode when n is 1 and decode is set) and returns out. */
-function attend(be: Backend, c: Caches, q: Float32Array, s: Shape, decode = false): Float32Array {
+function attend(
+  be: Backend,
+  c: Caches,
+  q: Float32Array,
+  s: ref.AttentionShape,
+  decode = false,
+): Float32Array {
   const qb = upload(be, q), out = be.alloc(q.byteLength);
   try {
     const args = {

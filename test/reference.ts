@@ -69,20 +69,22 @@ export const swiglu = (g: Float32Array, u: Float32Array) =>
   g.map((v, i) => (v / (1 + Math.exp(-v))) * u[i]);
 export const add = (a: Float32Array, b: Float32Array) => a.map((v, i) => v + b[i]);
 
+/** n queries at positions pos0.. against a [kvHeads, cap, hd] cache. */
+export interface AttentionShape {
+  n: number;
+  pos0: number;
+  heads: number;
+  kvHeads: number;
+  hd: number;
+  cap: number;
+}
+
 /** Causal attention, queries at pos0.., over caches given as float rows [kvHeads, cap, hd]. */
 export function attention(
   q: Float32Array,
   k: Float32Array,
   v: Float32Array,
-  a: {
-    n: number;
-    pos0: number;
-    heads: number;
-    kvHeads: number;
-    hd: number;
-    cap: number;
-    scale: number;
-  },
+  a: AttentionShape & { scale: number },
 ): Float32Array {
   const out = new Float32Array(a.n * a.heads * a.hd), group = a.heads / a.kvHeads;
   for (let t = 0; t < a.n; t++) {

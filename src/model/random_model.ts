@@ -2,7 +2,6 @@
 // (config.json, generation_config.json, safetensors, tokenizer.json): for tests, for the default
 // model where no trained one is at hand, and for speed work at real shapes.
 import { byteLevelTokenizerJson } from "./byte_tokenizer.ts";
-import type { Architecture } from "./config.ts";
 import { type DType, f32ToBf16, f32ToF16 } from "./dtype.ts";
 import {
   type TensorToWrite,
@@ -10,24 +9,30 @@ import {
   writeShardedSafetensors,
 } from "./safetensors_writer.ts";
 import { expectedTensors } from "./weights.ts";
-import { parseConfig } from "./config.ts";
+import { type ModelConfig, parseConfig } from "./config.ts";
 
-export interface ModelShape {
-  architecture: Architecture;
-  hiddenSize: number;
-  intermediateSize: number;
-  numLayers: number;
-  numHeads: number;
-  numKvHeads: number;
-  headDim: number;
-  /** null: the byte-level test tokenizer's vocabulary. */
-  vocabSize: number | null;
-  tieWordEmbeddings: boolean;
-  ropeTheta: number;
-  /** Hugging Face rope scaling parameters, e.g. Llama 3.1's llama3 type; null for none. */
-  ropeScaling: Record<string, unknown> | null;
-  maxPositionEmbeddings: number;
-}
+/** The config fields a written model chooses; the rest follow from them. */
+export type ModelShape =
+  & Pick<
+    ModelConfig,
+    | "architecture"
+    | "hiddenSize"
+    | "intermediateSize"
+    | "numLayers"
+    | "numHeads"
+    | "numKvHeads"
+    | "headDim"
+    | "tieWordEmbeddings"
+    | "ropeTheta"
+    | "maxPositionEmbeddings"
+  >
+  & {
+    /** null: the byte-level test tokenizer's vocabulary. */
+    vocabSize: number | null;
+    /** Hugging Face rope scaling parameters (as written to config.json), e.g. Llama 3.1's llama3
+     * type; null for none. */
+    ropeScaling: Record<string, unknown> | null;
+  };
 
 /** Llama 3.1's rope scaling, less its factor. */
 export const LLAMA3_ROPE = {
