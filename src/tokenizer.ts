@@ -59,8 +59,6 @@ export class TextTokenizer {
   readonly vocabSize: number;
   readonly bosToken: string | null;
   readonly eosToken: string | null;
-  /** Ids of the added tokens marked special (what skipSpecialTokens leaves out). */
-  readonly specialTokenIds: ReadonlySet<number>;
   #template: Template | null;
   /** BOS/EOS ids that tokenizer_config.json asks for instead of the post-processor's; null: none. */
   #configBosEos: { prefix: number[]; suffix: number[] } | null;
@@ -69,7 +67,6 @@ export class TextTokenizer {
     const addedTokens = tokenizer.get_added_tokens_decoder();
     const ids = [...tokenizer.get_vocab(true).values(), ...addedTokens.keys()];
     this.vocabSize = ids.reduce((max, id) => Math.max(max, id), -1) + 1;
-    this.specialTokenIds = new Set([...addedTokens].filter(([, t]) => t.special).map(([id]) => id));
     this.bosToken = tokenText(config?.bos_token);
     this.eosToken = tokenText(config?.eos_token);
     const source = chatTemplateOf(config);

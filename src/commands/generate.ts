@@ -215,7 +215,9 @@ export async function runGenerate(args: string[]): Promise<number> {
   };
   Deno.addSignalListener("SIGINT", onInterrupt);
   try {
-    const eosTokenIds = v["ignore-eos"] ? [] : config.eosTokenIds;
+    // a chat turn ends with the template's end token (tokenizer_config.json eos_token) too
+    const chatEnd = v.chat && tokenizer.eosTokenId !== undefined ? [tokenizer.eosTokenId] : [];
+    const eosTokenIds = v["ignore-eos"] ? [] : [...config.eosTokenIds, ...chatEnd];
     for await (
       const id of generate(model, promptIds, sampler, {
         maxTokens,

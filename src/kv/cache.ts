@@ -17,8 +17,6 @@ export interface KvCache {
   readonly shape: CacheShape;
   /** Bytes of cache per token, all layers, metadata included. */
   readonly bytesPerToken: number;
-  /** Device bytes allocated for the whole capacity. */
-  readonly allocatedBytes: number;
   /** Stores keys and values k, v [n, kv_heads * head_dim] (after RoPE) at positions pos0 .. pos0 + n - 1. */
   store(layer: number, k: Slice, v: Slice, pos0: number, n: number): void;
   /** out[n, heads, head_dim] = causal attention of q[n, heads, head_dim] at positions pos0 ..

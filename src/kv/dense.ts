@@ -19,7 +19,6 @@ export function denseBytesPerToken(
 
 export class DenseKvCache implements KvCache {
   readonly bytesPerToken: number;
-  readonly allocatedBytes: number;
   readonly #dtype: typeof DType.F16 | typeof DType.F32;
   readonly #keys: DeviceBuffer[] = [];
   readonly #values: DeviceBuffer[] = [];
@@ -33,7 +32,6 @@ export class DenseKvCache implements KvCache {
     this.#dtype = spec === "fp16" ? DType.F16 : DType.F32;
     const rowBytes = shape.kvHeads * shape.headDim * DTYPE_BYTES[this.#dtype];
     this.bytesPerToken = denseBytesPerToken(spec, shape);
-    this.allocatedBytes = this.bytesPerToken * shape.capacity;
     this.#scale = 1 / Math.sqrt(shape.headDim);
     try {
       for (let i = 0; i < shape.layers; i++) {
