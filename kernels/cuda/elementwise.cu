@@ -3,36 +3,28 @@
  * alias an input since each element is read before it is written. */
 #include "cuda.cuh"
 
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+struct SiluMul {
+  __device__ float operator()(float g, float u) const { return g / (1.0f + expf(-g)) * u; }
+};
+struct Add {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
 
-__global__ void swiglu_kernel(float *out, const float *gate, const float *up, int64_t count,
-                              bool vec) {
-  int64_t stride = (int64_t)gridDim.x * blockDim.x, t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  int64_t done = 0;
-  if (vec) {
-    int64_t n4 = count / 4;
-    for (int64_t i = t; i < n4; i += stride) {
-      float4 g = ((const float4 *)gate)[i], u = ((const float4 *)up)[i];
-      ((float4 *)out)[i] = make_float4(silu_mul(g.x, u.x), silu_mul(g.y, u.y), silu_mul(g.z, u.z),
-                                       silu_mul(g.w, u.w));
-    }
-    done = n4 * 4;
-  }
-  for (int64_t i = done + t; i < count; i += stride) out[i] = silu_mul(gate[i], up[i]);
-}
-
-__global__ void add_kernel(float *out, const float *a, const float *b, int64_t count, bool vec) {
+/* out[i] = op(a[i], b[i]); float4 loads when vec (every pointer 16-byte aligned). */
+template <typename Op>
+__global__ void pairwise_kernel(float *out, const float *a, const float *b, int64_t count, bool vec) {
+  const Op op;
   int64_t stride = (int64_t)gridDim.x * blockDim.x, t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   int64_t done = 0;
   if (vec) {
     int64_t n4 = count / 4;
     for (int64_t i = t; i < n4; i += stride) {
       float4 x = ((const float4 *)a)[i], y = ((const float4 *)b)[i];
-      ((float4 *)out)[i] = make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w);
+      ((float4 *)out)[i] = make_float4(op(x.x, y.x), op(x.y, y.y), op(x.z, y.z), op(x.w, y.w));
     }
     done = n4 * 4;
   }
-  for (int64_t i = done + t; i < count; i += stride) out[i] = a[i] + b[i];
+  for (int64_t i = done + t; i < count; i += stride) out[i] = op(a[i], b[i]);
 }
 
 static bool aligned16(const void *a, const void *b, const void *c) {
@@ -44,7 +36,7 @@ extern "C" int iq_swiglu(iq_ctx *ctx, float *out, const float *gate, const float
   if (!ctx || !out || !gate || !up) return iq_fail(ctx, IQ_ERR_ARG, "iq_swiglu: NULL argument");
   if (count <= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_swiglu: count %lld must be positive", (long long)count);
   bool vec = aligned16(out, gate, up);
-  swiglu_kernel<<<iq_blocks(ctx, vec ? count / 4 : count, 256), 256, 0, ctx->stream>>>(
+  pairwise_kernel<SiluMul><<<iq_blocks(ctx, vec ? count / 4 : count, 256), 256, 0, ctx->stream>>>(
       out, gate, up, count, vec);
   IQ_LAUNCHED(ctx);
   return IQ_OK;
@@ -54,8 +46,8 @@ extern "C" int iq_add(iq_ctx *ctx, float *out, const float *a, const float *b, i
   if (!ctx || !out || !a || !b) return iq_fail(ctx, IQ_ERR_ARG, "iq_add: NULL argument");
   if (count <= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_add: count %lld must be positive", (long long)count);
   bool vec = aligned16(out, a, b);
-  add_kernel<<<iq_blocks(ctx, vec ? count / 4 : count, 256), 256, 0, ctx->stream>>>(out, a, b,
-                                                                                   count, vec);
+  pairwise_kernel<Add><<<iq_blocks(ctx, vec ? count / 4 : count, 256), 256, 0, ctx->stream>>>(
+      out, a, b, count, vec);
   IQ_LAUNCHED(ctx);
   return IQ_OK;
 }
