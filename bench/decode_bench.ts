@@ -23,7 +23,7 @@ const models = [tiny, Deno.env.get("INNERQ_BENCH_MODEL") ?? shared].filter((dir)
 const backend = Backend.open(kind);
 for (const dir of models) {
   const config = await loadConfig(dir);
-  const model = await Transformer.load(backend, dir, config, { ctx: 1024, kv: "fp16" });
+  const model = await Transformer.load(backend, dir, config, { ctx: 1024, kv: { kind: "fp16" } });
   // fill the cache up to the position the step decodes at
   const depth = 512;
   const prompt = new Int32Array(depth).map((_, i) => (i * 7919) % config.vocabSize);

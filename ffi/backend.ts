@@ -5,7 +5,7 @@ import { type BackendKind, type KernelLibrary, openLibrary } from "./library.ts"
 export type { BackendKind } from "./library.ts";
 
 /** IQ_ABI_VERSION in kernels/innerq.h: the symbol table below matches it. */
-const ABI_VERSION = 2;
+const ABI_VERSION = 3;
 
 /** iq_dtype in kernels/innerq.h. */
 export const DType = { F32: 0, F16: 1, BF16: 2 } as const;
@@ -73,6 +73,73 @@ export interface AttentionArgs {
   headDim: number;
   cap: number;
   scale: number;
+}
+
+/** iq_kvq_params in kernels/innerq.h, field for field (all int32, in this order). */
+export interface KvqParams {
+  kvHeads: number;
+  headDim: number;
+  cap: number;
+  sink: number;
+  recent: number;
+  ring: number;
+  kBits: number;
+  kGroup: number;
+  kAxis: number;
+  vBits: number;
+  vGroup: number;
+  vAxis: number;
+  qmode: number;
+  norm: number;
+  meta: number;
+}
+const KVQ_FIELDS = [
+  "kvHeads",
+  "headDim",
+  "cap",
+  "sink",
+  "recent",
+  "ring",
+  "kBits",
+  "kGroup",
+  "kAxis",
+  "vBits",
+  "vGroup",
+  "vAxis",
+  "qmode",
+  "norm",
+  "meta",
+] as const satisfies readonly (keyof KvqParams)[];
+export const KvqAxis = { CHANNELS: 0, TOKENS: 1 } as const;
+export const KvqMode = { ASYM: 0, SYM: 1, HYBRID: 2 } as const;
+export const KvqNorm = { OFF: 0, MAX: 1, RMS: 2 } as const;
+/** The regions of a quantized layer buffer (IQ_KVQ_* in kernels/innerq.h), in order. */
+export const KVQ_REGIONS = [
+  "keyScale",
+  "sinkK",
+  "sinkV",
+  "ringK",
+  "ringV",
+  "codesK",
+  "codesV",
+  "metaK",
+  "metaV",
+] as const;
+
+/** A checked quantized-cache layout: the packed params and each region's byte offset. */
+export interface KvqLayout {
+  readonly params: Readonly<KvqParams>;
+  readonly packed: Int32Array;
+  readonly offsets: Record<typeof KVQ_REGIONS[number], number>;
+  /** Bytes of one layer's buffer. */
+  readonly bytes: number;
+}
+
+/** Tokens that leave the recent window together (kvq_block in kernels/kvq.h). */
+export function kvqBlock(p: KvqParams): number {
+  if (p.kAxis === KvqAxis.TOKENS) return p.kGroup;
+  if (p.vAxis === KvqAxis.TOKENS) return p.vGroup;
+  return 1;
 }
 
 function cString(ptr: Deno.PointerValue): string {
@@ -405,6 +472,94 @@ export class Backend {
       a.scale,
     );
     this.#check(s, "attention_decode");
+  }
+
+  /** Checks params (in C, which owns the layout) and returns the layer buffer's layout. */
+  kvqLayout(params: KvqParams): KvqLayout {
+    const packed = Int32Array.from(KVQ_FIELDS, (f) => {
+      const v = params[f];
+      if (!Number.isSafeInteger(v) || v < -(2 ** 31) || v >= 2 ** 31) {
+        throw new RangeError(`kvq ${f} must be a 32-bit integer, got ${v}`);
+      }
+      return v;
+    });
+    const out = new BigUint64Array(KVQ_REGIONS.length + 1);
+    this.#check(this.#sym.iq_kvq_layout(this.#c, packed, out), "kvq_layout");
+    const offsets = Object.fromEntries(KVQ_REGIONS.map((r, i) => [r, Number(out[i])]));
+    return {
+      params: { ...params },
+      packed,
+      offsets: offsets as KvqLayout["offsets"],
+      bytes: Number(out[KVQ_REGIONS.length]),
+    };
+  }
+
+  #checkKvq(layout: KvqLayout, layer: Slice, n: number, pos0: number, op: string): void {
+    positiveInts({ n });
+    const { cap } = layout.params;
+    if (!Number.isSafeInteger(pos0) || pos0 < 0 || pos0 + n > cap) {
+      throw new RangeError(
+        `${op}: positions ${pos0}..${pos0 + n - 1} outside a ${cap}-token cache`,
+      );
+    }
+    need(layer, layout.bytes, `${op} layer`);
+  }
+
+  /** Stores k, v [n, kvHeads * headDim] at positions pos0 .. pos0 + n - 1 of a quantized layer. */
+  kvqStore(layout: KvqLayout, layer: Slice, k: Slice, v: Slice, n: number, pos0: number): void {
+    this.#checkKvq(layout, layer, n, pos0, "kvq_store");
+    const { kvHeads, headDim, ring, recent } = layout.params;
+    const most = ring - recent - kvqBlock(layout.params) + 1;
+    if (n > most) throw new RangeError(`kvq_store: ${n} tokens, the ring takes at most ${most}`);
+    need(k, n * kvHeads * headDim * 4, "kvq_store k");
+    need(v, n * kvHeads * headDim * 4, "kvq_store v");
+    const s = this.#sym.iq_kvq_store(this.#c, layout.packed, layer.ptr, k.ptr, v.ptr, n, pos0);
+    this.#check(s, "kvq_store");
+  }
+
+  /** out[n, heads, headDim] = causal attention of q over a quantized layer. */
+  kvqAttention(
+    layout: KvqLayout,
+    layer: Slice,
+    out: Slice,
+    q: Slice,
+    n: number,
+    pos0: number,
+    heads: number,
+    scale: number,
+  ): void {
+    this.#checkKvq(layout, layer, n, pos0, "kvq_attention");
+    positiveInts({ heads });
+    if (heads % layout.params.kvHeads) {
+      throw new RangeError(
+        `kvq_attention: heads ${heads} not a multiple of kv_heads ${layout.params.kvHeads}`,
+      );
+    }
+    const rows = n * heads * layout.params.headDim * 4;
+    need(out, rows, "kvq_attention out");
+    need(q, rows, "kvq_attention q");
+    const s = this.#sym.iq_kvq_attention(
+      this.#c,
+      layout.packed,
+      layer.ptr,
+      out.ptr,
+      q.ptr,
+      n,
+      pos0,
+      heads,
+      scale,
+    );
+    this.#check(s, "kvq_attention");
+  }
+
+  /** k, v [kvHeads, len, headDim] fp32: what a query at position len - 1 sees (keys normalized). */
+  kvqDequantize(layout: KvqLayout, layer: Slice, k: Slice, v: Slice, len: number): void {
+    this.#checkKvq(layout, layer, len, 0, "kvq_dequantize");
+    const bytes = layout.params.kvHeads * len * layout.params.headDim * 4;
+    need(k, bytes, "kvq_dequantize k");
+    need(v, bytes, "kvq_dequantize v");
+    const s = this.#sym.iq_kvq_dequantize(this.#c, layout.packed, layer.ptr, k.ptr, v.ptr, len);
+    this.#check(s, "kvq_dequantize");
   }
 
   sample(a: SamplingArgs): void {

@@ -177,6 +177,52 @@ export const symbols = {
     result: "i32",
   },
 
+  iq_kvq_layout: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "buffer", // const iq_kvq_params *p
+      "buffer", // uint64_t offsets[IQ_KVQ_REGIONS + 1]
+    ],
+    result: "i32",
+  },
+  iq_kvq_store: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "buffer", // const iq_kvq_params *p
+      "pointer", // void *layer
+      "pointer", // const float *k
+      "pointer", // const float *v
+      "i32", // int n
+      "i32", // int pos0
+    ],
+    result: "i32",
+  },
+  iq_kvq_attention: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "buffer", // const iq_kvq_params *p
+      "pointer", // const void *layer
+      "pointer", // float *out
+      "pointer", // const float *q
+      "i32", // int n
+      "i32", // int pos0
+      "i32", // int heads
+      "f32", // float scale
+    ],
+    result: "i32",
+  },
+  iq_kvq_dequantize: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "buffer", // const iq_kvq_params *p
+      "pointer", // const void *layer
+      "pointer", // float *k
+      "pointer", // float *v
+      "i32", // int len
+    ],
+    result: "i32",
+  },
+
   iq_sample: {
     parameters: [
       "pointer", // iq_ctx *ctx

@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define IQ_ABI_VERSION 2
+#define IQ_ABI_VERSION 3
 
 typedef enum {
   IQ_OK = 0,
@@ -123,6 +123,94 @@ int iq_attention_decode(iq_ctx *ctx, float *out, const float *q,
                         const void *k_cache, const void *v_cache,
                         int cache_dtype, int pos, int heads, int kv_heads,
                         int head_dim, int cap, float scale);
+
+/* ---- quantized KV cache (InnerQ and KIVI-style) --------------------------
+ * One layer's keys and values live in one buffer of iq_kvq_layout bytes,
+ * per KV head:
+ *   sink:  the first `sink` positions, fp16, for the whole run;
+ *   quant: positions sink .. sink + nq - 1, b-bit codes with one (scale,
+ *          offset) fp16 pair per group: value = scale * code + offset;
+ *   ring:  fp16 rows of the latest positions (`ring` rows, a ring buffer).
+ * Position x >= sink is stream token u = x - sink, in ring slot u % ring.
+ * A query at position p (L = p + 1 tokens) sees the quantized copy of stream
+ * tokens u < nq(L) = block * floor(max(0, L - sink - recent) / block) and the
+ * fp16 copy of the rest, so `recent` .. `recent + block - 1` tokens stay fp16
+ * and tokens leave the window a whole block at a time. Prefill and decode
+ * follow the same rule for every query, so each token sees its predecessors
+ * exactly as generation would.
+ *
+ * Groups lie along one axis, chosen separately for keys and values:
+ *   IQ_AXIS_CHANNELS: `group` consecutive channels of one token (InnerQ keys,
+ *     KIVI values). Codes of a token row are contiguous; pairs [token][group].
+ *   IQ_AXIS_TOKENS: `group` consecutive tokens of one channel (InnerQ values,
+ *     KIVI keys). Per block of `group` tokens, codes [channel][token] are
+ *     contiguous; pairs [block][channel].
+ * block = the group of the side grouped along tokens (1 when neither is; both
+ * must be equal when both are).
+ * Packing: every 32 consecutive codes take `bits` uint32 words, code i at bit
+ * i * bits of their little-endian concatenation (2, 3, 4 and 8 bits).
+ * Hybrid mode quantizes each group symmetrically (offset = -2^(bits-1) *
+ * scale, so zero is exact) and asymmetrically (min/max) and keeps the pair
+ * with the lower squared error; both modes share the (scale, offset) form, so
+ * decode reads no mode bit.
+ * Key normalization: at the store of position 0, each KV head's RoPE pair i
+ * gets a factor n_i (max |k| or RMS over the stored tokens and both channels
+ * of the pair); keys are divided by it before they are cached (ring and sink
+ * too), and the caller multiplies q by it (iq_rope's pair_scale, pointing at
+ * the key_scale region), so q·k is unchanged. Off: every factor is 1. */
+
+enum { IQ_AXIS_CHANNELS = 0, IQ_AXIS_TOKENS = 1 };
+enum { IQ_QMODE_ASYM = 0, IQ_QMODE_SYM = 1, IQ_QMODE_HYBRID = 2 };
+enum { IQ_NORM_OFF = 0, IQ_NORM_MAX = 1, IQ_NORM_RMS = 2 };
+enum { IQ_META_F16 = 0 };
+
+typedef struct {
+  int32_t kv_heads, head_dim, cap; /* cap: positions the cache holds */
+  int32_t sink, recent, ring;      /* ring >= recent + block + the longest store */
+  int32_t k_bits, k_group, k_axis;
+  int32_t v_bits, v_group, v_axis;
+  int32_t qmode, norm, meta;
+} iq_kvq_params;
+
+/* Regions of a layer buffer, in order; offsets[IQ_KVQ_REGIONS] is the size. */
+enum {
+  IQ_KVQ_KEY_SCALE = 0, /* f32 [kv_heads, head_dim / 2] */
+  IQ_KVQ_SINK_K,        /* f16 [kv_heads, sink, head_dim] */
+  IQ_KVQ_SINK_V,
+  IQ_KVQ_RING_K, /* f16 [kv_heads, ring, head_dim] */
+  IQ_KVQ_RING_V,
+  IQ_KVQ_CODES_K, /* u32 per KV head: quant_cap tokens of head_dim codes */
+  IQ_KVQ_CODES_V,
+  IQ_KVQ_META_K, /* f16 (scale, offset) pairs per KV head */
+  IQ_KVQ_META_V,
+  IQ_KVQ_REGIONS
+};
+
+/* Checks p and writes the byte offsets of every region (each 256-aligned)
+ * and, last, the buffer's size. */
+int iq_kvq_layout(iq_ctx *ctx, const iq_kvq_params *p,
+                  uint64_t offsets[IQ_KVQ_REGIONS + 1]);
+
+/* Stores k, v [n, kv_heads * head_dim] (keys after RoPE) at positions pos0 ..
+ * pos0 + n - 1 (n <= ring - recent - block + 1), computing the key
+ * normalization first when pos0 == 0, and quantizes every block these tokens
+ * complete. Positions must be stored in order. */
+int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer,
+                 const float *k, const float *v, int n, int pos0);
+
+/* Causal attention of q[n, heads, head_dim] (already multiplied by the key
+ * normalization) at positions pos0 .. pos0 + n - 1 over the cache, each query
+ * seeing the cache as the rule above says. out[n, heads, head_dim]. */
+int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer,
+                     float *out, const float *q, int n, int pos0, int heads,
+                     float scale);
+
+/* What a query at position len - 1 sees when len positions are stored, in
+ * normalized key space:
+ * k, v [kv_heads, len, head_dim] fp32 (sink and ring rows as stored,
+ * quantized rows dequantized). For tests and tools; not fast. */
+int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer,
+                      float *k, float *v, int len);
 
 /* ---- sampling ------------------------------------------------------------ */
 

@@ -14,7 +14,6 @@ import {
   type ShapeName,
   writeRandomModel,
 } from "../src/model/random_model.ts";
-import type { KvSpec } from "../src/kv/spec.ts";
 import { randomInts } from "./random.ts";
 
 const SHARED_MODELS = new URL("../../shared/models/", import.meta.url).pathname;
@@ -46,7 +45,7 @@ async function withModel<T>(
 async function logitsOf(
   dir: string,
   tokens: Int32Array,
-  opts: { chunk: number; kv?: KvSpec; threads?: number },
+  opts: { chunk: number; kv?: string; threads?: number },
 ): Promise<Float32Array> {
   const config = await loadConfig(dir);
   using backend = Backend.open("cpu", { threads: opts.threads ?? 2 });

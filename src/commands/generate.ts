@@ -30,7 +30,8 @@ Model and runtime
                          default: ../shared/models/gsmwiki-28m, else a tiny random-weight model
   -c, --ctx N            context length: tokens the KV cache holds (default: the model's
                          max_position_embeddings, at most 4096)
-      --kv SPEC          KV cache: fp16 (default) or fp32
+      --kv SPEC          KV cache: fp16 (default), fp32, innerq:k4v2[,opts], kivi:k2v2[,opts]
+                         (see innerq info --help and docs/kv-cache.md)
       --device D         auto (default: CUDA when present), cuda or cpu
   -t, --threads N        CPU threads (default: all cores)
 Prompt

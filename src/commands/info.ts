@@ -3,18 +3,30 @@ import { parseArgs } from "node:util";
 import { loadConfig } from "../model/config.ts";
 import { openModelWeights } from "../model/safetensors.ts";
 import { matchTensors } from "../model/weights.ts";
-import { KV_SPECS, kvBytesPerToken } from "../kv/spec.ts";
+import { checkKvSpec, kvBytesPerToken, parseKvSpec } from "../kv/spec.ts";
 import { defaultModel, EXIT, formatBytes, formatCount, UsageError } from "./common.ts";
 
 export const INFO_HELP = `innerq info: describe a model directory
 
-Usage: innerq info [--model DIR] [--json]
+Usage: innerq info [--model DIR] [--kv SPEC ...] [--json]
   -m, --model DIR   Hugging Face model directory (default: as for generate)
+      --kv SPEC     a KV cache spec to report bytes per token for (repeatable; default: fp16
+                    and the main innerq and kivi settings)
       --json        one JSON object instead of text
   -h, --help        this help
 
 Exit codes: 0 done, 1 bad model files, 2 bad command line.
 `;
+
+const DEFAULT_SPECS = [
+  "fp16",
+  "innerq:k8v8",
+  "innerq:k4v4",
+  "innerq:k4v2",
+  "innerq:k2v2",
+  "kivi:k4v4",
+  "kivi:k2v2",
+];
 
 export async function runInfo(args: string[]): Promise<number> {
   let parsed;
@@ -23,6 +35,7 @@ export async function runInfo(args: string[]): Promise<number> {
       args,
       options: {
         model: { type: "string", short: "m" },
+        kv: { type: "string", multiple: true },
         json: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
@@ -36,6 +49,12 @@ export async function runInfo(args: string[]): Promise<number> {
     console.log(INFO_HELP);
     return EXIT.ok;
   }
+  let specs;
+  try {
+    specs = (v.kv ?? DEFAULT_SPECS).map((text) => ({ text, spec: parseKvSpec(text) }));
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
   const dir = v.model ?? await defaultModel(v.json ?? false);
   const c = await loadConfig(dir);
   const tensors = matchTensors(dir, c, await openModelWeights(dir));
@@ -48,7 +67,18 @@ export async function runInfo(args: string[]): Promise<number> {
     kvHeads: c.numKvHeads,
     headDim: c.headDim,
   };
-  const kv = Object.fromEntries(KV_SPECS.map((spec) => [spec, kvBytesPerToken(spec, shape)]));
+  // the default list shows what applies to this model; a spec asked for must apply
+  const usable = specs.filter(({ spec }) => {
+    try {
+      checkKvSpec(spec, c.headDim);
+      return true;
+    } catch (e) {
+      if (v.kv) throw new UsageError((e as Error).message);
+      return false;
+    }
+  });
+  // keyed by the spec as written; every option is spelled out in docs/kv-cache.md
+  const kv = Object.fromEntries(usable.map((s) => [s.text, kvBytesPerToken(s.spec, shape)]));
   const info = {
     model: dir,
     architecture: c.architecture,
@@ -85,10 +115,10 @@ export async function runInfo(args: string[]): Promise<number> {
       `${c.maxPositionEmbeddings} tokens (rope theta ${c.ropeTheta}, scaling ${c.ropeScaling.type})`,
     ],
     ["tied embeddings", String(c.tieWordEmbeddings)],
-    ...KV_SPECS.map((spec): [string, string] => [
-      `kv cache ${spec}`,
-      `${formatBytes(kv[spec])}/token, ${
-        formatBytes(kv[spec] * c.maxPositionEmbeddings)
+    ...Object.entries(kv).map(([spec, bytes]): [string, string] => [
+      `kv ${spec}`,
+      `${formatBytes(bytes)}/token, ${
+        formatBytes(bytes * c.maxPositionEmbeddings)
       } at full context`,
     ]),
   ];

@@ -12,12 +12,13 @@ import {
   type Weight,
 } from "../model/weights.ts";
 import type { KvCache } from "../kv/cache.ts";
-import { kvBytesPerToken, type KvSpec, makeKvCache } from "../kv/spec.ts";
+import { formatKvSpec, kvCacheBytes, type KvSpec, makeKvCache, parseKvSpec } from "../kv/spec.ts";
 
 export interface LoadOptions {
   /** Context length: tokens the KV cache holds (default: the model's max_position_embeddings). */
   ctx?: number;
-  kv?: KvSpec;
+  /** The KV cache: a spec or its text (default fp16). */
+  kv?: KvSpec | string;
   /** Most tokens per forward call; longer prompts are prefilled in chunks. */
   chunk?: number;
   /** Keep logits for every token of a chunk, not only the last (perplexity needs them). */
@@ -117,13 +118,16 @@ export class Transformer {
       kvHeads: config.numKvHeads,
       headDim: config.headDim,
       capacity: ctx,
+      chunk,
     };
-    const kv = opts.kv ?? "fp16";
-    const cacheBytes = kvBytesPerToken(kv, shape) * ctx;
+    const kv = typeof opts.kv === "string" ? parseKvSpec(opts.kv) : opts.kv ?? { kind: "fp16" };
+    const cacheBytes = kvCacheBytes(backend, kv, shape);
     const stateBytes = RunState.bytes(config, chunk, allLogits ? chunk : 1, ctx);
     const reserve = {
       bytes: cacheBytes + stateBytes,
-      what: `${kv} KV cache for ${ctx} tokens ${gib(cacheBytes)}, activations ${gib(stateBytes)}`,
+      what: `${formatKvSpec(kv)} KV cache for ${ctx} tokens ${gib(cacheBytes)}, activations ${
+        gib(stateBytes)
+      }`,
     };
     const weights = await loadWeights(backend, dir, config, opts.onProgress, reserve);
     let cache: KvCache | null = null;
@@ -166,9 +170,11 @@ export class Transformer {
       linear(be, s.q, s.xb, L.wq, L.bq, n); // q = xb Wqᵀ (n, heads * head_dim)
       linear(be, s.k, s.xb, L.wk, L.bk, n); // k = xb Wkᵀ (n, kv_heads * head_dim)
       linear(be, s.v, s.xb, L.wv, L.bv, n); // v = xb Wvᵀ
-      be.rope(s.q, positions, s.invFreq, n, c.numHeads, c.headDim); // rotate q
       be.rope(s.k, positions, s.invFreq, n, c.numKvHeads, c.headDim); // rotate k
       this.cache.store(l, s.k, s.v, pos0, n); // cache k, v at pos0 ..
+      const qScale = this.cache.queryScale(l); // the keys' normalization, folded into q
+      const scale = qScale && { pairs: qScale, heads: c.numKvHeads };
+      be.rope(s.q, positions, s.invFreq, n, c.numHeads, c.headDim, scale); // rotate (and scale) q
       this.cache.attend(l, s.q, s.att, pos0, n); // att = softmax(q kᵀ / sqrt(d)) v, causal, GQA
       linear(be, s.xb, s.att, L.wo, L.bo, n); // xb = att Woᵀ (n, dim)
       be.add(s.x, s.x, s.xb, n * dim); // x += xb

@@ -12,13 +12,14 @@ import type { CacheShape, KvCache } from "./cache.ts";
 /** Keys and values of every layer, per token. */
 export function denseBytesPerToken(
   spec: "fp16" | "fp32",
-  shape: Omit<CacheShape, "capacity">,
+  shape: Omit<CacheShape, "capacity" | "chunk">,
 ): number {
   return 2 * shape.layers * shape.kvHeads * shape.headDim * (spec === "fp16" ? 2 : 4);
 }
 
 export class DenseKvCache implements KvCache {
   readonly bytesPerToken: number;
+  readonly fixedBytes = 0;
   readonly #dtype: typeof DType.F16 | typeof DType.F32;
   readonly #keys: DeviceBuffer[] = [];
   readonly #values: DeviceBuffer[] = [];
@@ -48,6 +49,10 @@ export class DenseKvCache implements KvCache {
     const { kvHeads, headDim, capacity } = this.shape;
     this.backend.kvStore(this.#keys[layer], this.#dtype, k, n, pos0, kvHeads, headDim, capacity);
     this.backend.kvStore(this.#values[layer], this.#dtype, v, n, pos0, kvHeads, headDim, capacity);
+  }
+
+  queryScale(): null {
+    return null;
   }
 
   attend(layer: number, q: Slice, out: Slice, pos0: number, n: number): void {

@@ -1,0 +1,347 @@
+/* kvq.c: the quantized KV cache (innerq.h describes the format): store with
+ * key normalization and block quantization, attention that folds the
+ * dequantization into its dot products, and a dequantizer for tests. The
+ * reference the CUDA kernels are tested against: plain loops, no tricks. */
+#include <math.h>
+#include <string.h>
+
+#include "cpu.h"
+#include "../kvq.h"
+
+/* Pointers to one layer's regions. */
+typedef struct {
+  float *key_scale;
+  uint16_t *sink_k, *sink_v, *ring_k, *ring_v;
+  uint32_t *codes_k, *codes_v;
+  uint16_t *meta_k, *meta_v; /* (scale, offset) fp16 pairs */
+} kvq_regions;
+
+static kvq_regions regions(const iq_kvq_params *p, const void *layer) {
+  uint64_t off[IQ_KVQ_REGIONS + 1];
+  kvq_offsets(p, off);
+  char *b = (char *)layer;
+  return (kvq_regions){
+      .key_scale = (float *)(b + off[IQ_KVQ_KEY_SCALE]),
+      .sink_k = (uint16_t *)(b + off[IQ_KVQ_SINK_K]),
+      .sink_v = (uint16_t *)(b + off[IQ_KVQ_SINK_V]),
+      .ring_k = (uint16_t *)(b + off[IQ_KVQ_RING_K]),
+      .ring_v = (uint16_t *)(b + off[IQ_KVQ_RING_V]),
+      .codes_k = (uint32_t *)(b + off[IQ_KVQ_CODES_K]),
+      .codes_v = (uint32_t *)(b + off[IQ_KVQ_CODES_V]),
+      .meta_k = (uint16_t *)(b + off[IQ_KVQ_META_K]),
+      .meta_v = (uint16_t *)(b + off[IQ_KVQ_META_V]),
+  };
+}
+
+int iq_kvq_layout(iq_ctx *ctx, const iq_kvq_params *p, uint64_t offsets[IQ_KVQ_REGIONS + 1]) {
+  int st = kvq_check_params(ctx, "iq_kvq_layout", p);
+  if (st) return st;
+  if (!offsets) return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_layout: NULL offsets");
+  kvq_offsets(p, offsets);
+  return IQ_OK;
+}
+
+/* fp16 row of position x of KV head h, from the sink or the ring. */
+static const uint16_t *fp16_row(const iq_kvq_params *p, const uint16_t *sink,
+                                const uint16_t *ring, int h, int64_t x) {
+  int64_t d = p->head_dim;
+  if (x < p->sink) return sink + ((int64_t)h * p->sink + x) * d;
+  return ring + ((int64_t)h * p->ring + (x - p->sink) % p->ring) * d;
+}
+
+/* Per KV head and RoPE pair: the statistic of |k| over n tokens and both
+ * channels of the pair; 1 where off or zero. */
+static void key_normalization(const iq_kvq_params *p, float *key_scale, const float *k, int n) {
+  int d = p->head_dim, half = d / 2;
+  for (int h = 0; h < p->kv_heads; h++)
+    for (int i = 0; i < half; i++) {
+      double stat = 0.0;
+      for (int t = 0; t < n && p->norm != IQ_NORM_OFF; t++)
+        for (int c = i; c < d; c += half) {
+          double x = k[((int64_t)t * p->kv_heads + h) * d + c];
+          stat = p->norm == IQ_NORM_MAX ? fmax(stat, fabs(x)) : stat + x * x;
+        }
+      if (p->norm == IQ_NORM_RMS) stat = sqrt(stat / (2.0 * n));
+      key_scale[h * half + i] = stat > 0.0 ? (float)stat : 1.0f;
+    }
+}
+
+/* Quantizes a block's tile [B, head_dim] of one side into its codes and pairs. */
+static void quantize_tile(const float *tile, int block, int head_dim, int bits, int group,
+                          int axis, int qmode, uint8_t *codes, uint32_t *words, uint16_t *meta) {
+  int groups = block * head_dim / group;
+  int stride = axis == IQ_AXIS_CHANNELS ? 1 : head_dim;
+  for (int gi = 0; gi < groups; gi++) {
+    int t, c;
+    kvq_group_entry(axis, group, head_dim, gi, 0, &t, &c);
+    const float *x = tile + (int64_t)t * head_dim + c;
+    float scale, offset;
+    kvq_group_params(x, stride, group, bits, qmode, &scale, &offset);
+    meta[2 * gi] = kvq_f16_bits(scale);
+    meta[2 * gi + 1] = kvq_f16_bits(offset);
+    for (int e = 0; e < group; e++)
+      codes[gi * group + e] = (uint8_t)kvq_code(x[e * stride], scale, offset, bits);
+  }
+  for (int64_t w = 0; w < (int64_t)block * head_dim * bits / 32; w++)
+    words[w] = kvq_pack_word(codes, w, bits);
+}
+
+/* Quantizes stream block j of KV head h from the ring. */
+static void quantize_block(const iq_kvq_params *p, const kvq_regions *r, int h, int64_t j,
+                           float *tile, uint8_t *codes) {
+  int b = kvq_block(p), d = p->head_dim;
+  int64_t qcap = kvq_quant_cap(p), first = j * b; /* first stream token */
+  for (int side = 0; side < 2; side++) {
+    const uint16_t *ring = side ? r->ring_v : r->ring_k;
+    for (int t = 0; t < b; t++) {
+      const uint16_t *row = ring + ((int64_t)h * p->ring + (first + t) % p->ring) * d;
+      for (int c = 0; c < d; c++) tile[t * d + c] = iq_f16_to_f32(row[c]);
+    }
+    int bits = side ? p->v_bits : p->k_bits, group = side ? p->v_group : p->k_group;
+    uint32_t *words = (side ? r->codes_v : r->codes_k) + ((int64_t)h * qcap + first) * d * bits / 32;
+    uint16_t *meta = (side ? r->meta_v : r->meta_k) + ((int64_t)h * qcap + first) * d / group * 2;
+    quantize_tile(tile, b, d, bits, group, side ? p->v_axis : p->k_axis, p->qmode, codes, words,
+                  meta);
+  }
+}
+
+int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, const float *k,
+                 const float *v, int n, int pos0) {
+  int st = kvq_check_params(ctx, "iq_kvq_store", p);
+  if (st) return st;
+  if (!ctx || !layer || !k || !v) return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_store: NULL argument");
+  int b = kvq_block(p), d = p->head_dim, half = d / 2;
+  if (n <= 0 || pos0 < 0 || (int64_t)pos0 + n > p->cap || n > p->ring - p->recent - b + 1)
+    return iq_fail(ctx, IQ_ERR_ARG,
+                   "iq_kvq_store: %d tokens at %d: needs 1..%d tokens within a %d-token cache",
+                   n, pos0, p->ring - p->recent - b + 1, p->cap);
+  kvq_regions r = regions(p, layer);
+  if (pos0 == 0) key_normalization(p, r.key_scale, k, n);
+  for (int t = 0; t < n; t++)
+    for (int h = 0; h < p->kv_heads; h++) {
+      int64_t x = (int64_t)pos0 + t, src = ((int64_t)t * p->kv_heads + h) * d;
+      uint16_t *kr = (uint16_t *)fp16_row(p, r.sink_k, r.ring_k, h, x);
+      uint16_t *vr = (uint16_t *)fp16_row(p, r.sink_v, r.ring_v, h, x);
+      for (int c = 0; c < d; c++) {
+        kr[c] = iq_f32_to_f16(k[src + c] / r.key_scale[h * half + c % half]);
+        vr[c] = iq_f32_to_f16(v[src + c]);
+      }
+    }
+  /* blocks these tokens complete */
+  int64_t done = pos0 > p->sink ? (pos0 - p->sink) / b : 0;
+  int64_t now = (int64_t)pos0 + n > p->sink ? ((int64_t)pos0 + n - p->sink) / b : 0;
+  if (now == done) return IQ_OK;
+  void *scratch;
+  st = iq_scratch(ctx, (size_t)b * d * (sizeof(float) + 1), &scratch);
+  if (st) return st;
+  float *tile = (float *)scratch;
+  uint8_t *codes = (uint8_t *)(tile + (int64_t)b * d);
+  for (int64_t j = done; j < now; j++)
+    for (int h = 0; h < p->kv_heads; h++) quantize_block(p, &r, h, j, tile, codes);
+  return IQ_OK;
+}
+
+/* The dequantized entry (token u of the stream, channel c) of one side. */
+static float dequantized(const uint32_t *codes, const uint16_t *meta, int64_t u, int c, int d,
+                         int bits, int group, int axis, int block) {
+  int64_t j = u / block, t = u % block, gi, e;
+  if (axis == IQ_AXIS_CHANNELS) {
+    gi = t * (d / group) + c / group;
+    e = c % group;
+  } else {
+    gi = c;
+    e = t;
+  }
+  int64_t base = j * block * d; /* the block's first code */
+  float code = (float)kvq_code_at(codes, base + gi * group + e, bits);
+  const uint16_t *pair = meta + (base / group + gi) * 2;
+  return iq_f16_to_f32(pair[0]) * code + iq_f16_to_f32(pair[1]);
+}
+
+int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *k, float *v,
+                      int len) {
+  int st = kvq_check_params(ctx, "iq_kvq_dequantize", p);
+  if (st) return st;
+  if (!ctx || !layer || !k || !v) return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_dequantize: NULL argument");
+  if (len <= 0 || len > p->cap)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_dequantize: len %d outside 1..%d", len, p->cap);
+  kvq_regions r = regions(p, layer);
+  int d = p->head_dim, b = kvq_block(p);
+  int64_t nq = kvq_quantized(p, len), qcap = kvq_quant_cap(p);
+  for (int h = 0; h < p->kv_heads; h++)
+    for (int64_t x = 0; x < len; x++) {
+      float *ko = k + ((int64_t)h * len + x) * d, *vo = v + ((int64_t)h * len + x) * d;
+      int64_t u = x - p->sink;
+      if (u >= 0 && u < nq) {
+        const uint32_t *ck = r.codes_k + (int64_t)h * qcap * d * p->k_bits / 32;
+        const uint32_t *cv = r.codes_v + (int64_t)h * qcap * d * p->v_bits / 32;
+        const uint16_t *mk = r.meta_k + (int64_t)h * qcap * d / p->k_group * 2;
+        const uint16_t *mv = r.meta_v + (int64_t)h * qcap * d / p->v_group * 2;
+        for (int c = 0; c < d; c++) {
+          ko[c] = dequantized(ck, mk, u, c, d, p->k_bits, p->k_group, p->k_axis, b);
+          vo[c] = dequantized(cv, mv, u, c, d, p->v_bits, p->v_group, p->v_axis, b);
+        }
+      } else {
+        const uint16_t *kr = fp16_row(p, r.sink_k, r.ring_k, h, x);
+        const uint16_t *vr = fp16_row(p, r.sink_v, r.ring_v, h, x);
+        for (int c = 0; c < d; c++) {
+          ko[c] = iq_f16_to_f32(kr[c]);
+          vo[c] = iq_f16_to_f32(vr[c]);
+        }
+      }
+    }
+  return IQ_OK;
+}
+
+typedef struct {
+  const iq_kvq_params *p;
+  kvq_regions r;
+  float *out;
+  const float *q;
+  int n, pos0, heads;
+  float scale;
+  float *scratch; /* per worker: scores[cap] then head_dim floats */
+} kvq_job;
+
+/* Scores of the quantized stream tokens [0, nq) for query row q, folding
+ * each group's (scale, offset) into the dot product: channel-grouped keys take
+ * scale * Σ q·code + offset * Σ q over the group (the group sums of q computed
+ * once); token-grouped keys take Σ (q·scale) code + Σ q·offset per block. */
+static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t nq, float *s) {
+  const iq_kvq_params *p = j->p;
+  int d = p->head_dim, bits = p->k_bits, g = p->k_group, b = kvq_block(p);
+  int64_t qcap = kvq_quant_cap(p);
+  const uint32_t *codes = j->r.codes_k + (int64_t)kvh * qcap * d * bits / 32;
+  const uint16_t *meta = j->r.meta_k + (int64_t)kvh * qcap * d / g * 2;
+  if (p->k_axis == IQ_AXIS_CHANNELS) {
+    float qsum[256];
+    for (int gi = 0; gi < d / g; gi++) {
+      qsum[gi] = 0.0f;
+      for (int e = 0; e < g; e++) qsum[gi] += q[gi * g + e];
+    }
+    for (int64_t u = 0; u < nq; u++) {
+      float acc = 0.0f;
+      for (int gi = 0; gi < d / g; gi++) {
+        float dot = 0.0f;
+        for (int e = 0; e < g; e++)
+          dot += q[gi * g + e] * (float)kvq_code_at(codes, u * d + gi * g + e, bits);
+        const uint16_t *pair = meta + (u * (d / g) + gi) * 2;
+        acc += iq_f16_to_f32(pair[0]) * dot + iq_f16_to_f32(pair[1]) * qsum[gi];
+      }
+      s[u] = acc;
+    }
+  } else {
+    float qs[256];
+    for (int64_t blk = 0; blk < nq / b; blk++) {
+      float bias = 0.0f;
+      for (int c = 0; c < d; c++) {
+        const uint16_t *pair = meta + (blk * d + c) * 2;
+        qs[c] = q[c] * iq_f16_to_f32(pair[0]);
+        bias += q[c] * iq_f16_to_f32(pair[1]);
+      }
+      for (int t = 0; t < b; t++) {
+        float acc = bias;
+        for (int c = 0; c < d; c++)
+          acc += qs[c] * (float)kvq_code_at(codes, blk * b * d + c * b + t, bits);
+        s[blk * b + t] = acc;
+      }
+    }
+  }
+}
+
+/* out += Σ_u w[u] v_u over the quantized stream tokens [0, nq): token-grouped
+ * values take scale * Σ w·code + offset * Σ w per block and channel (the block
+ * sums of w computed once); channel-grouped values take Σ (w·scale) code + Σ
+ * w·offset per token and group. */
+static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t nq, float *out) {
+  const iq_kvq_params *p = j->p;
+  int d = p->head_dim, bits = p->v_bits, g = p->v_group, b = kvq_block(p);
+  int64_t qcap = kvq_quant_cap(p);
+  const uint32_t *codes = j->r.codes_v + (int64_t)kvh * qcap * d * bits / 32;
+  const uint16_t *meta = j->r.meta_v + (int64_t)kvh * qcap * d / g * 2;
+  if (p->v_axis == IQ_AXIS_TOKENS) {
+    for (int64_t blk = 0; blk < nq / b; blk++) {
+      float wsum = 0.0f;
+      for (int t = 0; t < b; t++) wsum += w[blk * b + t];
+      for (int c = 0; c < d; c++) {
+        float dot = 0.0f;
+        for (int t = 0; t < b; t++)
+          dot += w[blk * b + t] * (float)kvq_code_at(codes, blk * b * d + c * b + t, bits);
+        const uint16_t *pair = meta + (blk * d + c) * 2;
+        out[c] += iq_f16_to_f32(pair[0]) * dot + iq_f16_to_f32(pair[1]) * wsum;
+      }
+    }
+  } else {
+    for (int64_t u = 0; u < nq; u++)
+      for (int gi = 0; gi < d / g; gi++) {
+        const uint16_t *pair = meta + (u * (d / g) + gi) * 2;
+        float ws = w[u] * iq_f16_to_f32(pair[0]), wo = w[u] * iq_f16_to_f32(pair[1]);
+        for (int e = 0; e < g; e++)
+          out[gi * g + e] += ws * (float)kvq_code_at(codes, u * d + gi * g + e, bits) + wo;
+      }
+  }
+}
+
+/* One query row (query t, head h): scores over sink | quantized | ring, one
+ * exact softmax, then the weighted values. */
+static void attend_row(const kvq_job *j, int t, int h, float *s, float *acc) {
+  const iq_kvq_params *p = j->p;
+  int d = p->head_dim, kvh = h / (j->heads / p->kv_heads);
+  int64_t len = (int64_t)j->pos0 + t + 1, nq = kvq_quantized(p, len);
+  int64_t sink = len < p->sink ? len : p->sink;
+  const float *q = j->q + ((int64_t)t * j->heads + h) * d;
+  /* s[x] for every position x < len: sink, then quantized, then ring rows */
+  for (int64_t x = 0; x < len; x++) {
+    if (x >= sink && x - sink < nq) continue;
+    const uint16_t *kr = fp16_row(p, j->r.sink_k, j->r.ring_k, kvh, x);
+    float dot = 0.0f;
+    for (int c = 0; c < d; c++) dot += q[c] * iq_f16_to_f32(kr[c]);
+    s[x] = dot;
+  }
+  quantized_scores(j, kvh, q, nq, s + sink);
+  float max = -INFINITY, sum = 0.0f;
+  for (int64_t x = 0; x < len; x++) {
+    s[x] *= j->scale;
+    max = s[x] > max ? s[x] : max;
+  }
+  for (int64_t x = 0; x < len; x++) {
+    s[x] = expf(s[x] - max);
+    sum += s[x];
+  }
+  for (int64_t x = 0; x < len; x++) s[x] /= sum;
+  memset(acc, 0, (size_t)d * sizeof(float));
+  for (int64_t x = 0; x < len; x++) {
+    if (x >= sink && x - sink < nq) continue;
+    const uint16_t *vr = fp16_row(p, j->r.sink_v, j->r.ring_v, kvh, x);
+    for (int c = 0; c < d; c++) acc[c] += s[x] * iq_f16_to_f32(vr[c]);
+  }
+  quantized_values(j, kvh, s + sink, nq, acc);
+  memcpy(j->out + ((int64_t)t * j->heads + h) * d, acc, (size_t)d * sizeof(float));
+}
+
+static void attend_range(void *arg, int64_t begin, int64_t end, int worker) {
+  const kvq_job *j = arg;
+  float *s = j->scratch + (int64_t)worker * (j->p->cap + j->p->head_dim);
+  for (int64_t i = begin; i < end; i++)
+    attend_row(j, (int)(i / j->heads), (int)(i % j->heads), s, s + j->p->cap);
+}
+
+int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
+                     const float *q, int n, int pos0, int heads, float scale) {
+  int st = kvq_check_params(ctx, "iq_kvq_attention", p);
+  if (st) return st;
+  if (!ctx || !layer || !out || !q)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_attention: NULL argument");
+  if (n <= 0 || pos0 < 0 || (int64_t)pos0 + n > p->cap || heads <= 0 || heads % p->kv_heads)
+    return iq_fail(ctx, IQ_ERR_ARG,
+                   "iq_kvq_attention: %d queries at %d in a %d-token cache, heads %d a multiple "
+                   "of kv_heads %d",
+                   n, pos0, p->cap, heads, p->kv_heads);
+  void *scratch;
+  st = iq_scratch(ctx, (size_t)ctx->threads * (p->cap + p->head_dim) * sizeof(float), &scratch);
+  if (st) return st;
+  kvq_job j = {.p = p, .r = regions(p, layer), .out = out, .q = q, .n = n, .pos0 = pos0,
+               .heads = heads, .scale = scale, .scratch = scratch};
+  iq_parallel_for(ctx, (int64_t)n * heads, 1, attend_range, &j);
+  return IQ_OK;
+}

@@ -1,0 +1,185 @@
+/* kvq.h: the quantized KV cache's layout and quantization arithmetic, shared
+ * by both backends so they write the same bytes (innerq.h describes the
+ * format). Include after the backend's header, which declares iq_fail; the
+ * CUDA backend compiles its users with -fmad=false, so every float operation
+ * here rounds as in C. */
+#ifndef INNERQ_KVQ_H
+#define INNERQ_KVQ_H
+
+#include <math.h>
+#include <stdint.h>
+
+#include "innerq.h"
+
+#ifdef __CUDACC__
+#include <cuda_fp16.h>
+#define KVQ_HD __host__ __device__
+static KVQ_HD inline float kvq_round_f16(float x) { return __half2float(__float2half_rn(x)); }
+static KVQ_HD inline uint16_t kvq_f16_bits(float x) {
+  return __half_as_ushort(__float2half_rn(x));
+}
+#else
+#define KVQ_HD
+static inline float kvq_round_f16(float x) { return iq_f16_to_f32(iq_f32_to_f16(x)); }
+static inline uint16_t kvq_f16_bits(float x) { return iq_f32_to_f16(x); }
+#endif
+
+#define KVQ_MAX_GROUP 256
+
+/* Tokens that leave the recent window together: the token-axis group. */
+static KVQ_HD inline int kvq_block(const iq_kvq_params *p) {
+  if (p->k_axis == IQ_AXIS_TOKENS) return p->k_group;
+  if (p->v_axis == IQ_AXIS_TOKENS) return p->v_group;
+  return 1;
+}
+
+/* Stream tokens of the quantized region a query sees when len tokens exist. */
+static KVQ_HD inline int64_t kvq_quantized(const iq_kvq_params *p, int64_t len) {
+  int64_t over = len - p->sink - p->recent;
+  int b = kvq_block(p);
+  return over > 0 ? over / b * b : 0;
+}
+
+/* Stream tokens each KV head has room for in the quantized region. */
+static inline int64_t kvq_quant_cap(const iq_kvq_params *p) {
+  int64_t b = kvq_block(p), q = p->cap > p->sink ? p->cap - p->sink : 0;
+  return (q + b - 1) / b * b;
+}
+
+/* Code i of a packed array: 32 codes take `bits` words, code i at bit i * bits. */
+static KVQ_HD inline uint32_t kvq_code_at(const uint32_t *words, int64_t i, int bits) {
+  int64_t bit = i * bits;
+  int shift = (int)(bit & 31);
+  uint64_t pair = words[bit >> 5];
+  if (shift + bits > 32) pair |= (uint64_t)words[(bit >> 5) + 1] << 32;
+  return (uint32_t)(pair >> shift) & ((1u << bits) - 1);
+}
+
+/* Word w of the packing of codes[] (one code a byte). */
+static KVQ_HD inline uint32_t kvq_pack_word(const uint8_t *codes, int64_t w, int bits) {
+  int64_t first = (w * 32) / bits, last = (w * 32 + 31) / bits;
+  uint32_t word = 0;
+  for (int64_t i = first; i <= last; i++) {
+    int64_t shift = i * bits - w * 32; /* may be negative for a code begun in the word before */
+    uint32_t c = codes[i];
+    word |= shift >= 0 ? c << shift : c >> -shift;
+  }
+  return word;
+}
+
+static KVQ_HD inline int kvq_code(float x, float scale, float offset, int bits) {
+  if (!(scale > 0.0f)) return 0;
+  float c = rintf((x - offset) / scale);
+  float top = (float)((1 << bits) - 1);
+  return (int)(c < 0.0f ? 0.0f : c > top ? top : c);
+}
+
+/* Sum of squared error of one group quantized with (scale, offset). */
+static KVQ_HD inline float kvq_group_error(const float *x, int stride, int count, int bits,
+                                           float scale, float offset) {
+  float sse = 0.0f;
+  for (int e = 0; e < count; e++) {
+    float xe = x[e * stride];
+    float d = xe - (scale * (float)kvq_code(xe, scale, offset, bits) + offset);
+    sse += d * d;
+  }
+  return sse;
+}
+
+/* The (scale, offset) pair of one group of count values x[e * stride], both
+ * rounded to fp16 as stored: asymmetric (min/max), symmetric (zero exact), or
+ * in hybrid mode the lower-error one (asymmetric on ties). */
+static KVQ_HD inline void kvq_group_params(const float *x, int stride, int count, int bits,
+                                           int qmode, float *scale, float *offset) {
+  float lo = x[0], hi = x[0];
+  for (int e = 1; e < count; e++) {
+    float xe = x[e * stride];
+    lo = xe < lo ? xe : lo;
+    hi = xe > hi ? xe : hi;
+  }
+  float a_scale = kvq_round_f16((hi - lo) / (float)((1 << bits) - 1));
+  float a_offset = kvq_round_f16(lo);
+  float amax = fmaxf(fabsf(lo), fabsf(hi));
+  float s_scale = kvq_round_f16(amax / (float)((1 << (bits - 1)) - 1));
+  float s_offset = kvq_round_f16(-(float)(1 << (bits - 1)) * s_scale);
+  int sym = qmode == IQ_QMODE_SYM;
+  if (qmode == IQ_QMODE_HYBRID)
+    sym = kvq_group_error(x, stride, count, bits, s_scale, s_offset) <
+          kvq_group_error(x, stride, count, bits, a_scale, a_offset);
+  *scale = sym ? s_scale : a_scale;
+  *offset = sym ? s_offset : a_offset;
+}
+
+/* Within a block of B tokens x hd channels, group gi's element e is tile
+ * entry (token, channel) below; its code is local index gi * group + e and its
+ * pair is local pair gi, on both axes. */
+static KVQ_HD inline void kvq_group_entry(int axis, int group, int head_dim, int gi, int e,
+                                          int *token, int *channel) {
+  if (axis == IQ_AXIS_CHANNELS) {
+    *token = gi / (head_dim / group);
+    *channel = gi % (head_dim / group) * group + e;
+  } else {
+    *token = e;
+    *channel = gi;
+  }
+}
+
+/* Checks the parameters both backends accept. */
+static inline int kvq_check_params(iq_ctx *ctx, const char *op, const iq_kvq_params *p) {
+  if (!p) return iq_fail(ctx, IQ_ERR_ARG, "%s: NULL params", op);
+  if (p->kv_heads <= 0 || p->cap <= 0 || p->head_dim <= 0 || p->head_dim % 32 ||
+      p->head_dim > 256)
+    return iq_fail(ctx, IQ_ERR_ARG,
+                   "%s: kv_heads %d, cap %d must be positive and head_dim %d a multiple of 32 "
+                   "up to 256",
+                   op, p->kv_heads, p->cap, p->head_dim);
+  const int bits[2] = {p->k_bits, p->v_bits}, group[2] = {p->k_group, p->v_group},
+            axis[2] = {p->k_axis, p->v_axis};
+  for (int s = 0; s < 2; s++) {
+    const char *side = s ? "values" : "keys";
+    if (bits[s] != 2 && bits[s] != 3 && bits[s] != 4 && bits[s] != 8)
+      return iq_fail(ctx, IQ_ERR_ARG, "%s: %s bits %d not 2, 3, 4 or 8", op, side, bits[s]);
+    if (axis[s] != IQ_AXIS_CHANNELS && axis[s] != IQ_AXIS_TOKENS)
+      return iq_fail(ctx, IQ_ERR_ARG, "%s: %s axis %d unknown", op, side, axis[s]);
+    if (group[s] < 1 || group[s] > KVQ_MAX_GROUP ||
+        (axis[s] == IQ_AXIS_CHANNELS && p->head_dim % group[s]))
+      return iq_fail(ctx, IQ_ERR_ARG,
+                     "%s: %s group %d must be 1..%d and divide head_dim %d when over channels",
+                     op, side, group[s], KVQ_MAX_GROUP, p->head_dim);
+  }
+  if (p->k_axis == IQ_AXIS_TOKENS && p->v_axis == IQ_AXIS_TOKENS && p->k_group != p->v_group)
+    return iq_fail(ctx, IQ_ERR_ARG, "%s: key and value groups over tokens differ (%d, %d)", op,
+                   p->k_group, p->v_group);
+  if (p->sink < 0 || p->recent < 0 || p->ring < p->recent + kvq_block(p))
+    return iq_fail(ctx, IQ_ERR_ARG, "%s: sink %d, recent %d >= 0 and ring %d >= recent + %d",
+                   op, p->sink, p->recent, p->ring, kvq_block(p));
+  if (p->qmode < IQ_QMODE_ASYM || p->qmode > IQ_QMODE_HYBRID || p->norm < IQ_NORM_OFF ||
+      p->norm > IQ_NORM_RMS || p->meta != IQ_META_F16)
+    return iq_fail(ctx, IQ_ERR_ARG, "%s: qmode %d, norm %d or meta %d unknown", op, p->qmode,
+                   p->norm, p->meta);
+  return IQ_OK;
+}
+
+/* Region offsets; see iq_kvq_layout. */
+static inline void kvq_offsets(const iq_kvq_params *p, uint64_t off[IQ_KVQ_REGIONS + 1]) {
+  uint64_t h = (uint64_t)p->kv_heads, d = (uint64_t)p->head_dim, q = (uint64_t)kvq_quant_cap(p);
+  uint64_t bytes[IQ_KVQ_REGIONS] = {
+      [IQ_KVQ_KEY_SCALE] = h * d / 2 * 4,
+      [IQ_KVQ_SINK_K] = h * (uint64_t)p->sink * d * 2,
+      [IQ_KVQ_SINK_V] = h * (uint64_t)p->sink * d * 2,
+      [IQ_KVQ_RING_K] = h * (uint64_t)p->ring * d * 2,
+      [IQ_KVQ_RING_V] = h * (uint64_t)p->ring * d * 2,
+      [IQ_KVQ_CODES_K] = h * q * d * (uint64_t)p->k_bits / 8,
+      [IQ_KVQ_CODES_V] = h * q * d * (uint64_t)p->v_bits / 8,
+      [IQ_KVQ_META_K] = h * q * d / (uint64_t)p->k_group * 4,
+      [IQ_KVQ_META_V] = h * q * d / (uint64_t)p->v_group * 4,
+  };
+  uint64_t at = 0;
+  for (int r = 0; r < IQ_KVQ_REGIONS; r++) {
+    off[r] = at;
+    at += (bytes[r] + 255) / 256 * 256;
+  }
+  off[IQ_KVQ_REGIONS] = at;
+}
+
+#endif /* INNERQ_KVQ_H */
