@@ -23,14 +23,17 @@ cuda: build/libinnerq_cuda.so
 build/libinnerq_cpu.so: $(CPU_OBJ)
 	$(CC) -shared -pthread -o $@ $^ -lm
 
-build/cpu/%.o: kernels/cpu/%.c kernels/innerq.h | build/cpu
+build/cpu/%.o: kernels/cpu/%.c kernels/innerq.h kernels/checks.h kernels/kvq.h | build/cpu
 	$(CC) $(CFLAGS) -c -o $@ $<
 
 build/libinnerq_cuda.so: $(CUDA_OBJ)
 	$(NVCC) -shared -o $@ $^ -ldl
 
-build/cuda/%.o: kernels/cuda/%.cu kernels/innerq.h kernels/checks.h $(wildcard kernels/cuda/*.cuh) | build/cuda
+build/cuda/%.o: kernels/cuda/%.cu kernels/innerq.h kernels/checks.h kernels/kvq.h $(wildcard kernels/cuda/*.cuh) | build/cuda
 	$(NVCC) $(NVCCFLAGS) -c -o $@ $<
+
+# the quantizer rounds exactly as the C backend's (no fused multiply-adds), so both write the same codes
+build/cuda/kvq_store.o: NVCCFLAGS += -fmad=false
 
 build/cpu build/cuda:
 	mkdir -p $@

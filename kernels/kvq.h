@@ -18,13 +18,20 @@ static KVQ_HD inline float kvq_round_f16(float x) { return __half2float(__float2
 static KVQ_HD inline uint16_t kvq_f16_bits(float x) {
   return __half_as_ushort(__float2half_rn(x));
 }
+static KVQ_HD inline float kvq_f16_value(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 #else
 #define KVQ_HD
 static inline float kvq_round_f16(float x) { return iq_f16_to_f32(iq_f32_to_f16(x)); }
 static inline uint16_t kvq_f16_bits(float x) { return iq_f32_to_f16(x); }
+static inline float kvq_f16_value(uint16_t h) { return iq_f16_to_f32(h); }
 #endif
 
-#define KVQ_MAX_GROUP 256
+/* Groups are powers of two in [KVQ_MIN_GROUP, KVQ_MAX_GROUP]; the quantized
+ * region of each KV head holds a multiple of KVQ_TILE tokens, so every tile
+ * of the CUDA kernels starts 16-byte aligned. */
+#define KVQ_MIN_GROUP 8
+#define KVQ_MAX_GROUP 128
+#define KVQ_TILE 128
 
 /* Tokens that leave the recent window together: the token-axis group. */
 static KVQ_HD inline int kvq_block(const iq_kvq_params *p) {
@@ -41,9 +48,9 @@ static KVQ_HD inline int64_t kvq_quantized(const iq_kvq_params *p, int64_t len) 
 }
 
 /* Stream tokens each KV head has room for in the quantized region. */
-static inline int64_t kvq_quant_cap(const iq_kvq_params *p) {
-  int64_t b = kvq_block(p), q = p->cap > p->sink ? p->cap - p->sink : 0;
-  return (q + b - 1) / b * b;
+static KVQ_HD inline int64_t kvq_quant_cap(const iq_kvq_params *p) {
+  int64_t q = p->cap > p->sink ? p->cap - p->sink : 0;
+  return (q + KVQ_TILE - 1) / KVQ_TILE * KVQ_TILE;
 }
 
 /* Code i of a packed array: 32 codes take `bits` words, code i at bit i * bits. */
@@ -124,6 +131,40 @@ static KVQ_HD inline void kvq_group_entry(int axis, int group, int head_dim, int
   }
 }
 
+/* Element offset of position x's fp16 row of KV head h, in the sink region
+ * when x < sink, else in the ring. */
+static KVQ_HD inline int64_t kvq_fp16_row(const iq_kvq_params *p, int h, int64_t x) {
+  if (x < p->sink) return ((int64_t)h * p->sink + x) * p->head_dim;
+  return ((int64_t)h * p->ring + (x - p->sink) % p->ring) * p->head_dim;
+}
+
+/* The dequantized entry (stream token u, channel c) of one side of one KV
+ * head: codes and meta point at the head's first code and pair. */
+static KVQ_HD inline float kvq_dequantized(const uint32_t *codes, const uint16_t *meta, int64_t u,
+                                           int c, int d, int bits, int group, int axis,
+                                           int block) {
+  int64_t j = u / block, t = u % block, gi, e;
+  if (axis == IQ_AXIS_CHANNELS) {
+    gi = t * (d / group) + c / group;
+    e = c % group;
+  } else {
+    gi = c;
+    e = t;
+  }
+  int64_t base = j * block * d; /* the block's first code */
+  float code = (float)kvq_code_at(codes, base + gi * group + e, bits);
+  const uint16_t *pair = meta + (base / group + gi) * 2;
+  return kvq_f16_value(pair[0]) * code + kvq_f16_value(pair[1]);
+}
+
+/* Pointers to one layer's regions; fp16 as raw bits. */
+typedef struct {
+  float *key_scale;
+  uint16_t *sink_k, *sink_v, *ring_k, *ring_v;
+  uint32_t *codes_k, *codes_v;
+  uint16_t *meta_k, *meta_v; /* (scale, offset) fp16 pairs */
+} kvq_regions;
+
 /* Checks the parameters both backends accept. */
 static inline int kvq_check_params(iq_ctx *ctx, const char *op, const iq_kvq_params *p) {
   if (!p) return iq_fail(ctx, IQ_ERR_ARG, "%s: NULL params", op);
@@ -141,11 +182,12 @@ static inline int kvq_check_params(iq_ctx *ctx, const char *op, const iq_kvq_par
       return iq_fail(ctx, IQ_ERR_ARG, "%s: %s bits %d not 2, 3, 4 or 8", op, side, bits[s]);
     if (axis[s] != IQ_AXIS_CHANNELS && axis[s] != IQ_AXIS_TOKENS)
       return iq_fail(ctx, IQ_ERR_ARG, "%s: %s axis %d unknown", op, side, axis[s]);
-    if (group[s] < 1 || group[s] > KVQ_MAX_GROUP ||
+    if (group[s] < KVQ_MIN_GROUP || group[s] > KVQ_MAX_GROUP || (group[s] & (group[s] - 1)) ||
         (axis[s] == IQ_AXIS_CHANNELS && p->head_dim % group[s]))
       return iq_fail(ctx, IQ_ERR_ARG,
-                     "%s: %s group %d must be 1..%d and divide head_dim %d when over channels",
-                     op, side, group[s], KVQ_MAX_GROUP, p->head_dim);
+                     "%s: %s group %d must be a power of two in %d..%d and divide head_dim %d "
+                     "when over channels",
+                     op, side, group[s], KVQ_MIN_GROUP, KVQ_MAX_GROUP, p->head_dim);
   }
   if (p->k_axis == IQ_AXIS_TOKENS && p->v_axis == IQ_AXIS_TOKENS && p->k_group != p->v_group)
     return iq_fail(ctx, IQ_ERR_ARG, "%s: key and value groups over tokens differ (%d, %d)", op,
@@ -163,16 +205,13 @@ static inline int kvq_check_params(iq_ctx *ctx, const char *op, const iq_kvq_par
 /* Region offsets; see iq_kvq_layout. */
 static inline void kvq_offsets(const iq_kvq_params *p, uint64_t off[IQ_KVQ_REGIONS + 1]) {
   uint64_t h = (uint64_t)p->kv_heads, d = (uint64_t)p->head_dim, q = (uint64_t)kvq_quant_cap(p);
-  uint64_t bytes[IQ_KVQ_REGIONS] = {
-      [IQ_KVQ_KEY_SCALE] = h * d / 2 * 4,
-      [IQ_KVQ_SINK_K] = h * (uint64_t)p->sink * d * 2,
-      [IQ_KVQ_SINK_V] = h * (uint64_t)p->sink * d * 2,
-      [IQ_KVQ_RING_K] = h * (uint64_t)p->ring * d * 2,
-      [IQ_KVQ_RING_V] = h * (uint64_t)p->ring * d * 2,
-      [IQ_KVQ_CODES_K] = h * q * d * (uint64_t)p->k_bits / 8,
-      [IQ_KVQ_CODES_V] = h * q * d * (uint64_t)p->v_bits / 8,
-      [IQ_KVQ_META_K] = h * q * d / (uint64_t)p->k_group * 4,
-      [IQ_KVQ_META_V] = h * q * d / (uint64_t)p->v_group * 4,
+  /* in IQ_KVQ_* order */
+  const uint64_t bytes[IQ_KVQ_REGIONS] = {
+      h * d / 2 * 4,                                                   /* key scale */
+      h * (uint64_t)p->sink * d * 2,   h * (uint64_t)p->sink * d * 2,  /* sink K, V */
+      h * (uint64_t)p->ring * d * 2,   h * (uint64_t)p->ring * d * 2,  /* ring K, V */
+      h * q * d * (uint64_t)p->k_bits / 8, h * q * d * (uint64_t)p->v_bits / 8, /* codes */
+      h * q * d / (uint64_t)p->k_group * 4, h * q * d / (uint64_t)p->v_group * 4, /* pairs */
   };
   uint64_t at = 0;
   for (int r = 0; r < IQ_KVQ_REGIONS; r++) {
@@ -180,6 +219,23 @@ static inline void kvq_offsets(const iq_kvq_params *p, uint64_t off[IQ_KVQ_REGIO
     at += (bytes[r] + 255) / 256 * 256;
   }
   off[IQ_KVQ_REGIONS] = at;
+}
+
+static inline kvq_regions kvq_regions_of(const iq_kvq_params *p, const void *layer) {
+  uint64_t off[IQ_KVQ_REGIONS + 1];
+  kvq_offsets(p, off);
+  char *b = (char *)layer;
+  kvq_regions r;
+  r.key_scale = (float *)(b + off[IQ_KVQ_KEY_SCALE]);
+  r.sink_k = (uint16_t *)(b + off[IQ_KVQ_SINK_K]);
+  r.sink_v = (uint16_t *)(b + off[IQ_KVQ_SINK_V]);
+  r.ring_k = (uint16_t *)(b + off[IQ_KVQ_RING_K]);
+  r.ring_v = (uint16_t *)(b + off[IQ_KVQ_RING_V]);
+  r.codes_k = (uint32_t *)(b + off[IQ_KVQ_CODES_K]);
+  r.codes_v = (uint32_t *)(b + off[IQ_KVQ_CODES_V]);
+  r.meta_k = (uint16_t *)(b + off[IQ_KVQ_META_K]);
+  r.meta_v = (uint16_t *)(b + off[IQ_KVQ_META_V]);
+  return r;
 }
 
 #endif /* INNERQ_KVQ_H */

@@ -82,7 +82,7 @@ Deno.test("kvq: every bit width and both axes round-trip codes on a grid exactly
       assertEquals(asRows(view.v), v, `values, ${bits} bits`);
       if (kAxis === KvqAxis.CHANNELS) {
         // the key codes as documented: 32 codes take `bits` words, code i at bit i * bits
-        const qcap = layout.params.cap - layout.params.sink;
+        const qcap = Math.ceil((layout.params.cap - layout.params.sink) / 128) * 128;
         const bytes = download(
           cpu,
           layer.slice(layout.offsets.codesK, p.kvHeads * qcap * d * bits / 8),
@@ -217,7 +217,8 @@ Deno.test("kvq: bad parameters and calls are clear errors, before or in C", () =
   const bad: [Partial<KvqParams>, RegExp][] = [
     [{ kBits: 5 }, /keys bits 5 not 2, 3, 4 or 8/],
     [{ headDim: 48 }, /head_dim 48 a multiple of 32/],
-    [{ kGroup: 24 }, /keys group 24 must be 1..256 and divide head_dim 64/],
+    [{ kGroup: 24 }, /keys group 24 must be a power of two in 8..128 and divide head_dim 64/],
+    [{ vGroup: 4 }, /values group 4 must be a power of two/],
     [{ kAxis: KvqAxis.TOKENS, kGroup: 8 }, /groups over tokens differ \(8, 16\)/],
     [{ ring: 10 }, /ring 10 >= recent \+ 16/],
     [{ norm: 7 }, /norm 7/],

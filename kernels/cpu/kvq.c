@@ -8,31 +8,6 @@
 #include "cpu.h"
 #include "../kvq.h"
 
-/* Pointers to one layer's regions. */
-typedef struct {
-  float *key_scale;
-  uint16_t *sink_k, *sink_v, *ring_k, *ring_v;
-  uint32_t *codes_k, *codes_v;
-  uint16_t *meta_k, *meta_v; /* (scale, offset) fp16 pairs */
-} kvq_regions;
-
-static kvq_regions regions(const iq_kvq_params *p, const void *layer) {
-  uint64_t off[IQ_KVQ_REGIONS + 1];
-  kvq_offsets(p, off);
-  char *b = (char *)layer;
-  return (kvq_regions){
-      .key_scale = (float *)(b + off[IQ_KVQ_KEY_SCALE]),
-      .sink_k = (uint16_t *)(b + off[IQ_KVQ_SINK_K]),
-      .sink_v = (uint16_t *)(b + off[IQ_KVQ_SINK_V]),
-      .ring_k = (uint16_t *)(b + off[IQ_KVQ_RING_K]),
-      .ring_v = (uint16_t *)(b + off[IQ_KVQ_RING_V]),
-      .codes_k = (uint32_t *)(b + off[IQ_KVQ_CODES_K]),
-      .codes_v = (uint32_t *)(b + off[IQ_KVQ_CODES_V]),
-      .meta_k = (uint16_t *)(b + off[IQ_KVQ_META_K]),
-      .meta_v = (uint16_t *)(b + off[IQ_KVQ_META_V]),
-  };
-}
-
 int iq_kvq_layout(iq_ctx *ctx, const iq_kvq_params *p, uint64_t offsets[IQ_KVQ_REGIONS + 1]) {
   int st = kvq_check_params(ctx, "iq_kvq_layout", p);
   if (st) return st;
@@ -42,11 +17,10 @@ int iq_kvq_layout(iq_ctx *ctx, const iq_kvq_params *p, uint64_t offsets[IQ_KVQ_R
 }
 
 /* fp16 row of position x of KV head h, from the sink or the ring. */
-static const uint16_t *fp16_row(const iq_kvq_params *p, const uint16_t *sink,
-                                const uint16_t *ring, int h, int64_t x) {
-  int64_t d = p->head_dim;
-  if (x < p->sink) return sink + ((int64_t)h * p->sink + x) * d;
-  return ring + ((int64_t)h * p->ring + (x - p->sink) % p->ring) * d;
+static uint16_t *fp16_row(const iq_kvq_params *p, const kvq_regions *r, int side, int h,
+                          int64_t x) {
+  uint16_t *base = x < p->sink ? (side ? r->sink_v : r->sink_k) : (side ? r->ring_v : r->ring_k);
+  return base + kvq_fp16_row(p, h, x);
 }
 
 /* Per KV head and RoPE pair: the statistic of |k| over n tokens and both
@@ -115,13 +89,12 @@ int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, const float *
     return iq_fail(ctx, IQ_ERR_ARG,
                    "iq_kvq_store: %d tokens at %d: needs 1..%d tokens within a %d-token cache",
                    n, pos0, p->ring - p->recent - b + 1, p->cap);
-  kvq_regions r = regions(p, layer);
+  kvq_regions r = kvq_regions_of(p, layer);
   if (pos0 == 0) key_normalization(p, r.key_scale, k, n);
   for (int t = 0; t < n; t++)
     for (int h = 0; h < p->kv_heads; h++) {
       int64_t x = (int64_t)pos0 + t, src = ((int64_t)t * p->kv_heads + h) * d;
-      uint16_t *kr = (uint16_t *)fp16_row(p, r.sink_k, r.ring_k, h, x);
-      uint16_t *vr = (uint16_t *)fp16_row(p, r.sink_v, r.ring_v, h, x);
+      uint16_t *kr = fp16_row(p, &r, 0, h, x), *vr = fp16_row(p, &r, 1, h, x);
       for (int c = 0; c < d; c++) {
         kr[c] = iq_f32_to_f16(k[src + c] / r.key_scale[h * half + c % half]);
         vr[c] = iq_f32_to_f16(v[src + c]);
@@ -141,23 +114,6 @@ int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, const float *
   return IQ_OK;
 }
 
-/* The dequantized entry (token u of the stream, channel c) of one side. */
-static float dequantized(const uint32_t *codes, const uint16_t *meta, int64_t u, int c, int d,
-                         int bits, int group, int axis, int block) {
-  int64_t j = u / block, t = u % block, gi, e;
-  if (axis == IQ_AXIS_CHANNELS) {
-    gi = t * (d / group) + c / group;
-    e = c % group;
-  } else {
-    gi = c;
-    e = t;
-  }
-  int64_t base = j * block * d; /* the block's first code */
-  float code = (float)kvq_code_at(codes, base + gi * group + e, bits);
-  const uint16_t *pair = meta + (base / group + gi) * 2;
-  return iq_f16_to_f32(pair[0]) * code + iq_f16_to_f32(pair[1]);
-}
-
 int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *k, float *v,
                       int len) {
   int st = kvq_check_params(ctx, "iq_kvq_dequantize", p);
@@ -165,7 +121,7 @@ int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   if (!ctx || !layer || !k || !v) return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_dequantize: NULL argument");
   if (len <= 0 || len > p->cap)
     return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_dequantize: len %d outside 1..%d", len, p->cap);
-  kvq_regions r = regions(p, layer);
+  kvq_regions r = kvq_regions_of(p, layer);
   int d = p->head_dim, b = kvq_block(p);
   int64_t nq = kvq_quantized(p, len), qcap = kvq_quant_cap(p);
   for (int h = 0; h < p->kv_heads; h++)
@@ -178,12 +134,11 @@ int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
         const uint16_t *mk = r.meta_k + (int64_t)h * qcap * d / p->k_group * 2;
         const uint16_t *mv = r.meta_v + (int64_t)h * qcap * d / p->v_group * 2;
         for (int c = 0; c < d; c++) {
-          ko[c] = dequantized(ck, mk, u, c, d, p->k_bits, p->k_group, p->k_axis, b);
-          vo[c] = dequantized(cv, mv, u, c, d, p->v_bits, p->v_group, p->v_axis, b);
+          ko[c] = kvq_dequantized(ck, mk, u, c, d, p->k_bits, p->k_group, p->k_axis, b);
+          vo[c] = kvq_dequantized(cv, mv, u, c, d, p->v_bits, p->v_group, p->v_axis, b);
         }
       } else {
-        const uint16_t *kr = fp16_row(p, r.sink_k, r.ring_k, h, x);
-        const uint16_t *vr = fp16_row(p, r.sink_v, r.ring_v, h, x);
+        const uint16_t *kr = fp16_row(p, &r, 0, h, x), *vr = fp16_row(p, &r, 1, h, x);
         for (int c = 0; c < d; c++) {
           ko[c] = iq_f16_to_f32(kr[c]);
           vo[c] = iq_f16_to_f32(vr[c]);
@@ -293,7 +248,7 @@ static void attend_row(const kvq_job *j, int t, int h, float *s, float *acc) {
   /* s[x] for every position x < len: sink, then quantized, then ring rows */
   for (int64_t x = 0; x < len; x++) {
     if (x >= sink && x - sink < nq) continue;
-    const uint16_t *kr = fp16_row(p, j->r.sink_k, j->r.ring_k, kvh, x);
+    const uint16_t *kr = fp16_row(p, &j->r, 0, kvh, x);
     float dot = 0.0f;
     for (int c = 0; c < d; c++) dot += q[c] * iq_f16_to_f32(kr[c]);
     s[x] = dot;
@@ -312,7 +267,7 @@ static void attend_row(const kvq_job *j, int t, int h, float *s, float *acc) {
   memset(acc, 0, (size_t)d * sizeof(float));
   for (int64_t x = 0; x < len; x++) {
     if (x >= sink && x - sink < nq) continue;
-    const uint16_t *vr = fp16_row(p, j->r.sink_v, j->r.ring_v, kvh, x);
+    const uint16_t *vr = fp16_row(p, &j->r, 1, kvh, x);
     for (int c = 0; c < d; c++) acc[c] += s[x] * iq_f16_to_f32(vr[c]);
   }
   quantized_values(j, kvh, s + sink, nq, acc);
@@ -340,7 +295,7 @@ int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, flo
   void *scratch;
   st = iq_scratch(ctx, (size_t)ctx->threads * (p->cap + p->head_dim) * sizeof(float), &scratch);
   if (st) return st;
-  kvq_job j = {.p = p, .r = regions(p, layer), .out = out, .q = q, .n = n, .pos0 = pos0,
+  kvq_job j = {.p = p, .r = kvq_regions_of(p, layer), .out = out, .q = q, .n = n, .pos0 = pos0,
                .heads = heads, .scale = scale, .scratch = scratch};
   iq_parallel_for(ctx, (int64_t)n * heads, 1, attend_range, &j);
   return IQ_OK;

@@ -14,6 +14,7 @@
 #include "cuda.cuh"
 #include "checks.h"
 #include "prefill_mma.cuh"
+#include "split_softmax.cuh"
 
 
 template <typename T>
@@ -144,10 +145,6 @@ __device__ __forceinline__ float2 load2(const __half *p) {
   return __half22float2(*reinterpret_cast<const __half2 *>(p));
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 /* grid (kv_heads * hblocks, splits): a block takes one KV head, up to G of its
  * query heads and one chunk of positions, in tiles of DEC_THREADS keys. Each
@@ -287,27 +284,6 @@ __global__ void __launch_bounds__(DEC_THREADS)
   }
 }
 
-/* One block per head: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M). */
-__global__ void merge_kernel(float *out, const float *part_acc, const float *part_ml, int heads,
-                             int d, int splits) {
-  const int h = blockIdx.x;
-  float mx = -INFINITY;
-  for (int s = 0; s < splits; s++) mx = fmaxf(mx, part_ml[((int64_t)s * heads + h) * 2]);
-  float sum = 0.0f;
-  for (int s = 0; s < splits; s++) {
-    const int64_t ph = (int64_t)s * heads + h;
-    sum += part_ml[ph * 2 + 1] * expf(part_ml[ph * 2] - mx);
-  }
-  for (int c = threadIdx.x; c < d; c += blockDim.x) {
-    float a = 0.0f;
-    for (int s = 0; s < splits; s++) {
-      const int64_t ph = (int64_t)s * heads + h;
-      a += part_acc[ph * d + c] * expf(part_ml[ph * 2] - mx);
-    }
-    out[(int64_t)h * d + c] = a / sum;
-  }
-}
-
 template <typename T, int G>
 static int launch_decode(iq_ctx *ctx, dim3 grid, float *part_acc, float *part_ml, const float *q,
                          const void *k_cache, const void *v_cache, int heads, int group,
@@ -349,7 +325,7 @@ static int decode(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
   case 4: IQ_TRY((launch_decode<T, 4>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale))); break;
   default: IQ_TRY((launch_decode<T, 8>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale)));
   }
-  merge_kernel<<<heads, 128, 0, ctx->stream>>>(out, part_acc, part_ml, heads, d, splits);
+  merge_splits_kernel<<<heads, 128, 0, ctx->stream>>>(out, part_acc, part_ml, heads, d, splits);
   IQ_LAUNCHED(ctx);
   return IQ_OK;
 }

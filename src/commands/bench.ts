@@ -8,6 +8,7 @@ import { Transformer } from "../engine/forward.ts";
 import { GREEDY, Sampler } from "../engine/sampler.ts";
 import { loadConfig } from "../model/config.ts";
 import { parseKvSpec } from "../kv/spec.ts";
+import { AttentionCase } from "./attention_case.ts";
 import {
   defaultModel,
   deviceFlag,
@@ -160,98 +161,76 @@ async function benchModel(
   return title;
 }
 
-/** The Llama-3-8B layer shape the peers in ../shared/peers are measured at. */
-const HEADS = 32, KV_HEADS = 8, HEAD_DIM = 128;
+/** Specs `bench --kernels` times when --kv names none. */
+const KERNEL_SPECS = [
+  "fp16",
+  "innerq:k4v4",
+  "innerq:k4v2",
+  "innerq:k2v2",
+  "kivi:k4v4",
+  "kivi:k2v2",
+];
 
 function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => void): string {
   const repeats = intFlag("repeats", v.repeats, 1) ?? 3;
+  const specs = (v.kv ? [v.kv] : KERNEL_SPECS).map(parseKvSpec);
   using backend = openBackend(
     deviceFlag(v.device),
     intFlag("threads", v.threads, 1),
     v.json ?? false,
   );
   const iterations = backend.kind === "cuda" ? 200 : 3;
-  const lengths = backend.kind === "cuda" ? [4096, 32768, 131072, 1048576] : [4096, 32768];
-  const q = backend.alloc(HEADS * HEAD_DIM * 4), out = backend.alloc(HEADS * HEAD_DIM * 4);
-  try {
-    backend.upload(q, new Float32Array(HEADS * HEAD_DIM).map((_, i) => Math.sin(i)));
-    for (const tokens of lengths) {
-      const cacheBytes = KV_HEADS * tokens * HEAD_DIM * 2;
-      using k = backend.alloc(cacheBytes);
-      using v = backend.alloc(cacheBytes);
-      const rows = 4096,
-        fill = new Float32Array(rows * KV_HEADS * HEAD_DIM).map((_, i) => Math.cos(i * 0.37));
-      using x = backend.alloc(fill.byteLength);
-      backend.upload(x, fill);
-      for (let p = 0; p < tokens; p += rows) {
-        backend.kvStore(k, DType.F16, x, Math.min(rows, tokens - p), p, KV_HEADS, HEAD_DIM, tokens);
-        backend.kvStore(v, DType.F16, x, Math.min(rows, tokens - p), p, KV_HEADS, HEAD_DIM, tokens);
-      }
-      const args = {
-        out,
-        q,
-        kCache: k,
-        vCache: v,
-        cacheDtype: DType.F16,
-        pos0: tokens - 1,
-        n: 1,
-        heads: HEADS,
-        kvHeads: KV_HEADS,
-        headDim: HEAD_DIM,
-        cap: tokens,
-        scale: 1 / Math.sqrt(HEAD_DIM),
-      };
-      backend.attentionDecode(args);
+  const lengths = backend.kind === "cuda" ? [1024, 4096, 32768, 131072, 1048576] : [4096, 32768];
+  for (const tokens of lengths) {
+    for (const spec of specs) {
+      using attention = new AttentionCase(backend, spec, tokens);
       const seconds = [];
       for (let r = 0; r < repeats; r++) {
         seconds.push(
           timed(backend, () => {
-            for (let i = 0; i < iterations; i++) backend.attentionDecode(args);
+            for (let i = 0; i < iterations; i++) attention.step();
           }) / iterations,
         );
       }
-      const us = seconds.map((s) => s * 1e6);
       emit({
-        test: `attn-decode ${tokens} tok (us)`,
+        test: `attn ${shortSpec(attention.cache.spec)} (us)`,
         depth: tokens,
-        tokensPerSecond: us,
-        gbPerSecond: (2 * cacheBytes) / mean(seconds) / 1e9,
-      });
-    }
-    const gemvs = [[4096, 14336], [14336, 4096], [4096, 128256]].slice(
-      0,
-      backend.kind === "cuda" ? 3 : 2,
-    );
-    for (const [kIn, mOut] of gemvs) {
-      using w = backend.alloc(kIn * mOut * 2);
-      // real data: untouched pages would read as one shared zero page and flatter the CPU
-      backend.upload(w, new Uint16Array(kIn * mOut).map((_, i) => 0x3c00 + (i & 0xff)));
-      using xv = backend.alloc(kIn * 4);
-      using y = backend.alloc(mOut * 4);
-      backend.upload(xv, new Float32Array(kIn).fill(0.01));
-      backend.matmul(y, xv, w, DType.BF16, null, 1, kIn, mOut);
-      const seconds = [];
-      for (let r = 0; r < repeats; r++) {
-        seconds.push(
-          timed(backend, () => {
-            for (let i = 0; i < iterations; i++) {
-              backend.matmul(y, xv, w, DType.BF16, null, 1, kIn, mOut);
-            }
-          }) / iterations,
-        );
-      }
-      emit({
-        test: `gemv bf16 ${mOut}x${kIn} (us)`,
-        depth: 0,
         tokensPerSecond: seconds.map((s) => s * 1e6),
-        gbPerSecond: (kIn * mOut * 2) / mean(seconds) / 1e9,
+        gbPerSecond: attention.bytes / mean(seconds) / 1e9,
       });
     }
-  } finally {
-    q.close();
-    out.close();
   }
-  return `kernels on ${backend.deviceInfo().name}`;
+  const gemvs = [[4096, 14336], [14336, 4096], [4096, 128256]].slice(
+    0,
+    backend.kind === "cuda" ? 3 : 2,
+  );
+  for (const [kIn, mOut] of gemvs) {
+    using w = backend.alloc(kIn * mOut * 2);
+    // real data: untouched pages would read as one shared zero page and flatter the CPU
+    backend.upload(w, new Uint16Array(kIn * mOut).map((_, i) => 0x3c00 + (i & 0xff)));
+    using xv = backend.alloc(kIn * 4);
+    using y = backend.alloc(mOut * 4);
+    backend.upload(xv, new Float32Array(kIn).fill(0.01));
+    backend.matmul(y, xv, w, DType.BF16, null, 1, kIn, mOut);
+    const seconds = [];
+    for (let r = 0; r < repeats; r++) {
+      seconds.push(
+        timed(backend, () => {
+          for (let i = 0; i < iterations; i++) {
+            backend.matmul(y, xv, w, DType.BF16, null, 1, kIn, mOut);
+          }
+        }) / iterations,
+      );
+    }
+    emit({
+      test: `gemv bf16 ${mOut}x${kIn} (us)`,
+      depth: 0,
+      tokensPerSecond: seconds.map((s) => s * 1e6),
+      gbPerSecond: (kIn * mOut * 2) / mean(seconds) / 1e9,
+    });
+  }
+  return `kernels on ${backend.deviceInfo().name}; attention: one decode step of a Llama-3-8B ` +
+    `layer (32 heads, 8 KV heads, head_dim 128); GB/s = cache bytes incl. metadata / time`;
 }
 
 function parse(args: string[]) {
@@ -260,6 +239,11 @@ function parse(args: string[]) {
   } catch (e) {
     throw new UsageError((e as Error).message);
   }
+}
+
+/** A spec's bits and family, e.g. "innerq:k4v2" from its canonical text. */
+function shortSpec(spec: string): string {
+  return spec.split(",")[0];
 }
 
 export async function runBench(args: string[]): Promise<number> {

@@ -83,6 +83,11 @@ export function parseKvSpec(text: string): KvSpec {
       }
       return +value;
     };
+    const group = () => {
+      const g = count(8, 128);
+      if (g & (g - 1)) fail(`${key}=${value}: a group is a power of two from 8 to 128`);
+      return g;
+    };
     const oneOf = <T extends string>(choices: readonly T[]): T => {
       if (!(choices as readonly string[]).includes(value)) {
         fail(`${key}=${value}: expected one of ${choices.join(", ")}`);
@@ -91,13 +96,13 @@ export function parseKvSpec(text: string): KvSpec {
     };
     switch (key) {
       case "gk":
-        spec.kGroup = count(1, 256);
+        spec.kGroup = group();
         break;
       case "gv":
-        spec.vGroup = count(1, 256);
+        spec.vGroup = group();
         break;
       case "g":
-        spec.kGroup = spec.vGroup = count(1, 256);
+        spec.kGroup = spec.vGroup = group();
         break;
       case "sink":
         spec.sink = count(0, 1 << 20);

@@ -1,0 +1,495 @@
+/* kvq_attention.cu: attention over the quantized KV cache (the twin of
+ * iq_kvq_attention in kernels/cpu/kvq.c), flash-decoding style.
+ *
+ * grid (kv_heads * hblocks, 1 + qsplits, n queries): a block serves up to G
+ * query heads of one KV head for one query. Split 0 walks the query's fp16
+ * positions (sink and ring); splits 1.. walk chunks of the quantized region in
+ * tiles of KVQ_TILE tokens, one token per thread for scores and one channel
+ * per thread for values, each tile's codes and pairs copied to shared memory
+ * with cp.async while the previous tile is computed (two stages). Every block
+ * leaves a partial (acc, max, sum); merge_splits_kernel combines them.
+ *
+ * The dequantization folds into the dot products:
+ * - keys grouped over channels (InnerQ): score = Σ_g scale_g Σ q·code +
+ *   offset_g Σ_g q, the group sums of q computed once per block;
+ * - values grouped over tokens (InnerQ): out_c += scale Σ_t p·code + offset
+ *   Σ_t p per block of tokens, the block sums of p computed once per tile;
+ * - the KIVI-style axes (keys over tokens, values over channels) dequantize
+ *   each code with its pair before the multiply, as those layouts require. */
+#include <math.h>
+
+#include "cuda.cuh"
+#include "checks.h"
+#include "kvq.h"
+#include "split_softmax.cuh"
+
+constexpr int KQ_THREADS = KVQ_TILE; /* one token (scores) or channel (values) per thread */
+constexpr int KQ_WARPS = KQ_THREADS / 32;
+#ifndef KQ_BLOCKS_PER_SM
+#define KQ_BLOCKS_PER_SM 8
+#endif
+
+struct kq_args {
+  iq_kvq_params p;
+  kvq_regions r;
+  float *part_acc, *part_ml;
+  const float *q;
+  int heads, group, hblocks, pos0, tiles_per_split;
+  float scale;
+};
+
+/* A code as float without an int-to-float conversion: 2^23 + code, minus 2^23. */
+__device__ __forceinline__ float code_float(uint32_t code) {
+  return __uint_as_float(0x4B000000u | code) - 8388608.0f;
+}
+
+template <int BITS> __device__ __forceinline__ uint32_t code_at(const uint32_t *w, int i) {
+  if constexpr (BITS == 3) {
+    return kvq_code_at(w, i, 3);
+  } else {
+    return (w[i * BITS / 32] >> ((i * BITS) & 31)) & ((1u << BITS) - 1);
+  }
+}
+
+__device__ __forceinline__ float2 pair_at(const uint32_t *pairs, int i) {
+  return __half22float2(*reinterpret_cast<const __half2 *>(pairs + i));
+}
+
+/* Copies words [0, count) of src to dst with cp.async: 16 bytes at a time
+ * when padded_row is 0, else rows of row_words words to rows of row_words + 1
+ * (an odd stride: threads reading one row each hit distinct banks), 4 bytes
+ * at a time. */
+__device__ __forceinline__ void stage_copy(uint32_t *dst, const uint32_t *src, int count,
+                                           int padded_row) {
+  if (!padded_row) {
+    for (int e = threadIdx.x * 4; e < count; e += KQ_THREADS * 4) {
+      const unsigned d = (unsigned)__cvta_generic_to_shared(dst + e);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src + e));
+    }
+    return;
+  }
+  for (int e = threadIdx.x; e < count; e += KQ_THREADS) {
+    const int row = e / padded_row;
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst + e + row);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src + e));
+  }
+}
+
+/* Shared-memory words of one stage (a tile's codes and pairs) and its layout. */
+struct kq_stage {
+  int k_codes, k_meta, v_codes, v_meta; /* word offsets */
+  int words;
+  int k_row, v_row; /* padded row lengths for stage_copy (0: unpadded) */
+};
+
+__host__ __device__ inline kq_stage kq_stage_of(const iq_kvq_params &p) {
+  const int d = p.head_dim, t = KVQ_TILE, b = kvq_block(&p);
+  kq_stage s;
+  /* InnerQ rows: a token's key codes; a (block, channel)'s value codes */
+  s.k_row = p.k_axis == IQ_AXIS_CHANNELS && p.k_bits != 3 ? d * p.k_bits / 32 : 0;
+  const int v_bits_per_channel = b * p.v_bits;
+  s.v_row = p.v_axis == IQ_AXIS_TOKENS && p.v_bits != 3 && v_bits_per_channel % 32 == 0
+                ? v_bits_per_channel / 32
+                : 0;
+  const int k_words = t * d * p.k_bits / 32, v_words = t * d * p.v_bits / 32;
+  s.k_codes = 0;
+  s.k_meta = s.k_codes + (k_words + (s.k_row ? k_words / s.k_row : 0) + 3) / 4 * 4;
+  s.v_codes = s.k_meta + t * d / p.k_group;
+  s.v_meta = s.v_codes + (v_words + (s.v_row ? v_words / s.v_row : 0) + 3) / 4 * 4;
+  s.words = s.v_meta + t * d / p.v_group;
+  return s;
+}
+
+/* Issues the copies of quantized tile `tile` (tokens tile * KVQ_TILE ..) of KV head kvh. */
+__device__ __forceinline__ void stage_tile(const kq_args &a, const kq_stage &st, uint32_t *dst,
+                                           int kvh, int64_t tile) {
+  const iq_kvq_params &p = a.p;
+  const int d = p.head_dim;
+  const int64_t qcap = kvq_quant_cap(&p), u0 = tile * KVQ_TILE;
+  const int64_t tok = (int64_t)kvh * qcap + u0;
+  stage_copy(dst + st.k_codes, a.r.codes_k + tok * d * p.k_bits / 32, KVQ_TILE * d * p.k_bits / 32,
+             st.k_row);
+  stage_copy(dst + st.v_codes, a.r.codes_v + tok * d * p.v_bits / 32, KVQ_TILE * d * p.v_bits / 32,
+             st.v_row);
+  const uint32_t *mk = reinterpret_cast<const uint32_t *>(a.r.meta_k) + tok * d / p.k_group;
+  const uint32_t *mv = reinterpret_cast<const uint32_t *>(a.r.meta_v) + tok * d / p.v_group;
+  stage_copy(dst + st.k_meta, mk, KVQ_TILE * d / p.k_group, 0);
+  stage_copy(dst + st.v_meta, mv, KVQ_TILE * d / p.v_group, 0);
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+/* The online-softmax step of a tile: s[g] is this thread's score (-inf for
+ * none); afterwards p_s[g][tid] holds its weight against the new running max,
+ * and corr_s[g] the factor that rescales what was accumulated before. */
+template <int G>
+__device__ __forceinline__ void tile_softmax(const float s[G], float *p_s, float (*red)[KQ_WARPS],
+                                             float *m_s, float *l_s, float *corr_s) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    const float mx = warp_max(s[g]);
+    if (lane == 0) red[g][warp] = mx;
+  }
+  __syncthreads();
+  if (tid < G) {
+    float mx = m_s[tid];
+    for (int w = 0; w < KQ_WARPS; w++) mx = fmaxf(mx, red[tid][w]);
+    /* a tile with no keys yet (mx still -inf) corrects by 1 and weighs 0 */
+    corr_s[tid] = mx == -INFINITY ? 1.0f : expf(m_s[tid] - mx);
+    m_s[tid] = mx;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    const float p = s[g] == -INFINITY ? 0.0f : expf(s[g] - m_s[g]);
+    p_s[g * KQ_THREADS + tid] = p;
+    const float sum = iq_warp_sum(p);
+    if (lane == 0) red[g][warp] = sum;
+  }
+  __syncthreads();
+  if (tid < G) {
+    float sum = 0.0f;
+    for (int w = 0; w < KQ_WARPS; w++) sum += red[tid][w];
+    l_s[tid] = l_s[tid] * corr_s[tid] + sum;
+  }
+}
+
+/* Channels of the output per thread: CPT (d > KQ_THREADS), or one channel
+ * shared by KQ_THREADS / d threads that split the tile's tokens (d smaller). */
+constexpr int KQ_MAX_CPT = IQ_MAX_HEAD_DIM / KQ_THREADS;
+
+template <int G, int KB, int VB, int KAX, int VAX>
+__global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
+  extern __shared__ __align__(16) uint32_t kq_smem[];
+  const iq_kvq_params &p = a.p;
+  const int d = p.head_dim, tid = threadIdx.x;
+  const int kvh = blockIdx.x / a.hblocks, h0 = kvh * a.group + (blockIdx.x % a.hblocks) * G;
+  const int nh = min(G, kvh * a.group + a.group - h0), t = blockIdx.z;
+  const int64_t len = (int64_t)a.pos0 + t + 1, nq = kvq_quantized(&p, len);
+  const int64_t sinkn = min(len, (int64_t)p.sink), ringn = len - sinkn - nq;
+  const kq_stage st = kq_stage_of(p);
+
+  float *q_s = reinterpret_cast<float *>(kq_smem); /* [G][d], times the softmax scale */
+  float *p_s = q_s + G * d;                         /* [G][KQ_THREADS] */
+  float *qsum_s = p_s + G * KQ_THREADS;             /* [G][d / k_group] group sums of q */
+  float *psum_s = qsum_s + G * (d / KVQ_MIN_GROUP); /* [G][KVQ_TILE / block] block sums of p */
+  uint32_t *stage0 = reinterpret_cast<uint32_t *>(psum_s + G * (KVQ_TILE / KVQ_MIN_GROUP));
+  __shared__ float red[G][KQ_WARPS], m_s[G], l_s[G], corr_s[G];
+
+  for (int i = tid; i < G * d; i += KQ_THREADS) {
+    const int g = i / d;
+    q_s[i] = g < nh ? a.q[((int64_t)t * a.heads + h0 + g) * d + i % d] * a.scale : 0.0f;
+  }
+  if (tid < G) m_s[tid] = -INFINITY, l_s[tid] = 0.0f;
+  __syncthreads();
+  if (KAX == IQ_AXIS_CHANNELS)
+    for (int i = tid; i < G * (d / p.k_group); i += KQ_THREADS) {
+      const int g = i / (d / p.k_group), gi = i % (d / p.k_group);
+      float sum = 0.0f;
+      for (int e = 0; e < p.k_group; e++) sum += q_s[g * d + gi * p.k_group + e];
+      qsum_s[i] = sum;
+    }
+
+  const int cpt = d > KQ_THREADS ? d / KQ_THREADS : 1, copies = d < KQ_THREADS ? KQ_THREADS / d : 1;
+  const int c0 = tid % min(d, KQ_THREADS), phase = tid / min(d, KQ_THREADS);
+  float acc[KQ_MAX_CPT][G];
+#pragma unroll
+  for (int i = 0; i < KQ_MAX_CPT; i++)
+#pragma unroll
+    for (int g = 0; g < G; g++) acc[i][g] = 0.0f;
+
+  if (blockIdx.y == 0) {
+    /* the fp16 positions: sink 0 .. sinkn - 1, then ring positions from sink + nq */
+    const int64_t fp16n = sinkn + ringn;
+    for (int64_t base = 0; base < fp16n; base += KQ_THREADS) {
+      const int n = (int)min((int64_t)KQ_THREADS, fp16n - base);
+      const int64_t i = base + tid, x = i < sinkn ? i : p.sink + nq + (i - sinkn);
+      float s[G];
+#pragma unroll
+      for (int g = 0; g < G; g++) s[g] = tid < n ? 0.0f : -INFINITY;
+      if (tid < n) {
+        const uint16_t *kr = (x < p.sink ? a.r.sink_k : a.r.ring_k) + kvq_fp16_row(&p, kvh, x);
+        for (int c = 0; c < d; c += 8) {
+          float k[8];
+          iq_unpack8<__half>(*reinterpret_cast<const uint4 *>(kr + c), k);
+#pragma unroll
+          for (int g = 0; g < G; g++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) s[g] += q_s[g * d + c + e] * k[e];
+        }
+      }
+      tile_softmax<G>(s, p_s, red, m_s, l_s, corr_s);
+      for (int ci = 0; ci < cpt; ci++) {
+        const int c = c0 + ci * KQ_THREADS;
+#pragma unroll
+        for (int g = 0; g < G; g++) acc[ci][g] *= corr_s[g];
+        for (int j = phase; j < n; j += copies) {
+          const int64_t xj = base + j < sinkn ? base + j : p.sink + nq + (base + j - sinkn);
+          const uint16_t *vr = (xj < p.sink ? a.r.sink_v : a.r.ring_v) + kvq_fp16_row(&p, kvh, xj);
+          const float v = kvq_f16_value(vr[c]);
+#pragma unroll
+          for (int g = 0; g < G; g++) acc[ci][g] += p_s[g * KQ_THREADS + j] * v;
+        }
+      }
+      __syncthreads(); /* p_s and corr_s are rewritten by the next tile */
+    }
+  } else {
+    const int64_t tiles = (nq + KVQ_TILE - 1) / KVQ_TILE;
+    const int64_t first = (int64_t)(blockIdx.y - 1) * a.tiles_per_split;
+    const int64_t last = min(tiles, first + a.tiles_per_split);
+    const int b = kvq_block(&p);
+    if (first < last) stage_tile(a, st, stage0, kvh, first);
+    for (int64_t tile = first; tile < last; tile++) {
+      uint32_t *cur = stage0 + (int)((tile - first) & 1) * st.words;
+      if (tile + 1 < last) {
+        stage_tile(a, st, stage0 + (int)((tile + 1 - first) & 1) * st.words, kvh, tile + 1);
+        asm volatile("cp.async.wait_group 1;\n" ::);
+      } else {
+        asm volatile("cp.async.wait_group 0;\n" ::);
+      }
+      __syncthreads();
+      const int n = (int)min((int64_t)KVQ_TILE, nq - tile * KVQ_TILE);
+      const uint32_t *kc = cur + st.k_codes, *km = cur + st.k_meta;
+      const uint32_t *vc = cur + st.v_codes, *vm = cur + st.v_meta;
+
+      /* scores: thread tid scores token tid of the tile */
+      float s[G];
+#pragma unroll
+      for (int g = 0; g < G; g++) s[g] = tid < n ? 0.0f : -INFINITY;
+      if (tid < n) {
+        if constexpr (KAX == IQ_AXIS_CHANNELS) {
+          const int gk = p.k_group, groups = d / gk;
+          const uint32_t *pairs = km + tid * groups;
+          for (int gi = 0; gi < groups; gi++) {
+            float dot[G];
+#pragma unroll
+            for (int g = 0; g < G; g++) dot[g] = 0.0f;
+            if constexpr (KB == 3) {
+              for (int e = 0; e < gk; e++) {
+                const float code = code_float(kvq_code_at(kc, tid * d + gi * gk + e, 3));
+#pragma unroll
+                for (int g = 0; g < G; g++) dot[g] += q_s[g * d + gi * gk + e] * code;
+              }
+            } else {
+              constexpr int PER_WORD = 32 / KB;
+              const uint32_t *row = kc + tid * (st.k_row + 1);
+              /* a group spans gk * KB / 32 words, or shares one word with others */
+              const int w0 = gi * gk * KB / 32, words = max(1, gk * KB / 32);
+              const int shift0 = (gi * gk * KB) & 31, in_word = min(gk, PER_WORD);
+              for (int w = 0; w < words; w++) {
+                const uint32_t word = row[w0 + w] >> shift0;
+                const int c = gi * gk + w * PER_WORD;
+#pragma unroll
+                for (int e = 0; e < PER_WORD; e++) {
+                  if (e >= in_word) break;
+                  const float code = code_float((word >> (e * KB)) & ((1u << KB) - 1));
+#pragma unroll
+                  for (int g = 0; g < G; g++) dot[g] += q_s[g * d + c + e] * code;
+                }
+              }
+            }
+            const float2 so = pair_at(pairs, gi);
+#pragma unroll
+            for (int g = 0; g < G; g++) s[g] += so.x * dot[g] + so.y * qsum_s[g * groups + gi];
+          }
+        } else {
+          /* keys grouped over tokens: token tid is element tid % b of its block's channels */
+          const int blk = tid / b, e = tid % b;
+          const uint32_t *pairs = km + blk * d;
+          for (int c = 0; c < d; c++) {
+            const float2 so = pair_at(pairs, c);
+            const float k = so.x * code_float(code_at<KB>(kc, (blk * d + c) * b + e)) + so.y;
+#pragma unroll
+            for (int g = 0; g < G; g++) s[g] += q_s[g * d + c] * k;
+          }
+        }
+      }
+      tile_softmax<G>(s, p_s, red, m_s, l_s, corr_s);
+
+      /* values: thread owns channel(s) c; the block sums of p first */
+      if constexpr (VAX == IQ_AXIS_TOKENS) {
+        for (int i = tid; i < G * (KVQ_TILE / b); i += KQ_THREADS) {
+          const int g = i / (KVQ_TILE / b), blk = i % (KVQ_TILE / b);
+          float sum = 0.0f;
+          for (int e = 0; e < b; e++) sum += p_s[g * KQ_THREADS + blk * b + e];
+          psum_s[i] = sum;
+        }
+        __syncthreads();
+      }
+      for (int ci = 0; ci < cpt; ci++) {
+        const int c = c0 + ci * KQ_THREADS;
+#pragma unroll
+        for (int g = 0; g < G; g++) acc[ci][g] *= corr_s[g];
+        if constexpr (VAX == IQ_AXIS_TOKENS) {
+          const int blocks = (n + b - 1) / b;
+          for (int blk = phase; blk < blocks; blk += copies) {
+            float dot[G];
+#pragma unroll
+            for (int g = 0; g < G; g++) dot[g] = 0.0f;
+            const float *pw = p_s + blk * b;
+            if (st.v_row) {
+              constexpr int PER_WORD = VB == 3 ? 1 : 32 / VB;
+              const uint32_t *row = vc + (blk * d + c) * (st.v_row + 1);
+              for (int w = 0; w < st.v_row; w++) {
+                const uint32_t word = row[w];
+#pragma unroll
+                for (int e = 0; e < PER_WORD; e++) {
+                  const float code = code_float((word >> (e * VB)) & ((1u << VB) - 1));
+#pragma unroll
+                  for (int g = 0; g < G; g++) dot[g] += pw[g * KQ_THREADS + w * PER_WORD + e] * code;
+                }
+              }
+            } else {
+              const uint32_t *codes = vc + blk * b * d * VB / 32;
+              for (int e = 0; e < b; e++) {
+                const float code = code_float(code_at<VB>(codes, c * b + e));
+#pragma unroll
+                for (int g = 0; g < G; g++) dot[g] += pw[g * KQ_THREADS + e] * code;
+              }
+            }
+            const float2 so = pair_at(vm, blk * d + c);
+#pragma unroll
+            for (int g = 0; g < G; g++)
+              acc[ci][g] += so.x * dot[g] + so.y * psum_s[g * (KVQ_TILE / b) + blk];
+          }
+        } else {
+          /* values grouped over channels: a token row's codes, a pair per group */
+          const int groups = d / p.v_group;
+          for (int j = phase; j < n; j += copies) {
+            const float2 so = pair_at(vm, j * groups + c / p.v_group);
+            const float v = so.x * code_float(code_at<VB>(vc, j * d + c)) + so.y;
+#pragma unroll
+            for (int g = 0; g < G; g++) acc[ci][g] += p_s[g * KQ_THREADS + j] * v;
+          }
+        }
+      }
+      __syncthreads(); /* the stage, p_s and corr_s are rewritten next */
+    }
+  }
+
+  /* threads sharing a channel (d < KQ_THREADS) add up their tokens' parts */
+  const int64_t row0 = ((int64_t)blockIdx.y * gridDim.z + t) * a.heads + h0;
+  if (copies > 1) {
+    float *sum_s = reinterpret_cast<float *>(stage0); /* [copies][G][d] */
+#pragma unroll
+    for (int g = 0; g < G; g++) sum_s[(phase * G + g) * d + c0] = acc[0][g];
+    __syncthreads();
+    for (int i = tid; i < nh * d; i += KQ_THREADS) {
+      float sum = 0.0f;
+      for (int ph = 0; ph < copies; ph++) sum += sum_s[ph * G * d + i];
+      a.part_acc[(row0 + i / d) * d + i % d] = sum;
+    }
+  } else {
+    for (int ci = 0; ci < cpt; ci++)
+#pragma unroll
+      for (int g = 0; g < G; g++)
+        if (g < nh) a.part_acc[(row0 + g) * d + c0 + ci * KQ_THREADS] = acc[ci][g];
+  }
+  if (tid < nh) {
+    a.part_ml[(row0 + tid) * 2] = m_s[tid];
+    a.part_ml[(row0 + tid) * 2 + 1] = l_s[tid];
+  }
+}
+
+/* Shared memory of a launch: q, p, the sums, and two stages (also reused for
+ * the final reduction over copies). */
+static size_t kq_smem_bytes(const iq_kvq_params &p, int G) {
+  const int d = p.head_dim;
+  const size_t fixed = sizeof(float) * (G * d + G * KQ_THREADS + G * (d / KVQ_MIN_GROUP) +
+                                        G * (KVQ_TILE / KVQ_MIN_GROUP));
+  size_t stages = 2 * sizeof(uint32_t) * (size_t)kq_stage_of(p).words;
+  const size_t reduce = sizeof(float) * (size_t)KQ_THREADS * G; /* copies * d = KQ_THREADS */
+  return fixed + (stages > reduce ? stages : reduce);
+}
+
+template <int G, int KB, int VB, int KAX, int VAX>
+static int launch(iq_ctx *ctx, const kq_args &a, dim3 grid) {
+  const size_t smem = kq_smem_bytes(a.p, G);
+  auto kernel = kvq_attention_kernel<G, KB, VB, KAX, VAX>;
+  IQ_CUDA(ctx, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  kernel<<<grid, KQ_THREADS, smem, ctx->stream>>>(a);
+  IQ_LAUNCHED(ctx);
+  return IQ_OK;
+}
+
+/* The kernel for the parameters' bits and axes: G query heads per block. */
+template <int G, int KB, int VB>
+static int launch_axes(iq_ctx *ctx, const kq_args &a, dim3 grid) {
+  const int k = a.p.k_axis, v = a.p.v_axis;
+  if (k == IQ_AXIS_CHANNELS && v == IQ_AXIS_TOKENS)
+    return launch<G, KB, VB, IQ_AXIS_CHANNELS, IQ_AXIS_TOKENS>(ctx, a, grid);
+  if (k == IQ_AXIS_TOKENS && v == IQ_AXIS_CHANNELS)
+    return launch<G, KB, VB, IQ_AXIS_TOKENS, IQ_AXIS_CHANNELS>(ctx, a, grid);
+  if (k == IQ_AXIS_TOKENS)
+    return launch<G, KB, VB, IQ_AXIS_TOKENS, IQ_AXIS_TOKENS>(ctx, a, grid);
+  return launch<G, KB, VB, IQ_AXIS_CHANNELS, IQ_AXIS_CHANNELS>(ctx, a, grid);
+}
+
+template <int G, int KB>
+static int launch_vbits(iq_ctx *ctx, const kq_args &a, dim3 grid) {
+  switch (a.p.v_bits) {
+  case 2: return launch_axes<G, KB, 2>(ctx, a, grid);
+  case 3: return launch_axes<G, KB, 3>(ctx, a, grid);
+  case 4: return launch_axes<G, KB, 4>(ctx, a, grid);
+  default: return launch_axes<G, KB, 8>(ctx, a, grid);
+  }
+}
+
+template <int G> static int launch_bits(iq_ctx *ctx, const kq_args &a, dim3 grid) {
+  switch (a.p.k_bits) {
+  case 2: return launch_vbits<G, 2>(ctx, a, grid);
+  case 3: return launch_vbits<G, 3>(ctx, a, grid);
+  case 4: return launch_vbits<G, 4>(ctx, a, grid);
+  default: return launch_vbits<G, 8>(ctx, a, grid);
+  }
+}
+
+extern "C" int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
+                                const float *q, int n, int pos0, int heads, float scale) {
+  IQ_TRY(kvq_check_params(ctx, "iq_kvq_attention", p));
+  if (!ctx || !layer || !out || !q)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_attention: NULL argument");
+  if (n <= 0 || pos0 < 0 || (int64_t)pos0 + n > p->cap || heads <= 0 || heads % p->kv_heads)
+    return iq_fail(ctx, IQ_ERR_ARG,
+                   "iq_kvq_attention: %d queries at %d in a %d-token cache, heads %d a multiple "
+                   "of kv_heads %d",
+                   n, pos0, p->cap, heads, p->kv_heads);
+  if (n > 65535)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_attention: %d queries in one call (at most 65535)", n);
+  const int group = heads / p->kv_heads, G = group > 4 ? 8 : 4;
+  const int hblocks = (group + G - 1) / G;
+  if (kq_smem_bytes(*p, G) > 200 * 1024)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_attention: head_dim %d with these bits and groups "
+                   "needs %zu bytes of shared memory", p->head_dim, kq_smem_bytes(*p, G));
+  /* the quantized tiles of the longest query, split so the GPU holds about
+   * KQ_BLOCKS_PER_SM blocks per multiprocessor */
+  const int64_t tiles = (kvq_quantized(p, (int64_t)pos0 + n) + KVQ_TILE - 1) / KVQ_TILE;
+  const int64_t per_split = (int64_t)p->kv_heads * hblocks * n;
+  int64_t qsplits = (KQ_BLOCKS_PER_SM * (int64_t)ctx->sms + per_split - 1) / per_split;
+  qsplits = qsplits < 1 ? 1 : qsplits > tiles ? tiles : qsplits;
+  const int64_t tiles_per_split = qsplits ? (tiles + qsplits - 1) / qsplits : 1;
+  qsplits = qsplits ? (tiles + tiles_per_split - 1) / tiles_per_split : 0;
+  const int splits = (int)(1 + qsplits);
+
+  void *scratch;
+  const size_t rows = (size_t)splits * n * heads;
+  IQ_TRY(iq_scratch(ctx, sizeof(float) * rows * (p->head_dim + 2), &scratch));
+  kq_args a;
+  a.p = *p;
+  a.r = kvq_regions_of(p, layer);
+  a.part_acc = (float *)scratch;
+  a.part_ml = a.part_acc + rows * p->head_dim;
+  a.q = q;
+  a.heads = heads;
+  a.group = group;
+  a.hblocks = hblocks;
+  a.pos0 = pos0;
+  a.tiles_per_split = (int)tiles_per_split;
+  a.scale = scale;
+  dim3 grid((unsigned)(p->kv_heads * hblocks), (unsigned)splits, (unsigned)n);
+  IQ_TRY(G == 4 ? launch_bits<4>(ctx, a, grid) : launch_bits<8>(ctx, a, grid));
+  merge_splits_kernel<<<n * heads, 128, 0, ctx->stream>>>(out, a.part_acc, a.part_ml, n * heads,
+                                                          p->head_dim, splits);
+  IQ_LAUNCHED(ctx);
+  return IQ_OK;
+}

@@ -1,0 +1,152 @@
+/* kvq_store.cu: the quantized KV cache's layout, store and dequantizer (the
+ * twin of the first half of kernels/cpu/kvq.c). Built with -fmad=false: the
+ * quantization arithmetic in kvq.h then rounds exactly as the C backend's, so
+ * both write the same codes and pairs. */
+#include <math.h>
+
+#include "cuda.cuh"
+#include "kvq.h"
+
+extern "C" int iq_kvq_layout(iq_ctx *ctx, const iq_kvq_params *p,
+                             uint64_t offsets[IQ_KVQ_REGIONS + 1]) {
+  IQ_TRY(kvq_check_params(ctx, "iq_kvq_layout", p));
+  if (!offsets) return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_layout: NULL offsets");
+  kvq_offsets(p, offsets);
+  return IQ_OK;
+}
+
+/* grid kv_heads, block head_dim / 2: one thread per RoPE pair, the same
+ * sequential sums as the C backend. */
+__global__ void key_norm_kernel(iq_kvq_params p, float *key_scale, const float *k, int n) {
+  const int h = blockIdx.x, i = threadIdx.x, d = p.head_dim, half = d / 2;
+  double stat = 0.0;
+  for (int t = 0; t < n && p.norm != IQ_NORM_OFF; t++)
+    for (int c = i; c < d; c += half) {
+      double x = k[((int64_t)t * p.kv_heads + h) * d + c];
+      stat = p.norm == IQ_NORM_MAX ? fmax(stat, fabs(x)) : stat + x * x;
+    }
+  if (p.norm == IQ_NORM_RMS) stat = sqrt(stat / (2.0 * n));
+  key_scale[h * half + i] = stat > 0.0 ? (float)stat : 1.0f;
+}
+
+/* Rows of n tokens into the sink or the ring as fp16, keys divided by their
+ * pair's factor. */
+__global__ void rows_kernel(iq_kvq_params p, kvq_regions r, const float *k, const float *v, int n,
+                            int pos0) {
+  const int d = p.head_dim, half = d / 2;
+  const int64_t count = (int64_t)n * p.kv_heads * d;
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count;
+       e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t t = e / ((int64_t)p.kv_heads * d);
+    const int h = (int)(e / d % p.kv_heads), c = (int)(e % d);
+    const int64_t row = kvq_fp16_row(&p, h, pos0 + t) + c;
+    (pos0 + t < p.sink ? r.sink_k : r.ring_k)[row] =
+        kvq_f16_bits(k[e] / r.key_scale[h * half + c % half]);
+    (pos0 + t < p.sink ? r.sink_v : r.ring_v)[row] = kvq_f16_bits(v[e]);
+  }
+}
+
+/* grid (blocks, kv_heads, 2 sides): quantizes stream block first_block +
+ * blockIdx.x of one side of one KV head from the ring. The tile is copied to
+ * shared memory, each thread quantizes whole groups into byte codes, then the
+ * codes are packed a word per thread. */
+__global__ void quantize_kernel(iq_kvq_params p, kvq_regions r, int64_t first_block) {
+  extern __shared__ float q_tile[];
+  const int b = kvq_block(&p), d = p.head_dim, h = blockIdx.y, side = blockIdx.z;
+  const int bits = side ? p.v_bits : p.k_bits, group = side ? p.v_group : p.k_group;
+  const int axis = side ? p.v_axis : p.k_axis;
+  uint8_t *codes = reinterpret_cast<uint8_t *>(q_tile + b * d);
+  const int64_t first = (first_block + blockIdx.x) * b, qcap = kvq_quant_cap(&p);
+  const uint16_t *ring = side ? r.ring_v : r.ring_k;
+  for (int e = threadIdx.x; e < b * d; e += blockDim.x) {
+    const int t = e / d, c = e % d;
+    q_tile[e] = kvq_f16_value(ring[((int64_t)h * p.ring + (first + t) % p.ring) * d + c]);
+  }
+  __syncthreads();
+  uint16_t *meta = (side ? r.meta_v : r.meta_k) + ((int64_t)h * qcap + first) * d / group * 2;
+  const int stride = axis == IQ_AXIS_CHANNELS ? 1 : d;
+  for (int gi = threadIdx.x; gi < b * d / group; gi += blockDim.x) {
+    int t, c;
+    kvq_group_entry(axis, group, d, gi, 0, &t, &c);
+    const float *x = q_tile + t * d + c;
+    float scale, offset;
+    kvq_group_params(x, stride, group, bits, p.qmode, &scale, &offset);
+    meta[2 * gi] = kvq_f16_bits(scale);
+    meta[2 * gi + 1] = kvq_f16_bits(offset);
+    for (int e = 0; e < group; e++)
+      codes[gi * group + e] = (uint8_t)kvq_code(x[e * stride], scale, offset, bits);
+  }
+  __syncthreads();
+  uint32_t *words = (side ? r.codes_v : r.codes_k) + ((int64_t)h * qcap + first) * d * bits / 32;
+  for (int w = threadIdx.x; w < b * d * bits / 32; w += blockDim.x)
+    words[w] = kvq_pack_word(codes, w, bits);
+}
+
+extern "C" int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, const float *k,
+                            const float *v, int n, int pos0) {
+  IQ_TRY(kvq_check_params(ctx, "iq_kvq_store", p));
+  if (!ctx || !layer || !k || !v) return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_store: NULL argument");
+  const int b = kvq_block(p), d = p->head_dim;
+  if (n <= 0 || pos0 < 0 || (int64_t)pos0 + n > p->cap || n > p->ring - p->recent - b + 1)
+    return iq_fail(ctx, IQ_ERR_ARG,
+                   "iq_kvq_store: %d tokens at %d: needs 1..%d tokens within a %d-token cache",
+                   n, pos0, p->ring - p->recent - b + 1, p->cap);
+  const kvq_regions r = kvq_regions_of(p, layer);
+  if (pos0 == 0) {
+    key_norm_kernel<<<p->kv_heads, d / 2, 0, ctx->stream>>>(*p, r.key_scale, k, n);
+    IQ_LAUNCHED(ctx);
+  }
+  const int64_t count = (int64_t)n * p->kv_heads * d;
+  rows_kernel<<<iq_blocks(ctx, count, 256), 256, 0, ctx->stream>>>(*p, r, k, v, n, pos0);
+  IQ_LAUNCHED(ctx);
+  /* blocks these tokens complete */
+  const int64_t done = pos0 > p->sink ? (pos0 - p->sink) / b : 0;
+  const int64_t now = (int64_t)pos0 + n > p->sink ? ((int64_t)pos0 + n - p->sink) / b : 0;
+  if (now == done) return IQ_OK;
+  const size_t smem = (size_t)b * d * (sizeof(float) + 1);
+  IQ_CUDA(ctx, cudaFuncSetAttribute(quantize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem));
+  dim3 grid((unsigned)(now - done), (unsigned)p->kv_heads, 2);
+  quantize_kernel<<<grid, 128, smem, ctx->stream>>>(*p, r, done);
+  IQ_LAUNCHED(ctx);
+  return IQ_OK;
+}
+
+/* k, v [kv_heads, len, d]: sink and ring rows as stored, quantized rows
+ * dequantized, as a query at position len - 1 sees them. */
+__global__ void dequantize_kernel(iq_kvq_params p, kvq_regions r, float *k, float *v, int len) {
+  const int d = p.head_dim, b = kvq_block(&p);
+  const int64_t nq = kvq_quantized(&p, len), qcap = kvq_quant_cap(&p);
+  const int64_t count = (int64_t)p.kv_heads * len * d;
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count;
+       e += (int64_t)gridDim.x * blockDim.x) {
+    const int h = (int)(e / ((int64_t)len * d)), c = (int)(e % d);
+    const int64_t x = e / d % len, u = x - p.sink;
+    if (u >= 0 && u < nq) {
+      k[e] = kvq_dequantized(r.codes_k + (int64_t)h * qcap * d * p.k_bits / 32,
+                             r.meta_k + (int64_t)h * qcap * d / p.k_group * 2, u, c, d, p.k_bits,
+                             p.k_group, p.k_axis, b);
+      v[e] = kvq_dequantized(r.codes_v + (int64_t)h * qcap * d * p.v_bits / 32,
+                             r.meta_v + (int64_t)h * qcap * d / p.v_group * 2, u, c, d, p.v_bits,
+                             p.v_group, p.v_axis, b);
+    } else {
+      const int64_t row = kvq_fp16_row(&p, h, x) + c;
+      k[e] = kvq_f16_value((x < p.sink ? r.sink_k : r.ring_k)[row]);
+      v[e] = kvq_f16_value((x < p.sink ? r.sink_v : r.ring_v)[row]);
+    }
+  }
+}
+
+extern "C" int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *k,
+                                 float *v, int len) {
+  IQ_TRY(kvq_check_params(ctx, "iq_kvq_dequantize", p));
+  if (!ctx || !layer || !k || !v)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_dequantize: NULL argument");
+  if (len <= 0 || len > p->cap)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_dequantize: len %d outside 1..%d", len, p->cap);
+  const int64_t count = (int64_t)p->kv_heads * len * p->head_dim;
+  dequantize_kernel<<<iq_blocks(ctx, count, 256), 256, 0, ctx->stream>>>(
+      *p, kvq_regions_of(p, layer), k, v, len);
+  IQ_LAUNCHED(ctx);
+  return IQ_OK;
+}

@@ -1,0 +1,140 @@
+// The quantized KV cache on CUDA against the CPU reference (kernels/cpu/kvq.c): the same stores
+// write the same bytes (codes, pairs, windows, key normalization), and attention agrees within
+// fp32 summation-order noise (1e-4 relative to max(1, |cpu|)), for every setting of
+// test/kvq_harness.ts, GQA groups of 3 and 8, and a Llama-3-8B layer at 5000 tokens (many splits).
+// Where no GPU answers every test is registered as ignored.
+import assert from "node:assert/strict";
+import { Backend, type KvqParams } from "../ffi/backend.ts";
+import { Rng } from "../src/engine/sampler.ts";
+import { maxRelError, randomFloats } from "./random.ts";
+import {
+  download,
+  fillLayer,
+  KVQ_CASES,
+  kvqAttention,
+  kvqParams,
+  kvRows,
+  seen,
+  zeroLayer,
+} from "./kvq_harness.ts";
+
+function openCuda(): Backend | null {
+  try {
+    return Backend.open("cuda");
+  } catch (e) {
+    console.log(`no CUDA device: skipping CUDA kvq tests (${e instanceof Error ? e.message : e})`);
+    return null;
+  }
+}
+const gpu = openCuda();
+const cpu = gpu ? Backend.open("cpu") : null;
+globalThis.addEventListener("unload", () => {
+  gpu?.close();
+  cpu?.close();
+});
+
+function test(name: string, fn: (gpu: Backend, cpu: Backend) => void): void {
+  Deno.test({ name: `cuda kvq: ${name}`, ignore: gpu === null, fn: () => fn(gpu!, cpu!) });
+}
+
+/** Fills the same layer on both backends, checks the bytes, then prefill and decode attention. */
+function compare(
+  gpu: Backend,
+  cpu: Backend,
+  name: string,
+  params: KvqParams,
+  opts: { heads: number; prefill: number; chunks: number[]; decode: number },
+): void {
+  const { heads, prefill, chunks, decode } = opts;
+  const total = prefill + decode, d = params.headDim;
+  const rows = kvRows(params, total, 21);
+  const layouts = [gpu, cpu].map((be) => be.kvqLayout(params));
+  const layers = [gpu, cpu].map((be, i) => zeroLayer(be, layouts[i]));
+  const fill = (to: number, sizes: number[], from: number) =>
+    [gpu, cpu].forEach((be, i) => fillLayer(be, layouts[i], layers[i], rows, to, sizes, from));
+  const sameBytes = (when: string) => {
+    const [g, c] = [gpu, cpu].map((be, i) => download(be, layers[i]));
+    const diff = g.findIndex((x, i) => x !== c[i]);
+    assert.equal(diff, -1, `${name}, ${when}: layer bytes differ first at ${diff}`);
+  };
+  const rng = new Rng(5);
+  fill(prefill, chunks, 0);
+  sameBytes("after prefill");
+  const n = Math.min(48, prefill), pos0 = prefill - n;
+  const q = randomFloats(rng, n * heads * d);
+  const [g, c] = [gpu, cpu].map((be, i) =>
+    kvqAttention(be, layouts[i], layers[i], q, n, pos0, heads)
+  );
+  const err = maxRelError(g, c);
+  assert(err < 1e-4, `${name}: prefill attention max error ${err}`);
+  for (let pos = prefill; pos < total; pos++) {
+    fill(pos + 1, [1], pos);
+    if ((pos - prefill) % 5 && pos !== total - 1) continue;
+    const qd = randomFloats(rng, heads * d);
+    const [gd, cd] = [gpu, cpu].map((be, i) =>
+      kvqAttention(be, layouts[i], layers[i], qd, 1, pos, heads)
+    );
+    const e = maxRelError(gd, cd);
+    assert(e < 1e-4, `${name}: decode at ${pos}: max error ${e}`);
+  }
+  sameBytes("after decode");
+  const [vg, vc] = [gpu, cpu].map((be, i) => seen(be, layouts[i], layers[i], total));
+  assert.deepEqual(vg.k, vc.k, `${name}: dequantized keys`);
+  assert.deepEqual(vg.v, vc.v, `${name}: dequantized values`);
+  layers.forEach((l) => l.close());
+}
+
+test("every setting writes the CPU's bytes and attends as the CPU does (GQA 3)", (gpu, cpu) => {
+  for (const { name, params } of KVQ_CASES) {
+    compare(gpu, cpu, name, params, {
+      heads: params.kvHeads * 3,
+      prefill: 90,
+      chunks: [37, 40, 13],
+      decode: 40,
+    });
+  }
+});
+
+test("GQA 8 and head_dim 128, InnerQ and KIVI", (gpu, cpu) => {
+  for (const kivi of [false, true]) {
+    const params = kvqParams({
+      kvHeads: 1,
+      headDim: 128,
+      cap: 400,
+      ring: 32 + 32 + 64,
+      recent: 32,
+      kGroup: 32,
+      vGroup: 32,
+      ...(kivi ? { kAxis: 1, vAxis: 0, qmode: 0, norm: 0 } : {}),
+    });
+    compare(gpu, cpu, kivi ? "kivi g8" : "innerq g8", params, {
+      heads: 8,
+      prefill: 300,
+      chunks: [64],
+      decode: 20,
+    });
+  }
+});
+
+test("a Llama-3-8B layer at 5000 tokens: many splits", (gpu, cpu) => {
+  for (const [kBits, vBits] of [[4, 2], [2, 2]]) {
+    const params = kvqParams({
+      kvHeads: 8,
+      headDim: 128,
+      cap: 5200,
+      sink: 4,
+      recent: 32,
+      ring: 32 + 32 + 256 - 1,
+      kBits,
+      vBits,
+      kGroup: 32,
+      vGroup: 32,
+    });
+    compare(gpu, cpu, `8B k${kBits}v${vBits}`, params, {
+      heads: 32,
+      prefill: 5000,
+      chunks: [256],
+      decode: 6,
+    });
+  }
+});
