@@ -51,6 +51,13 @@ template <int BITS> __device__ __forceinline__ uint32_t code_at(const uint32_t *
   }
 }
 
+/* Four consecutive floats of shared memory (16-byte aligned): one broadcast
+ * load where a thread would otherwise issue four. */
+__device__ __forceinline__ float4 f4(const float *p) { return *reinterpret_cast<const float4 *>(p); }
+__device__ __forceinline__ float dot4(float4 a, float x, float y, float z, float w) {
+  return a.x * x + a.y * y + a.z * z + a.w * w;
+}
+
 __device__ __forceinline__ float2 pair_at(const uint32_t *pairs, int i) {
   return __half22float2(*reinterpret_cast<const __half2 *>(pairs + i));
 }
@@ -199,23 +206,40 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
     for (int g = 0; g < G; g++) acc[i][g] = 0.0f;
 
   if (blockIdx.y == 0) {
-    /* the fp16 positions: sink 0 .. sinkn - 1, then ring positions from sink + nq */
+    /* the fp16 positions: sink 0 .. sinkn - 1, then ring positions from sink + nq, copied to
+     * the stage area (keys padded by 16 bytes per row) as many rows at a time as fit */
     const int64_t fp16n = sinkn + ringn;
-    for (int64_t base = 0; base < fp16n; base += KQ_THREADS) {
-      const int n = (int)min((int64_t)KQ_THREADS, fp16n - base);
-      const int64_t i = base + tid, x = i < sinkn ? i : p.sink + nq + (i - sinkn);
+    const int kstride = d + 8, chunks = d / 8;
+    const int rows_fit = min(KQ_THREADS, 2 * st.words * 4 / ((kstride + d) * 2) / 8 * 8);
+    __half *k_s = reinterpret_cast<__half *>(stage0), *v_s = k_s + rows_fit * kstride;
+    for (int64_t base = 0; base < fp16n; base += rows_fit) {
+      const int n = (int)min((int64_t)rows_fit, fp16n - base);
+      for (int e = tid; e < n * chunks; e += KQ_THREADS) {
+        const int r = e / chunks, c = e % chunks * 8;
+        const int64_t i = base + r, x = i < sinkn ? i : p.sink + nq + (i - sinkn);
+        const int64_t row = kvq_fp16_row(&p, kvh, x) + c;
+        const uint16_t *ks = (x < p.sink ? a.r.sink_k : a.r.ring_k) + row;
+        const uint16_t *vs = (x < p.sink ? a.r.sink_v : a.r.ring_v) + row;
+        const unsigned kd = (unsigned)__cvta_generic_to_shared(k_s + r * kstride + c);
+        const unsigned vd = (unsigned)__cvta_generic_to_shared(v_s + r * d + c);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(kd), "l"(ks));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(vd), "l"(vs));
+      }
+      asm volatile("cp.async.commit_group;\n" ::);
+      asm volatile("cp.async.wait_all;\n" ::);
+      __syncthreads();
       float s[G];
 #pragma unroll
       for (int g = 0; g < G; g++) s[g] = tid < n ? 0.0f : -INFINITY;
       if (tid < n) {
-        const uint16_t *kr = (x < p.sink ? a.r.sink_k : a.r.ring_k) + kvq_fp16_row(&p, kvh, x);
+        const __half *kr = k_s + tid * kstride;
         for (int c = 0; c < d; c += 8) {
           float k[8];
           iq_unpack8<__half>(*reinterpret_cast<const uint4 *>(kr + c), k);
 #pragma unroll
           for (int g = 0; g < G; g++)
-#pragma unroll
-            for (int e = 0; e < 8; e++) s[g] += q_s[g * d + c + e] * k[e];
+            s[g] += dot4(f4(q_s + g * d + c), k[0], k[1], k[2], k[3]) +
+                    dot4(f4(q_s + g * d + c + 4), k[4], k[5], k[6], k[7]);
         }
       }
       tile_softmax<G>(s, p_s, red, m_s, l_s, corr_s);
@@ -224,14 +248,12 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
 #pragma unroll
         for (int g = 0; g < G; g++) acc[ci][g] *= corr_s[g];
         for (int j = phase; j < n; j += copies) {
-          const int64_t xj = base + j < sinkn ? base + j : p.sink + nq + (base + j - sinkn);
-          const uint16_t *vr = (xj < p.sink ? a.r.sink_v : a.r.ring_v) + kvq_fp16_row(&p, kvh, xj);
-          const float v = kvq_f16_value(vr[c]);
+          const float v = __half2float(v_s[j * d + c]);
 #pragma unroll
           for (int g = 0; g < G; g++) acc[ci][g] += p_s[g * KQ_THREADS + j] * v;
         }
       }
-      __syncthreads(); /* p_s and corr_s are rewritten by the next tile */
+      __syncthreads(); /* the rows, p_s and corr_s are rewritten by the next tile */
     }
   } else {
     const int64_t tiles = (nq + KVQ_TILE - 1) / KVQ_TILE;
@@ -276,15 +298,19 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
               /* a group spans gk * KB / 32 words, or shares one word with others */
               const int w0 = gi * gk * KB / 32, words = max(1, gk * KB / 32);
               const int shift0 = (gi * gk * KB) & 31, in_word = min(gk, PER_WORD);
+              constexpr uint32_t MASK = (1u << KB) - 1;
               for (int w = 0; w < words; w++) {
                 const uint32_t word = row[w0 + w] >> shift0;
                 const int c = gi * gk + w * PER_WORD;
 #pragma unroll
-                for (int e = 0; e < PER_WORD; e++) {
-                  if (e >= in_word) break;
-                  const float code = code_float((word >> (e * KB)) & ((1u << KB) - 1));
+                for (int e = 0; e < PER_WORD; e += 4) {
+                  if (e >= in_word) break; /* groups are >= 8 codes: whole fours */
+                  const float c0 = code_float((word >> (e * KB)) & MASK);
+                  const float c1 = code_float((word >> ((e + 1) * KB)) & MASK);
+                  const float c2 = code_float((word >> ((e + 2) * KB)) & MASK);
+                  const float c3 = code_float((word >> ((e + 3) * KB)) & MASK);
 #pragma unroll
-                  for (int g = 0; g < G; g++) dot[g] += q_s[g * d + c + e] * code;
+                  for (int g = 0; g < G; g++) dot[g] += dot4(f4(q_s + g * d + c + e), c0, c1, c2, c3);
                 }
               }
             }
@@ -296,11 +322,15 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
           /* keys grouped over tokens: token tid is element tid % b of its block's channels */
           const int blk = tid / b, e = tid % b;
           const uint32_t *pairs = km + blk * d;
-          for (int c = 0; c < d; c++) {
-            const float2 so = pair_at(pairs, c);
-            const float k = so.x * code_float(code_at<KB>(kc, (blk * d + c) * b + e)) + so.y;
+          for (int c = 0; c < d; c += 4) {
+            float k[4];
 #pragma unroll
-            for (int g = 0; g < G; g++) s[g] += q_s[g * d + c] * k;
+            for (int i = 0; i < 4; i++) {
+              const float2 so = pair_at(pairs, c + i);
+              k[i] = so.x * code_float(code_at<KB>(kc, (blk * d + c + i) * b + e)) + so.y;
+            }
+#pragma unroll
+            for (int g = 0; g < G; g++) s[g] += dot4(f4(q_s + g * d + c), k[0], k[1], k[2], k[3]);
           }
         }
       }
@@ -328,15 +358,20 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
             for (int g = 0; g < G; g++) dot[g] = 0.0f;
             const float *pw = p_s + blk * b;
             if (st.v_row) {
-              constexpr int PER_WORD = VB == 3 ? 1 : 32 / VB;
+              constexpr int PER_WORD = VB == 3 ? 4 : 32 / VB; /* 3 bits never come here: v_row is 0 */
               const uint32_t *row = vc + (blk * d + c) * (st.v_row + 1);
+              constexpr uint32_t MASK = (1u << VB) - 1;
               for (int w = 0; w < st.v_row; w++) {
                 const uint32_t word = row[w];
 #pragma unroll
-                for (int e = 0; e < PER_WORD; e++) {
-                  const float code = code_float((word >> (e * VB)) & ((1u << VB) - 1));
+                for (int e = 0; e < PER_WORD; e += 4) {
+                  const float c0 = code_float((word >> (e * VB)) & MASK);
+                  const float c1 = code_float((word >> ((e + 1) * VB)) & MASK);
+                  const float c2 = code_float((word >> ((e + 2) * VB)) & MASK);
+                  const float c3 = code_float((word >> ((e + 3) * VB)) & MASK);
 #pragma unroll
-                  for (int g = 0; g < G; g++) dot[g] += pw[g * KQ_THREADS + w * PER_WORD + e] * code;
+                  for (int g = 0; g < G; g++)
+                    dot[g] += dot4(f4(pw + g * KQ_THREADS + w * PER_WORD + e), c0, c1, c2, c3);
                 }
               }
             } else {
@@ -355,11 +390,16 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
         } else {
           /* values grouped over channels: a token row's codes, a pair per group */
           const int groups = d / p.v_group;
-          for (int j = phase; j < n; j += copies) {
-            const float2 so = pair_at(vm, j * groups + c / p.v_group);
-            const float v = so.x * code_float(code_at<VB>(vc, j * d + c)) + so.y;
+          for (int j = 4 * phase; j < n; j += 4 * copies) { /* n is whole blocks: fours */
+            float v[4];
 #pragma unroll
-            for (int g = 0; g < G; g++) acc[ci][g] += p_s[g * KQ_THREADS + j] * v;
+            for (int i = 0; i < 4; i++) {
+              const float2 so = pair_at(vm, (j + i) * groups + c / p.v_group);
+              v[i] = so.x * code_float(code_at<VB>(vc, (j + i) * d + c)) + so.y;
+            }
+#pragma unroll
+            for (int g = 0; g < G; g++)
+              acc[ci][g] += dot4(f4(p_s + g * KQ_THREADS + j), v[0], v[1], v[2], v[3]);
           }
         }
       }
