@@ -153,132 +153,177 @@ typedef struct {
   kvq_regions r;
   float *out;
   const float *q;
-  int n, pos0, heads;
+  int n, pos0, heads, group; /* group: query heads per KV head */
   float scale;
-  float *scratch; /* per worker: scores[cap] then head_dim floats */
+  float *scratch;
+  int64_t scratch_floats; /* per worker */
 } kvq_job;
 
-/* Scores of the quantized stream tokens [0, nq) for query row q, folding
- * each group's (scale, offset) into the dot product: channel-grouped keys take
- * scale * Σ q·code + offset * Σ q over the group (the group sums of q computed
- * once); token-grouped keys take Σ (q·scale) code + Σ q·offset per block. */
-static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t nq, float *s) {
+/* Per-worker scratch: scores [group][cap], outputs [group][d], one fp16 row as
+ * floats [d], one token's or block's codes as floats [block * d], and the
+ * query's folded terms [group][d + 1]. */
+static int64_t kvq_scratch_floats(const iq_kvq_params *p, int group) {
+  int64_t d = p->head_dim;
+  return group * (int64_t)p->cap + group * d + d + (int64_t)kvq_block(p) * d + group * (d + 1);
+}
+
+/* count codes from code `first` (a multiple of 32: rows and blocks start on words) as floats. */
+static void unpack(const uint32_t *words, int64_t first, int count, int bits, float *out) {
+  if (bits == 3) {
+    for (int i = 0; i < count; i++) out[i] = (float)kvq_code_at(words, first + i, bits);
+    return;
+  }
+  const uint32_t *w = words + first * bits / 32, mask = (1u << bits) - 1;
+  for (int i = 0; i < count; i += 32 / bits, w++)
+    for (int e = 0; e < 32 / bits; e++) out[i + e] = (float)((*w >> (e * bits)) & mask);
+}
+
+/* Eight independent sums, so the dot product vectorizes; d is a multiple of 8. */
+static inline float dot(const float *a, const float *b, int d) {
+  float acc[8] = {0};
+  for (int c = 0; c < d; c += 8)
+    for (int l = 0; l < 8; l++) acc[l] += a[c + l] * b[c + l];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* Scores of the quantized stream tokens [0, nq) for the G query rows q[G][d],
+ * each token's codes unpacked once for all G. Channel-grouped keys fold each
+ * group's pair as scale * Σ q·code + offset * Σ q (the group sums of q once
+ * per call); token-grouped keys take Σ (q·scale) code + Σ q·offset per block. */
+static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t nq, float *s,
+                             int64_t s_stride, float *codes, float *folded) {
   const iq_kvq_params *p = j->p;
-  int d = p->head_dim, bits = p->k_bits, g = p->k_group, b = kvq_block(p);
+  int d = p->head_dim, bits = p->k_bits, g = p->k_group, b = kvq_block(p), G = j->group;
   int64_t qcap = kvq_quant_cap(p);
-  const uint32_t *codes = j->r.codes_k + (int64_t)kvh * qcap * d * bits / 32;
+  const uint32_t *words = j->r.codes_k + (int64_t)kvh * qcap * d * bits / 32;
   const uint16_t *meta = j->r.meta_k + (int64_t)kvh * qcap * d / g * 2;
   if (p->k_axis == IQ_AXIS_CHANNELS) {
-    float qsum[256];
-    for (int gi = 0; gi < d / g; gi++) {
-      qsum[gi] = 0.0f;
-      for (int e = 0; e < g; e++) qsum[gi] += q[gi * g + e];
-    }
-    for (int64_t u = 0; u < nq; u++) {
-      float acc = 0.0f;
+    float *qsum = folded; /* [G][d / g] */
+    for (int h = 0; h < G; h++)
       for (int gi = 0; gi < d / g; gi++) {
-        float dot = 0.0f;
-        for (int e = 0; e < g; e++)
-          dot += q[gi * g + e] * (float)kvq_code_at(codes, u * d + gi * g + e, bits);
-        const uint16_t *pair = meta + (u * (d / g) + gi) * 2;
-        acc += iq_f16_to_f32(pair[0]) * dot + iq_f16_to_f32(pair[1]) * qsum[gi];
+        float sum = 0.0f;
+        for (int e = 0; e < g; e++) sum += q[h * d + gi * g + e];
+        qsum[h * (d / g) + gi] = sum;
       }
-      s[u] = acc;
+    for (int64_t u = 0; u < nq; u++) {
+      unpack(words, u * d, d, bits, codes);
+      const uint16_t *pairs = meta + u * (d / g) * 2;
+      for (int h = 0; h < G; h++) {
+        float acc = 0.0f;
+        for (int gi = 0; gi < d / g; gi++)
+          acc += kvq_f16_value(pairs[2 * gi]) * dot(q + h * d + gi * g, codes + gi * g, g) +
+                 kvq_f16_value(pairs[2 * gi + 1]) * qsum[h * (d / g) + gi];
+        s[h * s_stride + u] = acc;
+      }
     }
   } else {
-    float qs[256];
+    float *qs = folded; /* [G][d] q·scale, then [G] Σ q·offset */
     for (int64_t blk = 0; blk < nq / b; blk++) {
-      float bias = 0.0f;
-      for (int c = 0; c < d; c++) {
-        const uint16_t *pair = meta + (blk * d + c) * 2;
-        qs[c] = q[c] * iq_f16_to_f32(pair[0]);
-        bias += q[c] * iq_f16_to_f32(pair[1]);
+      const uint16_t *pairs = meta + blk * d * 2;
+      for (int h = 0; h < G; h++) {
+        float bias = 0.0f;
+        for (int c = 0; c < d; c++) {
+          qs[h * d + c] = q[h * d + c] * kvq_f16_value(pairs[2 * c]);
+          bias += q[h * d + c] * kvq_f16_value(pairs[2 * c + 1]);
+        }
+        qs[G * d + h] = bias;
       }
-      for (int t = 0; t < b; t++) {
-        float acc = bias;
-        for (int c = 0; c < d; c++)
-          acc += qs[c] * (float)kvq_code_at(codes, blk * b * d + c * b + t, bits);
-        s[blk * b + t] = acc;
-      }
+      unpack(words, blk * b * d, b * d, bits, codes); /* [channel][token] */
+      for (int t = 0; t < b; t++)
+        for (int h = 0; h < G; h++) {
+          float acc = qs[G * d + h];
+          for (int c = 0; c < d; c++) acc += qs[h * d + c] * codes[c * b + t];
+          s[h * s_stride + blk * b + t] = acc;
+        }
     }
   }
 }
 
-/* out += Σ_u w[u] v_u over the quantized stream tokens [0, nq): token-grouped
- * values take scale * Σ w·code + offset * Σ w per block and channel (the block
- * sums of w computed once); channel-grouped values take Σ (w·scale) code + Σ
- * w·offset per token and group. */
-static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t nq, float *out) {
+/* out[G][d] += Σ_u w[h][u] v_u over the quantized stream tokens [0, nq):
+ * token-grouped values fold scale * Σ w·code + offset * Σ w per block and
+ * channel; channel-grouped values take Σ (w·scale) code + Σ w·offset per token
+ * and group. */
+static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t w_stride,
+                             int64_t nq, float *out, float *codes) {
   const iq_kvq_params *p = j->p;
-  int d = p->head_dim, bits = p->v_bits, g = p->v_group, b = kvq_block(p);
+  int d = p->head_dim, bits = p->v_bits, g = p->v_group, b = kvq_block(p), G = j->group;
   int64_t qcap = kvq_quant_cap(p);
-  const uint32_t *codes = j->r.codes_v + (int64_t)kvh * qcap * d * bits / 32;
+  const uint32_t *words = j->r.codes_v + (int64_t)kvh * qcap * d * bits / 32;
   const uint16_t *meta = j->r.meta_v + (int64_t)kvh * qcap * d / g * 2;
   if (p->v_axis == IQ_AXIS_TOKENS) {
     for (int64_t blk = 0; blk < nq / b; blk++) {
-      float wsum = 0.0f;
-      for (int t = 0; t < b; t++) wsum += w[blk * b + t];
-      for (int c = 0; c < d; c++) {
-        float dot = 0.0f;
-        for (int t = 0; t < b; t++)
-          dot += w[blk * b + t] * (float)kvq_code_at(codes, blk * b * d + c * b + t, bits);
-        const uint16_t *pair = meta + (blk * d + c) * 2;
-        out[c] += iq_f16_to_f32(pair[0]) * dot + iq_f16_to_f32(pair[1]) * wsum;
+      unpack(words, blk * b * d, b * d, bits, codes); /* [channel][token] */
+      const uint16_t *pairs = meta + blk * d * 2;
+      for (int h = 0; h < G; h++) {
+        const float *wb = w + h * w_stride + blk * b;
+        float wsum = 0.0f;
+        for (int t = 0; t < b; t++) wsum += wb[t];
+        for (int c = 0; c < d; c++)
+          out[h * d + c] += kvq_f16_value(pairs[2 * c]) * dot(wb, codes + c * b, b) +
+                            kvq_f16_value(pairs[2 * c + 1]) * wsum;
       }
     }
   } else {
-    for (int64_t u = 0; u < nq; u++)
-      for (int gi = 0; gi < d / g; gi++) {
-        const uint16_t *pair = meta + (u * (d / g) + gi) * 2;
-        float ws = w[u] * iq_f16_to_f32(pair[0]), wo = w[u] * iq_f16_to_f32(pair[1]);
-        for (int e = 0; e < g; e++)
-          out[gi * g + e] += ws * (float)kvq_code_at(codes, u * d + gi * g + e, bits) + wo;
-      }
+    for (int64_t u = 0; u < nq; u++) {
+      unpack(words, u * d, d, bits, codes);
+      const uint16_t *pairs = meta + u * (d / g) * 2;
+      for (int h = 0; h < G; h++)
+        for (int gi = 0; gi < d / g; gi++) {
+          float ws = w[h * w_stride + u] * kvq_f16_value(pairs[2 * gi]);
+          float wo = w[h * w_stride + u] * kvq_f16_value(pairs[2 * gi + 1]);
+          for (int e = 0; e < g; e++) out[h * d + gi * g + e] += ws * codes[gi * g + e] + wo;
+        }
+    }
   }
 }
 
-/* One query row (query t, head h): scores over sink | quantized | ring, one
- * exact softmax, then the weighted values. */
-static void attend_row(const kvq_job *j, int t, int h, float *s, float *acc) {
+/* Query t and the G query heads of KV head kvh: scores over sink | quantized |
+ * ring, one exact softmax per head, then the weighted values. Each cache row is
+ * converted or unpacked once for all G heads. */
+__attribute__((target_clones("arch=x86-64-v3", "default"))) static void attend_group(
+    const kvq_job *j, int t, int kvh, float *scratch) {
   const iq_kvq_params *p = j->p;
-  int d = p->head_dim, kvh = h / (j->heads / p->kv_heads);
-  int64_t len = (int64_t)j->pos0 + t + 1, nq = kvq_quantized(p, len);
+  int d = p->head_dim, G = j->group;
+  int64_t cap = p->cap, len = (int64_t)j->pos0 + t + 1, nq = kvq_quantized(p, len);
   int64_t sink = len < p->sink ? len : p->sink;
-  const float *q = j->q + ((int64_t)t * j->heads + h) * d;
-  /* s[x] for every position x < len: sink, then quantized, then ring rows */
+  float *s = scratch, *acc = s + G * cap, *row = acc + G * d, *codes = row + d;
+  float *folded = codes + (int64_t)kvq_block(p) * d;
+  const float *q = j->q + ((int64_t)t * j->heads + (int64_t)kvh * G) * d;
+  for (int64_t x = 0; x < len; x++) { /* fp16 rows: the sink, then the ring */
+    if (x >= sink && x - sink < nq) continue;
+    iq_to_f32(row, fp16_row(p, &j->r, 0, kvh, x), IQ_F16, d);
+    for (int h = 0; h < G; h++) s[h * cap + x] = dot(q + h * d, row, d);
+  }
+  quantized_scores(j, kvh, q, nq, s + sink, cap, codes, folded);
+  for (int h = 0; h < G; h++) {
+    float *sh = s + h * cap, max = -INFINITY, sum = 0.0f;
+    for (int64_t x = 0; x < len; x++) {
+      sh[x] *= j->scale;
+      max = sh[x] > max ? sh[x] : max;
+    }
+    for (int64_t x = 0; x < len; x++) {
+      sh[x] = expf(sh[x] - max);
+      sum += sh[x];
+    }
+    for (int64_t x = 0; x < len; x++) sh[x] /= sum;
+  }
+  memset(acc, 0, (size_t)G * d * sizeof(float));
   for (int64_t x = 0; x < len; x++) {
     if (x >= sink && x - sink < nq) continue;
-    const uint16_t *kr = fp16_row(p, &j->r, 0, kvh, x);
-    float dot = 0.0f;
-    for (int c = 0; c < d; c++) dot += q[c] * iq_f16_to_f32(kr[c]);
-    s[x] = dot;
+    iq_to_f32(row, fp16_row(p, &j->r, 1, kvh, x), IQ_F16, d);
+    for (int h = 0; h < G; h++)
+      for (int c = 0; c < d; c++) acc[h * d + c] += s[h * cap + x] * row[c];
   }
-  quantized_scores(j, kvh, q, nq, s + sink);
-  float max = -INFINITY, sum = 0.0f;
-  for (int64_t x = 0; x < len; x++) {
-    s[x] *= j->scale;
-    max = s[x] > max ? s[x] : max;
-  }
-  for (int64_t x = 0; x < len; x++) {
-    s[x] = expf(s[x] - max);
-    sum += s[x];
-  }
-  for (int64_t x = 0; x < len; x++) s[x] /= sum;
-  memset(acc, 0, (size_t)d * sizeof(float));
-  for (int64_t x = 0; x < len; x++) {
-    if (x >= sink && x - sink < nq) continue;
-    const uint16_t *vr = fp16_row(p, &j->r, 1, kvh, x);
-    for (int c = 0; c < d; c++) acc[c] += s[x] * iq_f16_to_f32(vr[c]);
-  }
-  quantized_values(j, kvh, s + sink, nq, acc);
-  memcpy(j->out + ((int64_t)t * j->heads + h) * d, acc, (size_t)d * sizeof(float));
+  quantized_values(j, kvh, s + sink, cap, nq, acc, codes);
+  memcpy(j->out + ((int64_t)t * j->heads + (int64_t)kvh * G) * d, acc,
+         (size_t)G * d * sizeof(float));
 }
 
 static void attend_range(void *arg, int64_t begin, int64_t end, int worker) {
   const kvq_job *j = arg;
-  float *s = j->scratch + (int64_t)worker * (j->p->cap + j->p->head_dim);
+  float *scratch = j->scratch + worker * j->scratch_floats;
   for (int64_t i = begin; i < end; i++)
-    attend_row(j, (int)(i / j->heads), (int)(i % j->heads), s, s + j->p->cap);
+    attend_group(j, (int)(i / j->p->kv_heads), (int)(i % j->p->kv_heads), scratch);
 }
 
 int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
@@ -292,11 +337,14 @@ int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, flo
                    "iq_kvq_attention: %d queries at %d in a %d-token cache, heads %d a multiple "
                    "of kv_heads %d",
                    n, pos0, p->cap, heads, p->kv_heads);
+  int group = heads / p->kv_heads;
+  int64_t per_worker = kvq_scratch_floats(p, group);
   void *scratch;
-  st = iq_scratch(ctx, (size_t)ctx->threads * (p->cap + p->head_dim) * sizeof(float), &scratch);
+  st = iq_scratch(ctx, (size_t)ctx->threads * per_worker * sizeof(float), &scratch);
   if (st) return st;
   kvq_job j = {.p = p, .r = kvq_regions_of(p, layer), .out = out, .q = q, .n = n, .pos0 = pos0,
-               .heads = heads, .scale = scale, .scratch = scratch};
-  iq_parallel_for(ctx, (int64_t)n * heads, 1, attend_range, &j);
+               .heads = heads, .group = group, .scale = scale, .scratch = scratch,
+               .scratch_floats = per_worker};
+  iq_parallel_for(ctx, (int64_t)n * p->kv_heads, 1, attend_range, &j);
   return IQ_OK;
 }
