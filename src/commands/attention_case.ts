@@ -8,6 +8,14 @@ import { type KvSpec, makeKvCache } from "../kv/spec.ts";
 export const LAYER = { heads: 32, kvHeads: 8, headDim: 128 } as const;
 const FILL_ROWS = 4096;
 
+/** `count` rows of kvHeads * headDim floats like a model's keys and values: channels of uneven
+ * size, tokens that differ. For filling caches without running a model. */
+export function fillRows(count: number, kvHeads: number, headDim: number): Float32Array {
+  return new Float32Array(count * kvHeads * headDim).map((_, i) =>
+    Math.cos(i * 0.37) * (1 + (i % headDim) / 32)
+  );
+}
+
 export class AttentionCase {
   readonly cache: KvCache;
   readonly #q: DeviceBuffer;
@@ -21,10 +29,7 @@ export class AttentionCase {
     this.#q = backend.alloc(heads * headDim * 4);
     this.#out = backend.alloc(heads * headDim * 4);
     backend.upload(this.#q, new Float32Array(heads * headDim).map((_, i) => Math.sin(i)));
-    // keys and values like a model's: channels of uneven size, tokens that differ
-    const rows = new Float32Array(FILL_ROWS * kvHeads * headDim).map((_, i) =>
-      Math.cos(i * 0.37) * (1 + (i % headDim) / 32)
-    );
+    const rows = fillRows(FILL_ROWS, kvHeads, headDim);
     using x = backend.alloc(rows.byteLength);
     backend.upload(x, rows);
     for (let p = 0; p < tokens; p += FILL_ROWS) {

@@ -8,7 +8,7 @@ import { Transformer } from "../engine/forward.ts";
 import { GREEDY, Sampler } from "../engine/sampler.ts";
 import { loadConfig } from "../model/config.ts";
 import { parseKvSpec } from "../kv/spec.ts";
-import { AttentionCase } from "./attention_case.ts";
+import { AttentionCase, fillRows } from "./attention_case.ts";
 import {
   defaultModel,
   deviceFlag,
@@ -23,12 +23,16 @@ export const BENCH_HELP = `innerq bench: measure prompt processing and generatio
 
 Usage: innerq bench [options]
   -m, --model DIR       model directory (default: as for generate)
-  -p, --prompt LIST     prompt lengths to time, comma-separated (default 512)
+  -p, --prompt LIST     prompt lengths to time, comma-separated (default 512; 0: none)
   -n, --gen N           tokens to generate per tg test (default 128)
   -d, --depth LIST      context depths the tests start at (default 0)
   -r, --repeats N       repetitions of each test (default 3)
       --chunk N         most tokens per forward call in prompt processing (default 512)
       --kv SPEC         KV cache (default fp16)
+      --fill MODE       how the context at each depth is made: prefill (default: the model runs
+                        over depth tokens) or direct (every layer's cache is stored synthetic
+                        keys and values without running the model: for depths whose prefill
+                        would take too long; tg speed does not depend on the values)
       --device D        auto (default), cuda or cpu
   -t, --threads N       CPU threads
       --kernels         time the decode attention (32 heads, 8 KV heads, head_dim 128, fp16
@@ -50,6 +54,7 @@ const OPTIONS = {
   repeats: { type: "string", short: "r" },
   chunk: { type: "string" },
   kv: { type: "string" },
+  fill: { type: "string" },
   device: { type: "string" },
   threads: { type: "string", short: "t" },
   kernels: { type: "boolean" },
@@ -100,11 +105,27 @@ function prefillAt(model: Transformer, ids: Int32Array, pos: number): void {
   }
 }
 
+/** Stores `depth` positions of synthetic rows in every layer's cache without running the model. */
+function fillDirect(model: Transformer, depth: number): void {
+  const { layers, kvHeads, headDim } = model.cache.shape, be = model.backend;
+  using x = be.alloc(model.chunk * kvHeads * headDim * 4);
+  be.upload(x, fillRows(model.chunk, kvHeads, headDim));
+  for (let l = 0; l < layers; l++) {
+    for (let p = 0; p < depth; p += model.chunk) {
+      model.cache.store(l, x, x, p, Math.min(model.chunk, depth - p));
+    }
+  }
+}
+
 async function benchModel(
   v: ReturnType<typeof parse>["values"],
   emit: (r: Row) => void,
 ): Promise<string> {
-  const prompts = listFlag("prompt", v.prompt, [512], 1);
+  const prompts = listFlag("prompt", v.prompt, [512], 0).filter((p) => p > 0);
+  if (v.fill !== undefined && v.fill !== "prefill" && v.fill !== "direct") {
+    throw new UsageError(`--fill must be prefill or direct, got ${JSON.stringify(v.fill)}`);
+  }
+  const direct = v.fill === "direct";
   const gen = intFlag("gen", v.gen, 0) ?? 128;
   const depths = listFlag("depth", v.depth, [0], 0);
   const repeats = intFlag("repeats", v.repeats, 1) ?? 3;
@@ -112,7 +133,7 @@ async function benchModel(
   const dir = v.model ?? await defaultModel(v.json ?? false);
   const config = await loadConfig(dir);
   const ctx = Math.max(...depths) + Math.max(...prompts, gen) + 1;
-  const chunk = intFlag("chunk", v.chunk, 1) ?? Math.min(512, Math.max(...prompts));
+  const chunk = intFlag("chunk", v.chunk, 1) ?? Math.min(512, Math.max(...prompts, 1));
   using backend = openBackend(
     deviceFlag(v.device),
     intFlag("threads", v.threads, 1),
@@ -124,10 +145,14 @@ async function benchModel(
     Int32Array.from({ length: n }, (_, i) => (i * 7919 + 13) % config.vocabSize);
   const title =
     `${dir.split("/").filter(Boolean).pop()} (${formatCount(model.weights.params)} params, ` +
-    `${config.dtype}) on ${backend.deviceInfo().name}, kv ${model.cache.spec}, chunk ${chunk}`;
+    `${config.dtype}) on ${backend.deviceInfo().name}, kv ${model.cache.spec}, chunk ${chunk}` +
+    (direct ? ", contexts stored directly (no prefill)" : "");
 
   for (const depth of depths) {
-    if (depth > 0) prefillAt(model, tokens(depth), 0); // the context the tests start from
+    if (depth > 0) { // the context the tests start from
+      if (direct) fillDirect(model, depth);
+      else prefillAt(model, tokens(depth), 0);
+    }
     for (const p of prompts) {
       const ids = tokens(p); // made outside the timed region
       prefillAt(model, ids, depth); // warm-up
