@@ -1,7 +1,6 @@
 // The quantized KV cache on CUDA against the CPU reference (kernels/cpu/kvq.c): the same stores
 // write the same bytes (codes, pairs, windows, key normalization), and attention agrees within
-// TOLERANCE relative to max(1, |cpu|): the InnerQ layout's tiles run on tensor cores with q and
-// the probabilities rounded to fp16 (as flash attention does), the rest in fp32; for every setting of
+// fp32 summation-order noise (1e-4 relative to max(1, |cpu|)), for every setting of
 // test/kvq_harness.ts, GQA groups of 3 and 8, and a Llama-3-8B layer at 5000 tokens (many splits).
 // Where no GPU answers every test is registered as ignored.
 import assert from "node:assert/strict";
@@ -18,8 +17,6 @@ import {
   seen,
   zeroLayer,
 } from "./kvq_harness.ts";
-
-const TOLERANCE = 3e-3;
 
 function openCuda(): Backend | null {
   try {
@@ -69,8 +66,7 @@ function compare(
     kvqAttention(be, layouts[i], layers[i], q, n, pos0, heads)
   );
   const err = maxRelError(g, c);
-  console.log(`${name}: prefill max error ${err.toExponential(2)}`);
-  assert(err < TOLERANCE, `${name}: prefill attention max error ${err}`);
+  assert(err < 1e-4, `${name}: prefill attention max error ${err}`);
   for (let pos = prefill; pos < total; pos++) {
     fill(pos + 1, [1], pos);
     if ((pos - prefill) % 5 && pos !== total - 1) continue;
@@ -79,7 +75,7 @@ function compare(
       kvqAttention(be, layouts[i], layers[i], qd, 1, pos, heads)
     );
     const e = maxRelError(gd, cd);
-    assert(e < TOLERANCE, `${name}: decode at ${pos}: max error ${e}`);
+    assert(e < 1e-4, `${name}: decode at ${pos}: max error ${e}`);
   }
   sameBytes("after decode");
   const [vg, vc] = [gpu, cpu].map((be, i) => seen(be, layouts[i], layers[i], total));
@@ -99,14 +95,8 @@ test("every setting writes the CPU's bytes and attends as the CPU does (GQA 3)",
   }
 });
 
-test("GQA 8 and head_dim 128: InnerQ (tensor cores, 2/4/8 bits) and KIVI", (gpu, cpu) => {
-  const variants: [string, Partial<KvqParams>][] = [
-    ["innerq k4v2 g8", {}],
-    ["innerq k8v4 g8", { kBits: 8, vBits: 4 }],
-    ["innerq k2v8 g8", { kBits: 2, vBits: 8, kGroup: 64 }],
-    ["kivi k4v2 g8", { kAxis: 1, vAxis: 0, qmode: 0, norm: 0 }],
-  ];
-  for (const [name, over] of variants) {
+test("GQA 8 and head_dim 128, InnerQ and KIVI", (gpu, cpu) => {
+  for (const kivi of [false, true]) {
     const params = kvqParams({
       kvHeads: 1,
       headDim: 128,
@@ -115,9 +105,14 @@ test("GQA 8 and head_dim 128: InnerQ (tensor cores, 2/4/8 bits) and KIVI", (gpu,
       recent: 32,
       kGroup: 32,
       vGroup: 32,
-      ...over,
+      ...(kivi ? { kAxis: 1, vAxis: 0, qmode: 0, norm: 0 } : {}),
     });
-    compare(gpu, cpu, name, params, { heads: 8, prefill: 300, chunks: [64], decode: 20 });
+    compare(gpu, cpu, kivi ? "kivi g8" : "innerq g8", params, {
+      heads: 8,
+      prefill: 300,
+      chunks: [64],
+      decode: 20,
+    });
   }
 });
 

@@ -125,24 +125,20 @@ __device__ __forceinline__ void stage_tile(const kq_args &a, const kq_stage &st,
   asm volatile("cp.async.commit_group;\n" ::);
 }
 
-/* The online-softmax step of a tile for rows (query heads) 0 .. rows - 1: s[g]
- * is this thread's score (-inf for none); afterwards p_s[g][tid] holds its
- * weight against the new running max, and corr_s[g] the factor that rescales
- * what was accumulated before. Rows past `rows` are skipped (the tensor-core
- * kernel pads its heads to 16). */
+/* The online-softmax step of a tile: s[g] is this thread's score (-inf for
+ * none); afterwards p_s[g][tid] holds its weight against the new running max,
+ * and corr_s[g] the factor that rescales what was accumulated before. */
 template <int G>
 __device__ __forceinline__ void tile_softmax(const float s[G], float *p_s, float (*red)[KQ_WARPS],
-                                             float *m_s, float *l_s, float *corr_s,
-                                             int rows = G) {
+                                             float *m_s, float *l_s, float *corr_s) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 #pragma unroll
   for (int g = 0; g < G; g++) {
-    if (g >= rows) break;
     const float mx = warp_max(s[g]);
     if (lane == 0) red[g][warp] = mx;
   }
   __syncthreads();
-  if (tid < rows) {
+  if (tid < G) {
     float mx = m_s[tid];
     for (int w = 0; w < KQ_WARPS; w++) mx = fmaxf(mx, red[tid][w]);
     /* a tile with no keys yet (mx still -inf) corrects by 1 and weighs 0 */
@@ -152,14 +148,13 @@ __device__ __forceinline__ void tile_softmax(const float s[G], float *p_s, float
   __syncthreads();
 #pragma unroll
   for (int g = 0; g < G; g++) {
-    if (g >= rows) break;
     const float p = s[g] == -INFINITY ? 0.0f : expf(s[g] - m_s[g]);
     p_s[g * KQ_THREADS + tid] = p;
     const float sum = iq_warp_sum(p);
     if (lane == 0) red[g][warp] = sum;
   }
   __syncthreads();
-  if (tid < rows) {
+  if (tid < G) {
     float sum = 0.0f;
     for (int w = 0; w < KQ_WARPS; w++) sum += red[tid][w];
     l_s[tid] = l_s[tid] * corr_s[tid] + sum;
@@ -489,8 +484,6 @@ template <int G> static int launch_bits(iq_ctx *ctx, const kq_args &a, dim3 grid
   }
 }
 
-#include "kvq_mma.cuh"
-
 extern "C" int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
                                 const float *q, int n, int pos0, int heads, float scale) {
   IQ_TRY(kvq_check_params(ctx, "iq_kvq_attention", p));
@@ -505,14 +498,13 @@ extern "C" int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void 
     return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_attention: %d queries in one call (at most 65535)", n);
   const int group = heads / p->kv_heads, G = group > 4 ? 8 : 4;
   const int hblocks = (group + G - 1) / G;
-  const bool mma = kvq_mma_serves(*p, group); /* tensor cores for the quantized splits */
   if (kq_smem_bytes(*p, G) > 200 * 1024)
     return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_attention: head_dim %d with these bits and groups "
                    "needs %zu bytes of shared memory", p->head_dim, kq_smem_bytes(*p, G));
   /* the quantized tiles of the longest query, split so the GPU holds about
    * KQ_BLOCKS_PER_SM blocks per multiprocessor */
   const int64_t tiles = (kvq_quantized(p, (int64_t)pos0 + n) + KVQ_TILE - 1) / KVQ_TILE;
-  const int64_t per_split = (int64_t)p->kv_heads * (mma ? 1 : hblocks) * n;
+  const int64_t per_split = (int64_t)p->kv_heads * hblocks * n;
   int64_t qsplits = (KQ_BLOCKS_PER_SM * (int64_t)ctx->sms + per_split - 1) / per_split;
   qsplits = qsplits < 1 ? 1 : qsplits > tiles ? tiles : qsplits;
   const int64_t tiles_per_split = qsplits ? (tiles + qsplits - 1) / qsplits : 1;
@@ -534,11 +526,8 @@ extern "C" int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void 
   a.pos0 = pos0;
   a.tiles_per_split = (int)tiles_per_split;
   a.scale = scale;
-  /* split 0 (the fp16 positions) and, without tensor cores, the quantized splits */
-  dim3 grid((unsigned)(p->kv_heads * hblocks), mma ? 1u : (unsigned)splits, (unsigned)n);
+  dim3 grid((unsigned)(p->kv_heads * hblocks), (unsigned)splits, (unsigned)n);
   IQ_TRY(G == 4 ? launch_bits<4>(ctx, a, grid) : launch_bits<8>(ctx, a, grid));
-  if (mma && qsplits > 0)
-    IQ_TRY(launch_mma_bits(ctx, a, dim3((unsigned)p->kv_heads, (unsigned)qsplits, (unsigned)n)));
   merge_splits_kernel<<<n * heads, 128, 0, ctx->stream>>>(out, a.part_acc, a.part_ml, n * heads,
                                                           p->head_dim, splits);
   IQ_LAUNCHED(ctx);
