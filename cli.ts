@@ -4,6 +4,7 @@ import { EXIT, UsageError } from "./src/commands/common.ts";
 import { runGenerate } from "./src/commands/generate.ts";
 import { runInfo } from "./src/commands/info.ts";
 import { runBench } from "./src/commands/bench.ts";
+import { runPpl } from "./src/commands/ppl.ts";
 
 const HELP = `innerq: run Llama-family language models with a compressed KV cache
 
@@ -13,6 +14,7 @@ Commands
   generate   generate text from a prompt (arguments, -f FILE or stdin)
   info       describe a model directory: shape, parameters, KV-cache bytes per token
   bench      prompt-processing and generation speed (llama-bench style), or --kernels
+  ppl        perplexity of a text, and KL divergence from the fp16 cache for each --kv spec
 
 Run \`innerq <command> --help\` for a command's options.
 Exit codes: 0 done, 1 error, 2 bad command line, 130 interrupted.
@@ -22,6 +24,7 @@ const COMMANDS: Record<string, (args: string[]) => Promise<number>> = {
   generate: runGenerate,
   info: runInfo,
   bench: runBench,
+  ppl: runPpl,
 };
 
 async function main(args: string[]): Promise<number> {

@@ -4,7 +4,7 @@
 // test/kvq_harness.ts, GQA groups of 3 and 8, and a Llama-3-8B layer at 5000 tokens (many splits).
 // Where no GPU answers every test is registered as ignored.
 import assert from "node:assert/strict";
-import { Backend, type KvqParams } from "../ffi/backend.ts";
+import { Backend, KvqAxis, type KvqParams } from "../ffi/backend.ts";
 import { Rng } from "../src/engine/sampler.ts";
 import { maxRelError, randomFloats } from "./random.ts";
 import {
@@ -95,8 +95,14 @@ test("every setting writes the CPU's bytes and attends as the CPU does (GQA 3)",
   }
 });
 
-test("GQA 8 and head_dim 128, InnerQ and KIVI", (gpu, cpu) => {
-  for (const kivi of [false, true]) {
+test("GQA 8 and head_dim 128: InnerQ at 2/4/8 bits and KIVI", (gpu, cpu) => {
+  const variants: [string, Partial<KvqParams>][] = [
+    ["innerq k4v2 g8", {}],
+    ["innerq k8v4 g8", { kBits: 8, vBits: 4 }],
+    ["innerq k2v8 g8", { kBits: 2, vBits: 8, kGroup: 64 }],
+    ["kivi k4v2 g8", { kAxis: KvqAxis.TOKENS, vAxis: KvqAxis.CHANNELS, qmode: 0, norm: 0 }],
+  ];
+  for (const [name, over] of variants) {
     const params = kvqParams({
       kvHeads: 1,
       headDim: 128,
@@ -105,14 +111,9 @@ test("GQA 8 and head_dim 128, InnerQ and KIVI", (gpu, cpu) => {
       recent: 32,
       kGroup: 32,
       vGroup: 32,
-      ...(kivi ? { kAxis: 1, vAxis: 0, qmode: 0, norm: 0 } : {}),
+      ...over,
     });
-    compare(gpu, cpu, kivi ? "kivi g8" : "innerq g8", params, {
-      heads: 8,
-      prefill: 300,
-      chunks: [64],
-      decode: 20,
-    });
+    compare(gpu, cpu, name, params, { heads: 8, prefill: 300, chunks: [64], decode: 20 });
   }
 });
 

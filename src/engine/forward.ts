@@ -82,16 +82,18 @@ class RunState {
 export class Transformer {
   readonly chunk: number;
   readonly allLogits: boolean;
+  #cache: KvCache;
 
   private constructor(
     readonly backend: Backend,
     readonly dir: string,
     readonly config: ModelConfig,
     readonly weights: ModelWeights,
-    readonly cache: KvCache,
+    cache: KvCache,
     readonly state: RunState,
     opts: Required<Pick<LoadOptions, "chunk" | "allLogits">>,
   ) {
+    this.#cache = cache;
     this.chunk = opts.chunk;
     this.allLogits = opts.allLogits;
     backend.upload(state.invFreq, ropeInvFreq(config));
@@ -140,6 +142,30 @@ export class Transformer {
       freeWeights(weights);
       throw err;
     }
+  }
+
+  /** The KV cache forward() stores into and attends over. */
+  get cache(): KvCache {
+    return this.#cache;
+  }
+
+  /** Attends through `cache` from now on and returns the cache it replaces, which the caller then
+   * owns (and closes). `cache` must have this cache's shape: make it with
+   * makeKvCache(model.backend, model.cache.shape, spec). One copy of the weights can so run several
+   * specs over the same tokens (ppl). */
+  swapCache(cache: KvCache): KvCache {
+    for (const key of ["layers", "heads", "kvHeads", "headDim", "capacity", "chunk"] as const) {
+      if (cache.shape[key] !== this.#cache.shape[key]) {
+        throw new RangeError(
+          `swapCache: the new cache's ${key} is ${cache.shape[key]}, the model's ${
+            this.#cache.shape[key]
+          }`,
+        );
+      }
+    }
+    const old = this.#cache;
+    this.#cache = cache;
+    return old;
   }
 
   /** Tokens the cache holds. */
