@@ -49,15 +49,18 @@ Options
       --device D         auto (default: CUDA when present), cuda or cpu
   -t, --threads N        CPU threads (default: all cores)
       --json             one JSON object instead of the table
+      --plot FILE.svg    also write a chart (SVG): mean KL against bytes per token, one labelled
+                         mark per spec, log-scale KL
   -q, --quiet            no progress or notices on stderr
   -h, --help             this help
 
 Output: a table on stdout, one row per spec: bits per cached element and bytes per token (codes and
 (scale, offset) metadata; the fp16 sink and recent window are a fixed cost on top), perplexity and
 its change from fp16, mean KL, KL p99, top-1 agreement. Progress with an ETA goes to stderr.
+--plot writes its file after the table (the path is checked for writing before the run).
 
 Exit codes: 0 done, 1 error (unreadable text or model files, native failure), 2 bad command line,
-130 interrupted by Ctrl-C (the table covers the tokens scored so far).
+130 interrupted by Ctrl-C (the table, and the plot, cover the tokens scored so far).
 `;
 
 const OPTIONS = {
@@ -70,6 +73,7 @@ const OPTIONS = {
   device: { type: "string" },
   threads: { type: "string", short: "t" },
   json: { type: "boolean" },
+  plot: { type: "string" },
   quiet: { type: "boolean", short: "q" },
   help: { type: "boolean", short: "h" },
 } as const;
@@ -156,6 +160,7 @@ export async function runPpl(args: string[]): Promise<number> {
   } catch (e) {
     throw new Error(`--file ${v.file}: cannot read (${(e as Error).message})`);
   }
+  if (v.plot !== undefined) await checkWritable(v.plot);
   const dir = v.model;
   const config = await loadConfig(dir);
   for (const { spec } of rows) {
@@ -259,7 +264,52 @@ export async function runPpl(args: string[]): Promise<number> {
       );
     }
   }
+  if (v.plot !== undefined) {
+    const name = dir.replace(/\/+$/, "").split("/").pop() || dir;
+    await writePlot(v.plot, specs, {
+      title: `${name}: KL from the fp16 cache over ${result.tokens} tokens` +
+        (result.interrupted ? " (interrupted)" : ""),
+      notes: [`${v.file}, windows of ${ctx} tokens, stride ${stride}, on ${report.backend}`],
+    });
+    if (!quiet) console.error(`innerq: plot written to ${v.plot}`);
+  }
   return result.interrupted ? EXIT.interrupted : EXIT.ok;
+}
+
+/** Fails early, before a long run, when --plot's file cannot be written: leaves no file behind. */
+async function checkWritable(path: string): Promise<void> {
+  let existed = true;
+  try {
+    if ((await Deno.stat(path)).isDirectory) throw new Error("is a directory");
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) {
+      throw new Error(`--plot ${path}: cannot write (${(e as Error).message})`);
+    }
+    existed = false;
+  }
+  try {
+    (await Deno.open(path, { write: true, create: true })).close();
+    if (!existed) await Deno.remove(path);
+  } catch (e) {
+    throw new Error(`--plot ${path}: cannot write (${(e as Error).message})`);
+  }
+}
+
+/** The chart of `innerq ppl --plot`: the first spec (fp16) is the reference, the rest are marks.
+ * Vega is loaded only here, so the other commands do not pay for it. */
+async function writePlot(
+  path: string,
+  specs: { spec: string; bytesPerToken: number; meanKl: number; top1: number; ppl: number }[],
+  opts: { title: string; notes: string[] },
+): Promise<void> {
+  const { klPlotSvg } = await import("../report/kl_plot.ts");
+  const [reference, ...rest] = specs;
+  const svg = await klPlotSvg(rest, { ...opts, reference });
+  try {
+    await Deno.writeTextFile(path, svg);
+  } catch (e) {
+    throw new Error(`--plot ${path}: cannot write (${(e as Error).message})`);
+  }
 }
 
 function printTable(specs: {
