@@ -147,8 +147,13 @@ int iq_attention_decode(iq_ctx *ctx, float *out, const float *q,
  *     contiguous; pairs [block][channel].
  * block = the group of the side grouped along tokens (1 when neither is; both
  * must be equal when both are).
- * Packing: every 32 consecutive codes take `bits` uint32 words, code i at bit
- * i * bits of their little-endian concatenation (2, 3, 4 and 8 bits).
+ * Packing: every 32 consecutive slots take `bits` uint32 words, slot i at bit
+ * i * bits of their little-endian concatenation (2, 3, 4 and 8 bits). Rows of
+ * codes (a token's channels when grouped over channels, a block's tokens of
+ * one channel when grouped over tokens) whose length is a multiple of 32 hold
+ * their 2-, 4- and 8-bit codes in the tensor cores' fragment order
+ * (kvq_slot_of in kernels/kvq.h); other rows and 3-bit codes in natural
+ * order, element i in slot i.
  * Hybrid mode quantizes each group symmetrically (offset = -2^(bits-1) *
  * scale, so zero is exact) and asymmetrically (min/max) and keeps the pair
  * with the lower squared error; both modes share the (scale, offset) form, so

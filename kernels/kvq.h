@@ -74,6 +74,58 @@ static KVQ_HD inline uint32_t kvq_pack_word(const uint8_t *codes, int64_t w, int
   return word;
 }
 
+/* Rows of L codes (L = head_dim for groups over channels, the block for
+ * groups over tokens) with 2, 4 or 8 bits and L a multiple of 32 are stored in
+ * the tensor cores' fragment order, so that the CUDA kernel loads each
+ * thread's codes of an mma.m16n8k16 operand as one piece and unpacks them
+ * into fp16 pairs with a few bit operations. Element e of a row: run r = e /
+ * 32 (two k-steps of 16), and within the run k-step ks, the lane quad tig that
+ * holds it (elements 2 tig, 2 tig + 1 and 2 tig + 8, 2 tig + 9 of each
+ * k-step) and f, its rank among that quad's 8 elements of the run. A quad's 8
+ * codes of run r form chunk tig * (L / 32) + r (each quad's chunks are
+ * contiguous), and f takes the slot the unpacking expects. Rows of other
+ * lengths and 3-bit codes keep natural order. Returns L, or 0 for natural. */
+static KVQ_HD inline int kvq_perm_len(int bits, int axis, int group, int head_dim) {
+  int len = axis == IQ_AXIS_CHANNELS ? head_dim : group;
+  return bits != 3 && len % 32 == 0 ? len : 0;
+}
+
+/* Slot (position in units of codes) of element e in a permuted row of len. */
+static KVQ_HD inline int kvq_slot_of(int e, int len, int bits) {
+  int r = e / 32, rr = e % 16, ks = e % 32 / 16;
+  int tig = rr % 8 / 2, f = ks * 4 + rr / 8 * 2 + rr % 2;
+  /* 4 bits: the unpacking yields nibbles (i, i + 4) as pair i; 8 bits: bytes
+   * (0, 2) and (1, 3) of each k-step's word; 2 bits: crumbs in order */
+  int q = bits == 4 ? f / 2 + 4 * (f % 2) : bits == 8 ? f / 4 * 4 + f % 4 / 2 + 2 * (f % 2) : f;
+  return (tig * (len / 32) + r) * 8 + q;
+}
+
+/* The element in slot s of a permuted row: the inverse of kvq_slot_of. */
+static KVQ_HD inline int kvq_elem_of(int s, int len, int bits) {
+  int k = s / 8, q = s % 8, tig = k / (len / 32), r = k % (len / 32);
+  int f = bits == 4 ? 2 * (q % 4) + q / 4 : bits == 8 ? q / 4 * 4 + 2 * (q % 2) + q % 4 / 2 : q;
+  return r * 32 + f / 4 * 16 + f / 2 % 2 * 8 + tig * 2 + f % 2;
+}
+
+/* Code i (i = row * len + e) of a packed array whose rows are permuted when len > 0. */
+static KVQ_HD inline uint32_t kvq_code_in(const uint32_t *words, int64_t i, int bits, int len) {
+  if (len) i = i / len * len + kvq_slot_of((int)(i % len), len, bits);
+  return kvq_code_at(words, i, bits);
+}
+
+/* Word w of the packing of codes[] (one code a byte, natural order; rows of
+ * len permuted when len > 0). */
+static KVQ_HD inline uint32_t kvq_pack_word_in(const uint8_t *codes, int64_t w, int bits,
+                                               int len) {
+  if (!len) return kvq_pack_word(codes, w, bits);
+  uint32_t word = 0;
+  for (int k = 0; k < 32 / bits; k++) {
+    int64_t s = w * (32 / bits) + k;
+    word |= (uint32_t)codes[s / len * len + kvq_elem_of((int)(s % len), len, bits)] << (k * bits);
+  }
+  return word;
+}
+
 static KVQ_HD inline int kvq_code(float x, float scale, float offset, int bits) {
   if (!(scale > 0.0f)) return 0;
   float c = rintf((x - offset) / scale);
@@ -152,7 +204,8 @@ static KVQ_HD inline float kvq_dequantized(const uint32_t *codes, const uint16_t
     e = t;
   }
   int64_t base = j * block * d; /* the block's first code */
-  float code = (float)kvq_code_at(codes, base + gi * group + e, bits);
+  float code = (float)kvq_code_in(codes, base + gi * group + e, bits,
+                                  kvq_perm_len(bits, axis, group, d));
   const uint16_t *pair = meta + (base / group + gi) * 2;
   return kvq_f16_value(pair[0]) * code + kvq_f16_value(pair[1]);
 }

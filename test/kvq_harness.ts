@@ -54,6 +54,25 @@ export const KVQ_CASES: { name: string; params: KvqParams }[] = [
       norm: KvqNorm.OFF,
     }),
   },
+  { name: "innerq k4v2 gv32", params: kvqParams({ vGroup: 32, ring: 8 + 32 + 40 }) },
+  {
+    name: "innerq k2v8 gv32 no sink",
+    params: kvqParams({ kBits: 2, vBits: 8, vGroup: 32, sink: 0, ring: 8 + 32 + 40 }),
+  },
+  {
+    name: "innerq k4v4 gk8 gv32",
+    params: kvqParams({ vBits: 4, kGroup: 8, vGroup: 32, ring: 8 + 32 + 40 }),
+  },
+  {
+    name: "keys over tokens, values over tokens (the kaxis=tokens mix)",
+    params: kvqParams({
+      kBits: 2,
+      kAxis: KvqAxis.TOKENS,
+      kGroup: 32,
+      vGroup: 32,
+      ring: 8 + 32 + 40,
+    }),
+  },
   {
     name: "channels both, block 1",
     params: kvqParams({ vAxis: KvqAxis.CHANNELS, vGroup: 8, recent: 5, ring: 5 + 1 + 40 }),

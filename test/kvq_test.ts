@@ -23,6 +23,21 @@ globalThis.addEventListener("unload", () => cpu.close());
 
 const fp16 = (x: number) => Float16Array.of(x)[0];
 
+/** The fragment order of kernels/kvq.h, from its description: element e of a row of `len` codes
+ * is in run e / 32; there k-step ks = e % 32 / 16 and, within it, r = e % 16 belongs to lane quad
+ * tig = r % 8 / 2 as its f-th element (f = 4 ks + 2 (r / 8) + r % 2); the quad's 8 codes of the
+ * run are chunk tig * (len / 32) + run, ordered as the unpacking takes them. */
+function slotOf(e: number, len: number, bits: number): number {
+  const run = Math.floor(e / 32), ks = Math.floor((e % 32) / 16), r = e % 16;
+  const tig = Math.floor((r % 8) / 2), f = 4 * ks + 2 * Math.floor(r / 8) + (r % 2);
+  const inChunk = bits === 4
+    ? [0, 4, 1, 5, 2, 6, 3, 7][f] // nibbles (i, i + 4) make pair i
+    : bits === 8
+    ? [0, 2, 1, 3, 4, 6, 5, 7][f] // bytes (0, 2), (1, 3) of each k-step's word
+    : f;
+  return (tig * (len / 32) + run) * 8 + inChunk;
+}
+
 Deno.test("kvq: every bit width and both axes round-trip codes on a grid exactly, packed as documented", () => {
   for (const bits of [2, 3, 4, 8]) {
     for (
@@ -81,7 +96,8 @@ Deno.test("kvq: every bit width and both axes round-trip codes on a grid exactly
       assertEquals(asRows(view.k), k, `keys, ${bits} bits`);
       assertEquals(asRows(view.v), v, `values, ${bits} bits`);
       if (kAxis === KvqAxis.CHANNELS) {
-        // the key codes as documented: 32 codes take `bits` words, code i at bit i * bits
+        // the key codes as documented: 32 codes take `bits` words, slot i at bit i * bits; a
+        // token's row of d codes holds channel c in slot slotOf(c) (2, 4, 8 bits; 3 bits: c)
         const qcap = Math.ceil((layout.params.cap - layout.params.sink) / 128) * 128;
         const bytes = download(
           cpu,
@@ -91,7 +107,7 @@ Deno.test("kvq: every bit width and both axes round-trip codes on a grid exactly
         for (let h = 0; h < p.kvHeads; h++) {
           for (let t = 0; t < total; t++) {
             for (let c = 0; c < d; c++) {
-              const i = (h * qcap + t) * d + c, bit = i * bits;
+              const i = (h * qcap + t) * d + (bits === 3 ? c : slotOf(c, d, bits)), bit = i * bits;
               const w = bit >>> 5, shift = bit & 31;
               const high = shift + bits > 32 ? words[w + 1] << (32 - shift) : 0;
               const code = ((words[w] >>> shift) | high) & ((1 << bits) - 1);

@@ -56,8 +56,9 @@ static void quantize_tile(const float *tile, int block, int head_dim, int bits, 
     for (int e = 0; e < group; e++)
       codes[gi * group + e] = (uint8_t)kvq_code(x[e * stride], scale, offset, bits);
   }
+  int len = kvq_perm_len(bits, axis, group, head_dim);
   for (int64_t w = 0; w < (int64_t)block * head_dim * bits / 32; w++)
-    words[w] = kvq_pack_word(codes, w, bits);
+    words[w] = kvq_pack_word_in(codes, w, bits, len);
 }
 
 /* Quantizes stream block j of KV head h from the ring. */
@@ -167,15 +168,35 @@ static int64_t kvq_scratch_floats(const iq_kvq_params *p, int group) {
   return group * (int64_t)p->cap + group * d + d + (int64_t)kvq_block(p) * d + group * (d + 1);
 }
 
-/* count codes from code `first` (a multiple of 32: rows and blocks start on words) as floats. */
-static void unpack(const uint32_t *words, int64_t first, int count, int bits, float *out) {
+/* The element in each slot of a permuted row of len codes (kvq_perm_len), or
+ * slot order itself when len is 0 (natural order, rows of any length). */
+typedef struct {
+  int len;
+  int16_t elem[256];
+} row_order;
+
+static row_order order_of(int bits, int axis, int group, int head_dim) {
+  row_order o;
+  o.len = kvq_perm_len(bits, axis, group, head_dim);
+  for (int s = 0; s < o.len; s++) o.elem[s] = (int16_t)kvq_elem_of(s, o.len, bits);
+  return o;
+}
+
+/* count codes from code `first` (whole rows: a multiple of the row length
+ * and of 32, so rows and blocks start on words) as floats, in element order. */
+static void unpack(const uint32_t *words, int64_t first, int count, int bits,
+                   const row_order *o, float *out) {
   if (bits == 3) {
     for (int i = 0; i < count; i++) out[i] = (float)kvq_code_at(words, first + i, bits);
     return;
   }
   const uint32_t *w = words + first * bits / 32, mask = (1u << bits) - 1;
   for (int i = 0; i < count; i += 32 / bits, w++)
-    for (int e = 0; e < 32 / bits; e++) out[i + e] = (float)((*w >> (e * bits)) & mask);
+    for (int e = 0; e < 32 / bits; e++) {
+      int s = i + e; /* slot; rows of o->len start on multiples of it */
+      int at = o->len ? s / o->len * o->len + o->elem[s % o->len] : s;
+      out[at] = (float)((*w >> (e * bits)) & mask);
+    }
 }
 
 /* Eight independent sums, so the dot product vectorizes; d is a multiple of 8. */
@@ -197,6 +218,7 @@ static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t 
   int64_t qcap = kvq_quant_cap(p);
   const uint32_t *words = j->r.codes_k + (int64_t)kvh * qcap * d * bits / 32;
   const uint16_t *meta = j->r.meta_k + (int64_t)kvh * qcap * d / g * 2;
+  const row_order order = order_of(bits, p->k_axis, g, d);
   if (p->k_axis == IQ_AXIS_CHANNELS) {
     float *qsum = folded; /* [G][d / g] */
     for (int h = 0; h < G; h++)
@@ -206,7 +228,7 @@ static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t 
         qsum[h * (d / g) + gi] = sum;
       }
     for (int64_t u = 0; u < nq; u++) {
-      unpack(words, u * d, d, bits, codes);
+      unpack(words, u * d, d, bits, &order, codes);
       const uint16_t *pairs = meta + u * (d / g) * 2;
       for (int h = 0; h < G; h++) {
         float acc = 0.0f;
@@ -228,7 +250,7 @@ static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t 
         }
         qs[G * d + h] = bias;
       }
-      unpack(words, blk * b * d, b * d, bits, codes); /* [channel][token] */
+      unpack(words, blk * b * d, b * d, bits, &order, codes); /* [channel][token] */
       for (int t = 0; t < b; t++)
         for (int h = 0; h < G; h++) {
           float acc = qs[G * d + h];
@@ -250,9 +272,10 @@ static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t 
   int64_t qcap = kvq_quant_cap(p);
   const uint32_t *words = j->r.codes_v + (int64_t)kvh * qcap * d * bits / 32;
   const uint16_t *meta = j->r.meta_v + (int64_t)kvh * qcap * d / g * 2;
+  const row_order order = order_of(bits, p->v_axis, g, d);
   if (p->v_axis == IQ_AXIS_TOKENS) {
     for (int64_t blk = 0; blk < nq / b; blk++) {
-      unpack(words, blk * b * d, b * d, bits, codes); /* [channel][token] */
+      unpack(words, blk * b * d, b * d, bits, &order, codes); /* [channel][token] */
       const uint16_t *pairs = meta + blk * d * 2;
       for (int h = 0; h < G; h++) {
         const float *wb = w + h * w_stride + blk * b;
@@ -265,7 +288,7 @@ static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t 
     }
   } else {
     for (int64_t u = 0; u < nq; u++) {
-      unpack(words, u * d, d, bits, codes);
+      unpack(words, u * d, d, bits, &order, codes);
       const uint16_t *pairs = meta + u * (d / g) * 2;
       for (int h = 0; h < G; h++)
         for (int gi = 0; gi < d / g; gi++) {

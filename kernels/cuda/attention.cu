@@ -325,8 +325,7 @@ static int decode(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
   case 4: IQ_TRY((launch_decode<T, 4>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale))); break;
   default: IQ_TRY((launch_decode<T, 8>(ctx, grid, part_acc, part_ml, q, k_cache, v_cache, heads, group, hblocks, d, cap, positions, chunk, scale)));
   }
-  merge_splits_kernel<<<heads, 128, 0, ctx->stream>>>(out, part_acc, part_ml, heads, d, splits);
-  IQ_LAUNCHED(ctx);
+  IQ_TRY(merge_splits(ctx, out, part_acc, part_ml, heads, d, splits));
   return IQ_OK;
 }
 

@@ -61,6 +61,13 @@ int iq_scratch(iq_ctx *ctx, size_t bytes, void **out);
 /* The context's cuBLAS handle, bound to its stream; loads cuBLAS at first use. */
 int iq_cublas(iq_ctx *ctx, struct iq_cublas **out);
 
+/* kvq_mma.cu: the tensor-core attention over the quantized cache, for the
+ * parameters (and query heads per KV head) it supports; iq_kvq_attention
+ * checks the arguments and calls it where it applies. */
+int kvq_mma_supported(const iq_kvq_params *p, int group);
+int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
+                      const float *q, int n, int pos0, int heads, float scale);
+
 /* Every CUDA call is checked: a failure records "<op>: <call>: <why>" and
  * returns IQ_ERR_DEVICE from the calling ABI function (__func__ is its name). */
 #define IQ_CUDA(ctx, call)                                                                     \

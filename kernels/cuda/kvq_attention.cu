@@ -293,25 +293,15 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
                 for (int g = 0; g < G; g++) dot[g] += q_s[g * d + gi * gk + e] * code;
               }
             } else {
-              constexpr int PER_WORD = 32 / KB;
+              /* rows in fragment order (kvq.h): slot by slot; the tensor-core kernel
+               * (kvq_mma.cu) takes the common cases, this path groups of 8 */
               const uint32_t *row = kc + tid * (st.k_row + 1);
-              /* a group spans gk * KB / 32 words, or shares one word with others */
-              const int w0 = gi * gk * KB / 32, words = max(1, gk * KB / 32);
-              const int shift0 = (gi * gk * KB) & 31, in_word = min(gk, PER_WORD);
-              constexpr uint32_t MASK = (1u << KB) - 1;
-              for (int w = 0; w < words; w++) {
-                const uint32_t word = row[w0 + w] >> shift0;
-                const int c = gi * gk + w * PER_WORD;
+              for (int e = 0; e < gk; e++) {
+                const int slot = kvq_slot_of(gi * gk + e, d, KB);
+                const float code = code_float((row[slot * KB / 32] >> ((slot * KB) & 31)) &
+                                              ((1u << KB) - 1));
 #pragma unroll
-                for (int e = 0; e < PER_WORD; e += 4) {
-                  if (e >= in_word) break; /* groups are >= 8 codes: whole fours */
-                  const float c0 = code_float((word >> (e * KB)) & MASK);
-                  const float c1 = code_float((word >> ((e + 1) * KB)) & MASK);
-                  const float c2 = code_float((word >> ((e + 2) * KB)) & MASK);
-                  const float c3 = code_float((word >> ((e + 3) * KB)) & MASK);
-#pragma unroll
-                  for (int g = 0; g < G; g++) dot[g] += dot4(f4(q_s + g * d + c + e), c0, c1, c2, c3);
-                }
+                for (int g = 0; g < G; g++) dot[g] += q_s[g * d + gi * gk + e] * code;
               }
             }
             const float2 so = pair_at(pairs, gi);
@@ -321,13 +311,14 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
         } else {
           /* keys grouped over tokens: token tid is element tid % b of its block's channels */
           const int blk = tid / b, e = tid % b;
+          const int slot = kvq_perm_len(KB, IQ_AXIS_TOKENS, b, d) ? kvq_slot_of(e, b, KB) : e;
           const uint32_t *pairs = km + blk * d;
           for (int c = 0; c < d; c += 4) {
             float k[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
               const float2 so = pair_at(pairs, c + i);
-              k[i] = so.x * code_float(code_at<KB>(kc, (blk * d + c + i) * b + e)) + so.y;
+              k[i] = so.x * code_float(code_at<KB>(kc, (blk * d + c + i) * b + slot)) + so.y;
             }
 #pragma unroll
             for (int g = 0; g < G; g++) s[g] += dot4(f4(q_s + g * d + c), k[0], k[1], k[2], k[3]);
@@ -357,30 +348,16 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
 #pragma unroll
             for (int g = 0; g < G; g++) dot[g] = 0.0f;
             const float *pw = p_s + blk * b;
-            if (st.v_row) {
-              constexpr int PER_WORD = VB == 3 ? 4 : 32 / VB; /* 3 bits never come here: v_row is 0 */
-              const uint32_t *row = vc + (blk * d + c) * (st.v_row + 1);
-              constexpr uint32_t MASK = (1u << VB) - 1;
-              for (int w = 0; w < st.v_row; w++) {
-                const uint32_t word = row[w];
+            /* a (block, channel) row of b codes, in fragment order when b is a multiple of 32 */
+            const bool permuted = kvq_perm_len(VB, IQ_AXIS_TOKENS, b, d) != 0;
+            const uint32_t *row = st.v_row ? vc + (blk * d + c) * (st.v_row + 1)
+                                           : vc + blk * b * d * VB / 32;
+            const int first = st.v_row ? 0 : c * b;
+            for (int slot = 0; slot < b; slot++) {
+              const int e = permuted ? kvq_elem_of(slot, b, VB) : slot;
+              const float code = code_float(code_at<VB>(row, first + slot));
 #pragma unroll
-                for (int e = 0; e < PER_WORD; e += 4) {
-                  const float c0 = code_float((word >> (e * VB)) & MASK);
-                  const float c1 = code_float((word >> ((e + 1) * VB)) & MASK);
-                  const float c2 = code_float((word >> ((e + 2) * VB)) & MASK);
-                  const float c3 = code_float((word >> ((e + 3) * VB)) & MASK);
-#pragma unroll
-                  for (int g = 0; g < G; g++)
-                    dot[g] += dot4(f4(pw + g * KQ_THREADS + w * PER_WORD + e), c0, c1, c2, c3);
-                }
-              }
-            } else {
-              const uint32_t *codes = vc + blk * b * d * VB / 32;
-              for (int e = 0; e < b; e++) {
-                const float code = code_float(code_at<VB>(codes, c * b + e));
-#pragma unroll
-                for (int g = 0; g < G; g++) dot[g] += pw[g * KQ_THREADS + e] * code;
-              }
+              for (int g = 0; g < G; g++) dot[g] += pw[g * KQ_THREADS + e] * code;
             }
             const float2 so = pair_at(vm, blk * d + c);
 #pragma unroll
@@ -390,12 +367,14 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
         } else {
           /* values grouped over channels: a token row's codes, a pair per group */
           const int groups = d / p.v_group;
+          const int slot = kvq_perm_len(VB, IQ_AXIS_CHANNELS, p.v_group, d) ? kvq_slot_of(c, d, VB)
+                                                                           : c;
           for (int j = 4 * phase; j < n; j += 4 * copies) { /* n is whole blocks: fours */
             float v[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
               const float2 so = pair_at(vm, (j + i) * groups + c / p.v_group);
-              v[i] = so.x * code_float(code_at<VB>(vc, (j + i) * d + c)) + so.y;
+              v[i] = so.x * code_float(code_at<VB>(vc, (j + i) * d + slot)) + so.y;
             }
 #pragma unroll
             for (int g = 0; g < G; g++)
@@ -497,6 +476,7 @@ extern "C" int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void 
   if (n > 65535)
     return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_attention: %d queries in one call (at most 65535)", n);
   const int group = heads / p->kv_heads, G = group > 4 ? 8 : 4;
+  if (kvq_mma_supported(p, group)) return kvq_mma_attention(ctx, p, layer, out, q, n, pos0, heads, scale);
   const int hblocks = (group + G - 1) / G;
   if (kq_smem_bytes(*p, G) > 200 * 1024)
     return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_attention: head_dim %d with these bits and groups "
@@ -528,8 +508,6 @@ extern "C" int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void 
   a.scale = scale;
   dim3 grid((unsigned)(p->kv_heads * hblocks), (unsigned)splits, (unsigned)n);
   IQ_TRY(G == 4 ? launch_bits<4>(ctx, a, grid) : launch_bits<8>(ctx, a, grid));
-  merge_splits_kernel<<<n * heads, 128, 0, ctx->stream>>>(out, a.part_acc, a.part_ml, n * heads,
-                                                          p->head_dim, splits);
-  IQ_LAUNCHED(ctx);
+  IQ_TRY(merge_splits(ctx, out, a.part_acc, a.part_ml, n * heads, p->head_dim, splits));
   return IQ_OK;
 }

@@ -78,8 +78,9 @@ __global__ void quantize_kernel(iq_kvq_params p, kvq_regions r, int64_t first_bl
   }
   __syncthreads();
   uint32_t *words = (side ? r.codes_v : r.codes_k) + ((int64_t)h * qcap + first) * d * bits / 32;
+  const int len = kvq_perm_len(bits, axis, group, d);
   for (int w = threadIdx.x; w < b * d * bits / 32; w += blockDim.x)
-    words[w] = kvq_pack_word(codes, w, bits);
+    words[w] = kvq_pack_word_in(codes, w, bits, len);
 }
 
 extern "C" int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, const float *k,

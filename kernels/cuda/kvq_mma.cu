@@ -1,0 +1,555 @@
+/* kvq_mma.cu: attention over the quantized KV cache on tensor cores (mma.sync
+ * m16n8k16, fp16 in, fp32 accumulate) for the InnerQ axes: keys grouped over
+ * channels (groups of 16 or more), values in blocks of 32 tokens, 2, 4 or 8
+ * bits, head_dim 64 or 128, up to 8 query heads per KV head. kvq_attention.cu
+ * calls it where kvq_mma_supported says so and runs its SIMT kernel otherwise.
+ *
+ * grid (kv_heads, 1 + splits, n queries), 4 warps a block. Split 0 walks the
+ * query's fp16 positions (sink, ring); the others walk chunks of 32 quantized
+ * tokens (one value block), each warp its own chunks, copied to its own
+ * shared memory with cp.async one chunk ahead. Per chunk a warp computes
+ *   Sᵀ (32 tokens x 8 heads) = K codes (A operand) · q (B, held in registers),
+ * folding each key group's pair as s += scale · (codes · q) + offset · Σ q;
+ * updates its heads' online softmax; turns P into the B operand of the values
+ * in registers (movmatrix transposes the score fragment); and computes
+ *   outᵀ (channels x heads) += V codes (A) · Pᵀ,
+ * folding each block's pair as out += scale · (codes · p) + offset · Σ p.
+ * The codes are stored in fragment order (kvq.h), so a thread's share of an A
+ * operand is one load and a few bit operations: a 4-bit code c OR-ed under
+ * 0x6400 is the fp16 1024 + c. q and p are rounded to fp16 as the tensor cores
+ * take them, as in prefill_mma.cuh; sums and the softmax are fp32. The 4 warps
+ * merge into one partial per block, merge_splits_kernel the splits. */
+#include <math.h>
+
+#include "cuda.cuh"
+#include "checks.h"
+#include "kvq.h"
+#include "prefill_mma.cuh"
+#include "split_softmax.cuh"
+
+constexpr int KM_WARPS = 4, KM_CHUNK = 32, KM_HEADS = 8;
+
+struct km_args {
+  iq_kvq_params p;
+  kvq_regions r;
+  float *part_acc, *part_ml;
+  const float *q;
+  int heads, group, pos0, chunks_per_split;
+  float scale;
+};
+
+/* fp16x2 arithmetic on raw registers, and the constants of the unpacking. */
+__device__ __forceinline__ uint32_t hsub2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("sub.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+constexpr uint32_t H1024 = 0x64006400u, H_16TH = 0x2C002C00u, H_NEG64 = 0xD400D400u,
+                   H_256TH = 0x1C001C00u, H_NEG4 = 0xC400C400u;
+
+/* A thread's 8 codes of a 32-code run as 4 fp16 pairs: pair i holds its
+ * fragment elements 2i and 2i + 1 (k-step i / 2, half i % 2), exact. */
+__device__ __forceinline__ void unpack_4bit(uint32_t x, uint32_t pr[4]) {
+  const uint32_t y = x >> 8;
+  pr[0] = hsub2((x & 0x000F000Fu) | H1024, H1024);
+  pr[1] = hfma2((x & 0x00F000F0u) | H1024, H_16TH, H_NEG64); /* 1024 + 16c */
+  pr[2] = hsub2((y & 0x000F000Fu) | H1024, H1024);
+  pr[3] = hfma2((y & 0x00F000F0u) | H1024, H_16TH, H_NEG64);
+}
+__device__ __forceinline__ void unpack_8bit(uint32_t x0, uint32_t x1, uint32_t pr[4]) {
+  pr[0] = hsub2(__byte_perm(x0, H1024, 0x7270), H1024); /* bytes 0, 2 under 0x64 */
+  pr[1] = hsub2(__byte_perm(x0, H1024, 0x7371), H1024); /* bytes 1, 3 */
+  pr[2] = hsub2(__byte_perm(x1, H1024, 0x7270), H1024);
+  pr[3] = hsub2(__byte_perm(x1, H1024, 0x7371), H1024);
+}
+__device__ __forceinline__ void unpack_2bit(uint32_t h, uint32_t pr[4]) {
+  const uint32_t y = h | (h << 14); /* high half: the crumb after the low half's */
+  pr[0] = hsub2((y & 0x00030003u) | H1024, H1024);
+  pr[1] = hfma2((y & 0x00300030u) | H1024, H_16TH, H_NEG64);
+  pr[2] = hfma2((y & 0x03000300u) | H1024, H_256TH, H_NEG4); /* 1024 + 256c */
+  pr[3] = hfma2(((y >> 8) & 0x00300030u) | H1024, H_16TH, H_NEG64);
+}
+
+/* A quad's codes of a permuted row of R runs (kvq_slot_of): its chunks are
+ * contiguous, R * BITS / 4 words (a 2-bit row of one run: half a word),
+ * loaded at once so that the 8 lanes of a quarter warp read distinct banks. */
+template <int BITS, int R> struct quad_share {
+  static constexpr int WORDS = R * BITS / 4 > 0 ? R * BITS / 4 : 1;
+  uint32_t w[WORDS];
+  __device__ __forceinline__ void load(const uint32_t *row, int tig) {
+    if constexpr (R * BITS / 4 == 0) {
+      w[0] = (row[tig / 2] >> (tig % 2 * 16)) & 0xFFFFu;
+    } else {
+      const uint32_t *src = row + tig * WORDS;
+#pragma unroll
+      for (int i = 0; i < WORDS; i += 4) {
+        if constexpr (WORDS % 4 == 0) {
+          const uint4 v = *reinterpret_cast<const uint4 *>(src + i);
+          w[i] = v.x, w[i + 1] = v.y, w[i + 2] = v.z, w[i + 3] = v.w;
+        } else if constexpr (WORDS == 2) {
+          const uint2 v = *reinterpret_cast<const uint2 *>(src);
+          w[0] = v.x, w[1] = v.y;
+        } else {
+          w[i] = src[i];
+        }
+      }
+    }
+  }
+  /* Run r as 4 fp16 pairs. */
+  __device__ __forceinline__ void pairs(int r, uint32_t pr[4]) const {
+    if constexpr (BITS == 4) {
+      unpack_4bit(w[r], pr);
+    } else if constexpr (BITS == 8) {
+      unpack_8bit(w[2 * r], w[2 * r + 1], pr);
+    } else if constexpr (R * BITS / 4 == 0) {
+      unpack_2bit(w[0], pr);
+    } else {
+      unpack_2bit((w[r / 2] >> (r % 2 * 16)) & 0xFFFFu, pr);
+    }
+  }
+};
+
+__device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+__device__ __forceinline__ float2 pair_f2(uint32_t u) {
+  return __half22float2(*reinterpret_cast<const __half2 *>(&u));
+}
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+
+/* One warp's stage: a chunk's key codes, key pairs, value codes and value
+ * pairs, in words. */
+template <int D, int KB, int VB> struct km_stage {
+  int kc, km, vc, vm, words;
+  __host__ __device__ explicit km_stage(int k_group) {
+    kc = 0;
+    km = D * KB;
+    vc = km + KM_CHUNK * D / k_group;
+    vm = vc + D * VB;
+    words = vm + D;
+  }
+};
+
+/* Shared-memory words of a warp: two stages, or the fp16 tile (32 padded rows). */
+template <int D, int KB, int VB> __host__ __device__ inline int km_warp_words(int k_group) {
+  const int stages = 2 * km_stage<D, KB, VB>(k_group).words, tile = KM_CHUNK * (D + 8) / 2;
+  return stages > tile ? stages : tile;
+}
+
+/* Issues the copies of quantized chunk `chunk` of KV head kvh into dst. */
+template <int D, int KB, int VB>
+__device__ __forceinline__ void stage_chunk(const km_args &a, const km_stage<D, KB, VB> &st,
+                                            uint32_t *dst, int kvh, int64_t chunk, int lane) {
+  const int64_t tok = (int64_t)kvh * kvq_quant_cap(&a.p) + chunk * KM_CHUNK;
+  const int kg = a.p.k_group;
+  const uint32_t *src[4] = {
+      a.r.codes_k + tok * D * KB / 32,
+      reinterpret_cast<const uint32_t *>(a.r.meta_k) + tok * D / kg,
+      a.r.codes_v + tok * D * VB / 32,
+      reinterpret_cast<const uint32_t *>(a.r.meta_v) + tok * D / 32,
+  };
+  const int at[4] = {st.kc, st.km, st.vc, st.vm};
+  const int words[4] = {D * KB, KM_CHUNK * D / kg, D * VB, D};
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+    for (int e = lane * 4; e < words[i]; e += 128) cp_async16(dst + at[i] + e, src[i] + e);
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+/* A warp's running softmax and output for its 8 heads: this thread holds
+ * heads 2 tig, 2 tig + 1 and, per 16-channel tile cm, channels 16 cm + gid
+ * and + 8 (acc[cm] = {(gid, h0), (gid, h1), (gid + 8, h0), (gid + 8, h1)}). */
+template <int D> struct km_state {
+  float m[2], l[2], acc[D / 16][4];
+};
+
+/* The softmax step of a chunk's scores s[mt][.] (tokens 16 mt + gid and + 8,
+ * heads 2 tig, + 1; -inf for none): rescales the state, and returns the B
+ * operands of Pᵀ per 16-token k-step and Σ p per head (of the fp16 p). */
+template <int D>
+__device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][4],
+                                              uint32_t pb[2][2], float psum[2]) {
+  float corr[2], mx[2];
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    mx[j] = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], o));
+    const float m = fmaxf(st.m[j], mx[j]);
+    corr[j] = m == -INFINITY ? 1.0f : exp2f(st.m[j] - m);
+    st.m[j] = m;
+    psum[j] = 0.0f;
+  }
+#pragma unroll
+  for (int mt = 0; mt < 2; mt++) {
+    uint32_t row[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      float p[2];
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        const float x = s[mt][2 * r + j];
+        p[j] = x == -INFINITY ? 0.0f : exp2f(x - st.m[j]);
+      }
+      row[r] = pack_half2(p[0], p[1]);
+      const float2 ph = pair_f2(row[r]);
+      psum[0] += ph.x;
+      psum[1] += ph.y;
+    }
+    pb[mt][0] = transpose_8x8(row[0]);
+    pb[mt][1] = transpose_8x8(row[1]);
+  }
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) psum[j] += __shfl_xor_sync(0xffffffffu, psum[j], o);
+    st.l[j] = st.l[j] * corr[j] + psum[j];
+  }
+#pragma unroll
+  for (int cm = 0; cm < D / 16; cm++) {
+    st.acc[cm][0] *= corr[0];
+    st.acc[cm][1] *= corr[1];
+    st.acc[cm][2] *= corr[0];
+    st.acc[cm][3] *= corr[1];
+  }
+}
+
+template <int D, int KB, int VB>
+__global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
+  extern __shared__ __align__(16) uint32_t km_smem[];
+  __shared__ float q_s[KM_HEADS][D];
+  const iq_kvq_params &p = a.p;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int kvh = blockIdx.x, h0 = kvh * a.group, nh = min(a.group, KM_HEADS), t = blockIdx.z;
+  const int64_t len = (int64_t)a.pos0 + t + 1, nq = kvq_quantized(&p, len);
+  const int64_t sinkn = min(len, (int64_t)p.sink), fp16n = len - nq;
+  const int kg = p.k_group, kshift = __ffs(kg / 16) - 1; /* 2^kshift k-steps per key group */
+  const km_stage<D, KB, VB> st(kg);
+
+  /* q times the softmax scale and log2(e) (scores in log2 units: the softmax uses exp2),
+   * rounded to fp16; the B operand of each k-step, and the sums of q over each key group for
+   * heads 2 tig, + 1, at each k-step of the group */
+  __shared__ float qsum_s[KM_HEADS][D / 16];
+  for (int i = threadIdx.x; i < KM_HEADS * D; i += blockDim.x) {
+    const int g = i / D;
+    const float x = g < nh ? a.q[((int64_t)t * a.heads + h0 + g) * D + i % D] * a.scale : 0.0f;
+    q_s[g][i % D] = __half2float(__float2half_rn(x * 1.44269504f));
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < KM_HEADS * (D / kg); i += blockDim.x) {
+    const int g = i / (D / kg), gi = i % (D / kg);
+    float sum = 0.0f;
+    for (int c = gi * kg; c < (gi + 1) * kg; c++) sum += q_s[g][c];
+    qsum_s[g][gi] = sum;
+  }
+  __syncthreads();
+  uint32_t qb[D / 16][2];
+  float qg[D / 16][2];
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ks++) {
+    const float *qr = q_s[gid] + 16 * ks + 2 * tig;
+    qb[ks][0] = pack_half2(qr[0], qr[1]);
+    qb[ks][1] = pack_half2(qr[8], qr[9]);
+    qg[ks][0] = qsum_s[2 * tig][ks >> kshift];
+    qg[ks][1] = qsum_s[2 * tig + 1][ks >> kshift];
+  }
+
+  km_state<D> state;
+  state.m[0] = state.m[1] = -INFINITY;
+  state.l[0] = state.l[1] = 0.0f;
+#pragma unroll
+  for (int cm = 0; cm < D / 16; cm++)
+#pragma unroll
+    for (int i = 0; i < 4; i++) state.acc[cm][i] = 0.0f;
+
+  if (blockIdx.y == 0) {
+    /* the fp16 positions, 32 at a time per warp: keys, then values, through a tile of padded
+     * rows in the warp's shared memory (stride D + 8: the 8 rows a fragment load touches lie
+     * in distinct banks), rows past the end zero */
+    constexpr int S = D + 8, PIECES = D / 8;
+    __half *tile = reinterpret_cast<__half *>(km_smem + warp * km_warp_words<D, KB, VB>(kg));
+    auto load_tile = [&](int64_t base, int side) {
+      for (int e = lane; e < KM_CHUNK * PIECES; e += 32) {
+        const int r = e / PIECES, c = e % PIECES * 8;
+        const int64_t i = base + r;
+        __half *dst = tile + r * S + c;
+        if (i < fp16n) {
+          const int64_t x = i < sinkn ? i : p.sink + nq + (i - sinkn);
+          const uint16_t *b = x < p.sink ? (side ? a.r.sink_v : a.r.sink_k)
+                                         : (side ? a.r.ring_v : a.r.ring_k);
+          cp_async16(dst, b + kvq_fp16_row(&p, kvh, x) + c);
+        } else {
+          *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+        }
+      }
+      asm volatile("cp.async.commit_group;\n" ::);
+      asm volatile("cp.async.wait_group 0;\n" ::);
+      __syncwarp();
+    };
+    for (int64_t base = (int64_t)warp * KM_CHUNK; base < fp16n; base += KM_WARPS * KM_CHUNK) {
+      load_tile(base, 0);
+      float s[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; mt++) {
+        const __half *k0 = tile + (16 * mt + gid) * S, *k1 = k0 + 8 * S;
+        float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks++) {
+          const int c = 16 * ks + 2 * tig;
+          const uint32_t fr[4] = {*reinterpret_cast<const uint32_t *>(k0 + c),
+                                  *reinterpret_cast<const uint32_t *>(k1 + c),
+                                  *reinterpret_cast<const uint32_t *>(k0 + c + 8),
+                                  *reinterpret_cast<const uint32_t *>(k1 + c + 8)};
+          mma_16816(sc, fr, qb[ks][0], qb[ks][1]);
+        }
+        const bool in0 = base + 16 * mt + gid < fp16n, in1 = base + 16 * mt + gid + 8 < fp16n;
+        s[mt][0] = in0 ? sc[0] : -INFINITY;
+        s[mt][1] = in0 ? sc[1] : -INFINITY;
+        s[mt][2] = in1 ? sc[2] : -INFINITY;
+        s[mt][3] = in1 ? sc[3] : -INFINITY;
+      }
+      uint32_t pb[2][2];
+      float psum[2];
+      chunk_softmax<D>(state, s, pb, psum);
+      __syncwarp(); /* the keys are read: the tile takes the values */
+      load_tile(base, 1);
+#pragma unroll
+      for (int cm = 0; cm < D / 16; cm++) {
+#pragma unroll
+        for (int ks = 0; ks < 2; ks++) {
+          uint32_t fr[4];
+#pragma unroll
+          for (int r = 0; r < 4; r++) { /* channels {gid, gid + 8} x tokens {2 tig, 2 tig + 8} */
+            const __half *v = tile + (16 * ks + 2 * tig + r / 2 * 8) * S + 16 * cm + gid + r % 2 * 8;
+            __half2 h = __halves2half2(v[0], v[S]);
+            fr[r] = *reinterpret_cast<uint32_t *>(&h);
+          }
+          mma_16816(state.acc[cm], fr, pb[ks][0], pb[ks][1]);
+        }
+      }
+      __syncwarp(); /* the tile takes the next keys */
+    }
+  } else {
+    /* quantized chunks first + warp, + 4, ... of this split */
+    uint32_t *stage = km_smem + warp * km_warp_words<D, KB, VB>(kg);
+    const int64_t chunks = nq / KM_CHUNK;
+    const int64_t first = (int64_t)(blockIdx.y - 1) * a.chunks_per_split + warp;
+    const int64_t last = min(chunks, (int64_t)blockIdx.y * a.chunks_per_split);
+    if (first < last) stage_chunk<D, KB, VB>(a, st, stage, kvh, first, lane);
+    for (int64_t chunk = first, i = 0; chunk < last; chunk += KM_WARPS, i++) {
+      const uint32_t *cur = stage + (i & 1) * st.words;
+      if (chunk + KM_WARPS < last) {
+        stage_chunk<D, KB, VB>(a, st, stage + ((i + 1) & 1) * st.words, kvh, chunk + KM_WARPS,
+                               lane);
+        asm volatile("cp.async.wait_group 1;\n" ::);
+      } else {
+        asm volatile("cp.async.wait_group 0;\n" ::);
+      }
+      __syncwarp();
+
+      /* scores: per 16-token tile, A = the key codes of tokens gid and gid + 8 */
+      constexpr int R = D / 32, KROW = D * KB / 32;
+      const int kgw = D / kg; /* pairs per key row */
+      float s[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; mt++) {
+        const int t0 = 16 * mt + gid;
+        const uint32_t *r0 = cur + st.kc + t0 * KROW, *r1 = r0 + 8 * KROW;
+        const uint32_t *m0 = cur + st.km + t0 * kgw, *m1 = m0 + 8 * kgw;
+        float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int i = 0; i < 4; i++) s[mt][i] = 0.0f;
+        quad_share<KB, R> w0, w1;
+        w0.load(r0, tig);
+        w1.load(r1, tig);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+          uint32_t x0[4], x1[4];
+          w0.pairs(r, x0);
+          w1.pairs(r, x1);
+#pragma unroll
+          for (int kk = 0; kk < 2; kk++) {
+            const int ks = 2 * r + kk;
+            const uint32_t fr[4] = {x0[2 * kk], x1[2 * kk], x0[2 * kk + 1], x1[2 * kk + 1]};
+            mma_16816(tmp, fr, qb[ks][0], qb[ks][1]);
+            if (((ks + 1) & ((1 << kshift) - 1)) == 0) { /* the group ends: fold its pairs */
+              const float2 so0 = pair_f2(m0[ks >> kshift]), so1 = pair_f2(m1[ks >> kshift]);
+              s[mt][0] += so0.x * tmp[0] + so0.y * qg[ks][0];
+              s[mt][1] += so0.x * tmp[1] + so0.y * qg[ks][1];
+              s[mt][2] += so1.x * tmp[2] + so1.y * qg[ks][0];
+              s[mt][3] += so1.x * tmp[3] + so1.y * qg[ks][1];
+#pragma unroll
+              for (int i = 0; i < 4; i++) tmp[i] = 0.0f;
+            }
+          }
+        }
+      }
+      uint32_t pb[2][2];
+      float psum[2];
+      chunk_softmax<D>(state, s, pb, psum);
+
+      /* values: per 16-channel tile, A = the codes of channels gid and gid + 8 */
+#pragma unroll
+      for (int cm = 0; cm < D / 16; cm++) {
+        const int c0 = 16 * cm + gid;
+        const uint32_t *r0 = cur + st.vc + c0 * VB, *r1 = r0 + 8 * VB;
+        quad_share<VB, 1> w0, w1;
+        w0.load(r0, tig);
+        w1.load(r1, tig);
+        uint32_t x0[4], x1[4];
+        w0.pairs(0, x0);
+        w1.pairs(0, x1);
+        float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const uint32_t f0[4] = {x0[0], x1[0], x0[1], x1[1]}, f1[4] = {x0[2], x1[2], x0[3], x1[3]};
+        mma_16816(tmp, f0, pb[0][0], pb[0][1]);
+        mma_16816(tmp, f1, pb[1][0], pb[1][1]);
+        const float2 so0 = pair_f2(cur[st.vm + c0]), so1 = pair_f2(cur[st.vm + c0 + 8]);
+        state.acc[cm][0] += so0.x * tmp[0] + so0.y * psum[0];
+        state.acc[cm][1] += so0.x * tmp[1] + so0.y * psum[1];
+        state.acc[cm][2] += so1.x * tmp[2] + so1.y * psum[0];
+        state.acc[cm][3] += so1.x * tmp[3] + so1.y * psum[1];
+      }
+      __syncwarp(); /* the stage is refilled next */
+    }
+  }
+
+  /* the warps' partials into one: shared memory [warp][head][D] and (max, sum) */
+  __syncthreads();
+  float *w_acc = reinterpret_cast<float *>(km_smem);
+  __shared__ float w_m[KM_WARPS][KM_HEADS], w_l[KM_WARPS][KM_HEADS];
+#pragma unroll
+  for (int cm = 0; cm < D / 16; cm++)
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const int head = 2 * tig + i % 2, c = 16 * cm + gid + i / 2 * 8;
+      w_acc[(warp * KM_HEADS + head) * D + c] = state.acc[cm][i];
+    }
+  if (gid == 0)
+#pragma unroll
+    for (int j = 0; j < 2; j++) w_m[warp][2 * tig + j] = state.m[j], w_l[warp][2 * tig + j] = state.l[j];
+  __syncthreads();
+  const int64_t row0 = ((int64_t)blockIdx.y * gridDim.z + t) * a.heads + h0;
+  for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
+    const int head = i / D, c = i % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < KM_WARPS; w++) mx = fmaxf(mx, w_m[w][head]);
+    float acc = 0.0f, l = 0.0f;
+    if (mx > -INFINITY)
+#pragma unroll
+      for (int w = 0; w < KM_WARPS; w++) {
+        const float f = exp2f(w_m[w][head] - mx); /* 0 for a warp that saw nothing */
+        acc += w_acc[(w * KM_HEADS + head) * D + c] * f;
+        l += w_l[w][head] * f;
+      }
+    a.part_acc[(row0 + head) * D + c] = acc;
+    if (c == 0) {
+      a.part_ml[(row0 + head) * 2] = mx * 0.69314718f; /* back to natural units */
+      a.part_ml[(row0 + head) * 2 + 1] = l;
+    }
+  }
+}
+
+int kvq_mma_supported(const iq_kvq_params *p, int group) {
+  const int b2 = p->k_bits == 2 || p->k_bits == 4 || p->k_bits == 8;
+  const int v2 = p->v_bits == 2 || p->v_bits == 4 || p->v_bits == 8;
+  return b2 && v2 && p->k_axis == IQ_AXIS_CHANNELS && p->v_axis == IQ_AXIS_TOKENS &&
+         p->k_group >= 16 && p->v_group == KM_CHUNK &&
+         (p->head_dim == 64 || p->head_dim == 128) && group <= KM_HEADS;
+}
+
+template <int D, int KB, int VB> static size_t km_smem_bytes(int k_group) {
+  const size_t warps = sizeof(uint32_t) * KM_WARPS * (size_t)km_warp_words<D, KB, VB>(k_group);
+  const size_t merge = sizeof(float) * KM_WARPS * KM_HEADS * D;
+  return warps > merge ? warps : merge;
+}
+
+/* A kernel, its shared memory and how many of its blocks a multiprocessor holds. */
+struct km_kernel {
+  void (*fn)(km_args);
+  size_t smem;
+  int blocks_per_sm;
+};
+
+/* The kernel for D, KB, VB; its attributes are set once per shared-memory size. */
+template <int D, int KB, int VB> static int km_kernel_of(iq_ctx *ctx, int k_group, km_kernel *k) {
+  static size_t set_smem = 0;
+  static int blocks = 0;
+  k->fn = kvq_mma_kernel<D, KB, VB>;
+  k->smem = km_smem_bytes<D, KB, VB>(k_group);
+  if (k->smem != set_smem) {
+    IQ_CUDA(ctx, cudaFuncSetAttribute(k->fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      (int)k->smem));
+    IQ_CUDA(ctx, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k->fn, KM_WARPS * 32,
+                                                               k->smem));
+    set_smem = k->smem;
+  }
+  k->blocks_per_sm = blocks > 0 ? blocks : 1;
+  return IQ_OK;
+}
+
+template <int D, int KB> static int km_kernel_v(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
+  switch (p->v_bits) {
+  case 2: return km_kernel_of<D, KB, 2>(ctx, p->k_group, k);
+  case 4: return km_kernel_of<D, KB, 4>(ctx, p->k_group, k);
+  default: return km_kernel_of<D, KB, 8>(ctx, p->k_group, k);
+  }
+}
+
+template <int D> static int km_kernel_k(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
+  switch (p->k_bits) {
+  case 2: return km_kernel_v<D, 2>(ctx, p, k);
+  case 4: return km_kernel_v<D, 4>(ctx, p, k);
+  default: return km_kernel_v<D, 8>(ctx, p, k);
+  }
+}
+
+/* Arguments are checked by iq_kvq_attention. */
+int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
+                      const float *q, int n, int pos0, int heads, float scale) {
+  km_kernel k = {nullptr, 0, 1};
+  IQ_TRY(p->head_dim == 128 ? km_kernel_k<128>(ctx, p, &k) : km_kernel_k<64>(ctx, p, &k));
+  /* the chunks of the longest query, split so that one wave of resident blocks (one fp16 block
+   * per KV head and query beside them) covers them, each warp at least one chunk */
+  const int64_t chunks = kvq_quantized(p, (int64_t)pos0 + n) / KM_CHUNK;
+  const int64_t per_split = (int64_t)p->kv_heads * n;
+  int64_t qsplits = ((int64_t)k.blocks_per_sm * ctx->sms - per_split) / per_split;
+  const int64_t most = (chunks + KM_WARPS - 1) / KM_WARPS;
+  qsplits = qsplits < 1 ? 1 : qsplits;
+  qsplits = qsplits > most ? most : qsplits;
+  const int64_t per = qsplits ? (chunks + qsplits - 1) / qsplits : 1;
+  qsplits = qsplits ? (chunks + per - 1) / per : 0;
+  const int splits = (int)(1 + qsplits);
+
+  void *scratch;
+  const size_t rows = (size_t)splits * n * heads;
+  IQ_TRY(iq_scratch(ctx, sizeof(float) * rows * (p->head_dim + 2), &scratch));
+  km_args a;
+  a.p = *p;
+  a.r = kvq_regions_of(p, layer);
+  a.part_acc = (float *)scratch;
+  a.part_ml = a.part_acc + rows * p->head_dim;
+  a.q = q;
+  a.heads = heads;
+  a.group = heads / p->kv_heads;
+  a.pos0 = pos0;
+  a.chunks_per_split = (int)per;
+  a.scale = scale;
+  dim3 grid((unsigned)p->kv_heads, (unsigned)splits, (unsigned)n);
+  k.fn<<<grid, KM_WARPS * 32, k.smem, ctx->stream>>>(a);
+  IQ_LAUNCHED(ctx);
+  IQ_TRY(merge_splits(ctx, out, a.part_acc, a.part_ml, n * heads, p->head_dim, splits));
+  return IQ_OK;
+}
