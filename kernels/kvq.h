@@ -94,16 +94,16 @@ static KVQ_HD inline int kvq_perm_len(int bits, int axis, int group, int head_di
 static KVQ_HD inline int kvq_slot_of(int e, int len, int bits) {
   int r = e / 32, rr = e % 16, ks = e % 32 / 16;
   int tig = rr % 8 / 2, f = ks * 4 + rr / 8 * 2 + rr % 2;
-  /* 4 bits: the unpacking yields nibbles (i, i + 4) as pair i; 8 bits: bytes
-   * (0, 2) and (1, 3) of each k-step's word; 2 bits: crumbs in order */
-  int q = bits == 4 ? f / 2 + 4 * (f % 2) : bits == 8 ? f / 4 * 4 + f % 4 / 2 + 2 * (f % 2) : f;
+  /* 4 bits: the unpacking yields nibbles (i, i + 4) as pair i; 2 bits: crumb i
+   * of each byte; 8 bits: bytes (0, 2) and (1, 3) of each k-step's word */
+  int q = bits == 8 ? f / 4 * 4 + f % 4 / 2 + 2 * (f % 2) : f / 2 + 4 * (f % 2);
   return (tig * (len / 32) + r) * 8 + q;
 }
 
 /* The element in slot s of a permuted row: the inverse of kvq_slot_of. */
 static KVQ_HD inline int kvq_elem_of(int s, int len, int bits) {
   int k = s / 8, q = s % 8, tig = k / (len / 32), r = k % (len / 32);
-  int f = bits == 4 ? 2 * (q % 4) + q / 4 : bits == 8 ? q / 4 * 4 + 2 * (q % 2) + q % 4 / 2 : q;
+  int f = bits == 8 ? q / 4 * 4 + 2 * (q % 2) + q % 4 / 2 : 2 * (q % 4) + q / 4;
   return r * 32 + f / 4 * 16 + f / 2 % 2 * 8 + tig * 2 + f % 2;
 }
 

@@ -30,11 +30,9 @@ const fp16 = (x: number) => Float16Array.of(x)[0];
 function slotOf(e: number, len: number, bits: number): number {
   const run = Math.floor(e / 32), ks = Math.floor((e % 32) / 16), r = e % 16;
   const tig = Math.floor((r % 8) / 2), f = 4 * ks + 2 * Math.floor(r / 8) + (r % 2);
-  const inChunk = bits === 4
-    ? [0, 4, 1, 5, 2, 6, 3, 7][f] // nibbles (i, i + 4) make pair i
-    : bits === 8
+  const inChunk = bits === 8
     ? [0, 2, 1, 3, 4, 6, 5, 7][f] // bytes (0, 2), (1, 3) of each k-step's word
-    : f;
+    : [0, 4, 1, 5, 2, 6, 3, 7][f]; // 4 bits: nibbles (i, i + 4) make pair i; 2 bits: crumbs
   return (tig * (len / 32) + run) * 8 + inChunk;
 }
 

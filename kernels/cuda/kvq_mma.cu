@@ -49,8 +49,9 @@ __device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
   asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
 }
-constexpr uint32_t H1024 = 0x64006400u, H_16TH = 0x2C002C00u, H_NEG64 = 0xD400D400u,
-                   H_256TH = 0x1C001C00u, H_NEG4 = 0xC400C400u;
+constexpr uint32_t H1024 = 0x64006400u, H_4TH = 0x34003400u, H_NEG256 = 0xDC00DC00u,
+                   H_16TH = 0x2C002C00u, H_NEG64 = 0xD400D400u, H_64TH = 0x24002400u,
+                   H_NEG16 = 0xCC00CC00u;
 
 /* A thread's 8 codes of a 32-code run as 4 fp16 pairs: pair i holds its
  * fragment elements 2i and 2i + 1 (k-step i / 2, half i % 2), exact. */
@@ -67,12 +68,12 @@ __device__ __forceinline__ void unpack_8bit(uint32_t x0, uint32_t x1, uint32_t p
   pr[2] = hsub2(__byte_perm(x1, H1024, 0x7270), H1024);
   pr[3] = hsub2(__byte_perm(x1, H1024, 0x7371), H1024);
 }
-__device__ __forceinline__ void unpack_2bit(uint32_t h, uint32_t pr[4]) {
-  const uint32_t y = h | (h << 14); /* high half: the crumb after the low half's */
+/* y holds a 16-bit chunk's two bytes in its two halves: crumb i of each is pair i. */
+__device__ __forceinline__ void unpack_2bit(uint32_t y, uint32_t pr[4]) {
   pr[0] = hsub2((y & 0x00030003u) | H1024, H1024);
-  pr[1] = hfma2((y & 0x00300030u) | H1024, H_16TH, H_NEG64);
-  pr[2] = hfma2((y & 0x03000300u) | H1024, H_256TH, H_NEG4); /* 1024 + 256c */
-  pr[3] = hfma2(((y >> 8) & 0x00300030u) | H1024, H_16TH, H_NEG64);
+  pr[1] = hfma2((y & 0x000C000Cu) | H1024, H_4TH, H_NEG256); /* 1024 + 4c */
+  pr[2] = hfma2((y & 0x00300030u) | H1024, H_16TH, H_NEG64);
+  pr[3] = hfma2((y & 0x00C000C0u) | H1024, H_64TH, H_NEG16);
 }
 
 /* A quad's codes of a permuted row of R runs (kvq_slot_of): its chunks are
@@ -81,9 +82,11 @@ __device__ __forceinline__ void unpack_2bit(uint32_t h, uint32_t pr[4]) {
 template <int BITS, int R> struct quad_share {
   static constexpr int WORDS = R * BITS / 4 > 0 ? R * BITS / 4 : 1;
   uint32_t w[WORDS];
+  int half; /* a 2-bit row of one run: which half of w[0] is the quad's */
   __device__ __forceinline__ void load(const uint32_t *row, int tig) {
     if constexpr (R * BITS / 4 == 0) {
-      w[0] = (row[tig / 2] >> (tig % 2 * 16)) & 0xFFFFu;
+      w[0] = row[tig / 2];
+      half = tig % 2;
     } else {
       const uint32_t *src = row + tig * WORDS;
 #pragma unroll
@@ -107,9 +110,9 @@ template <int BITS, int R> struct quad_share {
     } else if constexpr (BITS == 8) {
       unpack_8bit(w[2 * r], w[2 * r + 1], pr);
     } else if constexpr (R * BITS / 4 == 0) {
-      unpack_2bit(w[0], pr);
+      unpack_2bit(__byte_perm(w[0], 0, half ? 0x4342 : 0x4140), pr);
     } else {
-      unpack_2bit((w[r / 2] >> (r % 2 * 16)) & 0xFFFFu, pr);
+      unpack_2bit(__byte_perm(w[r / 2], 0, r % 2 ? 0x4342 : 0x4140), pr);
     }
   }
 };
@@ -130,41 +133,36 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
 }
 
 /* One warp's stage: a chunk's key codes, key pairs, value codes and value
- * pairs, in words. */
-template <int D, int KB, int VB> struct km_stage {
-  int kc, km, vc, vm, words;
-  __host__ __device__ explicit km_stage(int k_group) {
-    kc = 0;
-    km = D * KB;
-    vc = km + KM_CHUNK * D / k_group;
-    vm = vc + D * VB;
-    words = vm + D;
-  }
+ * pairs, in words; each region is contiguous in the cache too. */
+template <int D, int KB, int VB, int KG> struct km_stage {
+  static constexpr int KC_WORDS = D * KB, KM_WORDS = KM_CHUNK * D / KG, VC_WORDS = D * VB,
+                       VM_WORDS = D;
+  static constexpr int KC = 0, KM = KC + KC_WORDS, VC = KM + KM_WORDS, VM = VC + VC_WORDS,
+                       WORDS = VM + VM_WORDS;
+  /* a warp's shared memory: two stages, or the fp16 tile (32 padded rows) */
+  static constexpr int TILE = KM_CHUNK * (D + 8) / 2;
+  static constexpr int WARP_WORDS = 2 * WORDS > TILE ? 2 * WORDS : TILE;
 };
 
-/* Shared-memory words of a warp: two stages, or the fp16 tile (32 padded rows). */
-template <int D, int KB, int VB> __host__ __device__ inline int km_warp_words(int k_group) {
-  const int stages = 2 * km_stage<D, KB, VB>(k_group).words, tile = KM_CHUNK * (D + 8) / 2;
-  return stages > tile ? stages : tile;
-}
+/* The regions of a KV head's quantized chunk 0. */
+struct km_source {
+  const uint32_t *kc, *km, *vc, *vm;
+};
 
-/* Issues the copies of quantized chunk `chunk` of KV head kvh into dst. */
-template <int D, int KB, int VB>
-__device__ __forceinline__ void stage_chunk(const km_args &a, const km_stage<D, KB, VB> &st,
-                                            uint32_t *dst, int kvh, int64_t chunk, int lane) {
-  const int64_t tok = (int64_t)kvh * kvq_quant_cap(&a.p) + chunk * KM_CHUNK;
-  const int kg = a.p.k_group;
-  const uint32_t *src[4] = {
-      a.r.codes_k + tok * D * KB / 32,
-      reinterpret_cast<const uint32_t *>(a.r.meta_k) + tok * D / kg,
-      a.r.codes_v + tok * D * VB / 32,
-      reinterpret_cast<const uint32_t *>(a.r.meta_v) + tok * D / 32,
-  };
-  const int at[4] = {st.kc, st.km, st.vc, st.vm};
-  const int words[4] = {D * KB, KM_CHUNK * D / kg, D * VB, D};
+/* Issues the copies of quantized chunk `chunk` into dst. */
+template <int D, int KB, int VB, int KG>
+__device__ __forceinline__ void stage_chunk(const km_source &src, uint32_t *dst, int chunk,
+                                            int lane) {
+  using st = km_stage<D, KB, VB, KG>;
+  const uint32_t *from[4] = {src.kc + chunk * st::KC_WORDS, src.km + chunk * st::KM_WORDS,
+                             src.vc + chunk * st::VC_WORDS, src.vm + chunk * st::VM_WORDS};
+  constexpr int at[4] = {st::KC, st::KM, st::VC, st::VM};
+  constexpr int words[4] = {st::KC_WORDS, st::KM_WORDS, st::VC_WORDS, st::VM_WORDS};
 #pragma unroll
   for (int i = 0; i < 4; i++)
-    for (int e = lane * 4; e < words[i]; e += 128) cp_async16(dst + at[i] + e, src[i] + e);
+#pragma unroll
+    for (int e = 0; e < words[i]; e += 128)
+      if (e + lane * 4 < words[i]) cp_async16(dst + at[i] + e + lane * 4, from[i] + e + lane * 4);
   asm volatile("cp.async.commit_group;\n" ::);
 }
 
@@ -217,17 +215,20 @@ __device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][
     for (int o = 4; o < 32; o <<= 1) psum[j] += __shfl_xor_sync(0xffffffffu, psum[j], o);
     st.l[j] = st.l[j] * corr[j] + psum[j];
   }
+  /* once the running maxima settle the factors are 1: skip the rescale then */
+  if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f))
 #pragma unroll
-  for (int cm = 0; cm < D / 16; cm++) {
-    st.acc[cm][0] *= corr[0];
-    st.acc[cm][1] *= corr[1];
-    st.acc[cm][2] *= corr[0];
-    st.acc[cm][3] *= corr[1];
-  }
+    for (int cm = 0; cm < D / 16; cm++) {
+      st.acc[cm][0] *= corr[0];
+      st.acc[cm][1] *= corr[1];
+      st.acc[cm][2] *= corr[0];
+      st.acc[cm][3] *= corr[1];
+    }
 }
 
-template <int D, int KB, int VB>
+template <int D, int KB, int VB, int KG>
 __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
+  using st = km_stage<D, KB, VB, KG>;
   extern __shared__ __align__(16) uint32_t km_smem[];
   __shared__ float q_s[KM_HEADS][D];
   const iq_kvq_params &p = a.p;
@@ -235,8 +236,19 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   const int kvh = blockIdx.x, h0 = kvh * a.group, nh = min(a.group, KM_HEADS), t = blockIdx.z;
   const int64_t len = (int64_t)a.pos0 + t + 1, nq = kvq_quantized(&p, len);
   const int64_t sinkn = min(len, (int64_t)p.sink), fp16n = len - nq;
-  const int kg = p.k_group, kshift = __ffs(kg / 16) - 1; /* 2^kshift k-steps per key group */
-  const km_stage<D, KB, VB> st(kg);
+  constexpr int KPG = KG / 16; /* k-steps per key group */
+
+  /* a quantized split's warps start copying their first chunk before anything else */
+  uint32_t *stage = km_smem + warp * st::WARP_WORDS;
+  const int64_t head = (int64_t)kvh * kvq_quant_cap(&p) / KM_CHUNK; /* the head's chunk 0 */
+  const km_source src = {a.r.codes_k + head * st::KC_WORDS,
+                         reinterpret_cast<const uint32_t *>(a.r.meta_k) + head * st::KM_WORDS,
+                         a.r.codes_v + head * st::VC_WORDS,
+                         reinterpret_cast<const uint32_t *>(a.r.meta_v) + head * st::VM_WORDS};
+  const int chunks = (int)(nq / KM_CHUNK);
+  const int first = blockIdx.y ? (blockIdx.y - 1) * a.chunks_per_split + warp : 0;
+  const int last = blockIdx.y ? min(chunks, (int)blockIdx.y * a.chunks_per_split) : 0;
+  if (first < last) stage_chunk<D, KB, VB, KG>(src, stage, first, lane);
 
   /* q times the softmax scale and log2(e) (scores in log2 units: the softmax uses exp2),
    * rounded to fp16; the B operand of each k-step, and the sums of q over each key group for
@@ -248,10 +260,10 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
     q_s[g][i % D] = __half2float(__float2half_rn(x * 1.44269504f));
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < KM_HEADS * (D / kg); i += blockDim.x) {
-    const int g = i / (D / kg), gi = i % (D / kg);
+  for (int i = threadIdx.x; i < KM_HEADS * (D / KG); i += blockDim.x) {
+    const int g = i / (D / KG), gi = i % (D / KG);
     float sum = 0.0f;
-    for (int c = gi * kg; c < (gi + 1) * kg; c++) sum += q_s[g][c];
+    for (int c = gi * KG; c < (gi + 1) * KG; c++) sum += q_s[g][c];
     qsum_s[g][gi] = sum;
   }
   __syncthreads();
@@ -262,8 +274,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
     const float *qr = q_s[gid] + 16 * ks + 2 * tig;
     qb[ks][0] = pack_half2(qr[0], qr[1]);
     qb[ks][1] = pack_half2(qr[8], qr[9]);
-    qg[ks][0] = qsum_s[2 * tig][ks >> kshift];
-    qg[ks][1] = qsum_s[2 * tig + 1][ks >> kshift];
+    qg[ks][0] = qsum_s[2 * tig][ks / KPG];
+    qg[ks][1] = qsum_s[2 * tig + 1][ks / KPG];
   }
 
   km_state<D> state;
@@ -279,7 +291,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
      * rows in the warp's shared memory (stride D + 8: the 8 rows a fragment load touches lie
      * in distinct banks), rows past the end zero */
     constexpr int S = D + 8, PIECES = D / 8;
-    __half *tile = reinterpret_cast<__half *>(km_smem + warp * km_warp_words<D, KB, VB>(kg));
+    __half *tile = reinterpret_cast<__half *>(stage);
     auto load_tile = [&](int64_t base, int side) {
       for (int e = lane; e < KM_CHUNK * PIECES; e += 32) {
         const int r = e / PIECES, c = e % PIECES * 8;
@@ -343,16 +355,10 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
     }
   } else {
     /* quantized chunks first + warp, + 4, ... of this split */
-    uint32_t *stage = km_smem + warp * km_warp_words<D, KB, VB>(kg);
-    const int64_t chunks = nq / KM_CHUNK;
-    const int64_t first = (int64_t)(blockIdx.y - 1) * a.chunks_per_split + warp;
-    const int64_t last = min(chunks, (int64_t)blockIdx.y * a.chunks_per_split);
-    if (first < last) stage_chunk<D, KB, VB>(a, st, stage, kvh, first, lane);
-    for (int64_t chunk = first, i = 0; chunk < last; chunk += KM_WARPS, i++) {
-      const uint32_t *cur = stage + (i & 1) * st.words;
+    for (int chunk = first, i = 0; chunk < last; chunk += KM_WARPS, i++) {
+      const uint32_t *cur = stage + (i & 1) * st::WORDS;
       if (chunk + KM_WARPS < last) {
-        stage_chunk<D, KB, VB>(a, st, stage + ((i + 1) & 1) * st.words, kvh, chunk + KM_WARPS,
-                               lane);
+        stage_chunk<D, KB, VB, KG>(src, stage + ((i + 1) & 1) * st::WORDS, chunk + KM_WARPS, lane);
         asm volatile("cp.async.wait_group 1;\n" ::);
       } else {
         asm volatile("cp.async.wait_group 0;\n" ::);
@@ -361,13 +367,13 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
 
       /* scores: per 16-token tile, A = the key codes of tokens gid and gid + 8 */
       constexpr int R = D / 32, KROW = D * KB / 32;
-      const int kgw = D / kg; /* pairs per key row */
+      constexpr int KGW = D / KG; /* pairs per key row */
       float s[2][4];
 #pragma unroll
       for (int mt = 0; mt < 2; mt++) {
         const int t0 = 16 * mt + gid;
-        const uint32_t *r0 = cur + st.kc + t0 * KROW, *r1 = r0 + 8 * KROW;
-        const uint32_t *m0 = cur + st.km + t0 * kgw, *m1 = m0 + 8 * kgw;
+        const uint32_t *r0 = cur + st::KC + t0 * KROW, *r1 = r0 + 8 * KROW;
+        const uint32_t *m0 = cur + st::KM + t0 * KGW, *m1 = m0 + 8 * KGW;
         float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int i = 0; i < 4; i++) s[mt][i] = 0.0f;
@@ -384,8 +390,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
             const int ks = 2 * r + kk;
             const uint32_t fr[4] = {x0[2 * kk], x1[2 * kk], x0[2 * kk + 1], x1[2 * kk + 1]};
             mma_16816(tmp, fr, qb[ks][0], qb[ks][1]);
-            if (((ks + 1) & ((1 << kshift) - 1)) == 0) { /* the group ends: fold its pairs */
-              const float2 so0 = pair_f2(m0[ks >> kshift]), so1 = pair_f2(m1[ks >> kshift]);
+            if ((ks + 1) % KPG == 0) { /* the group ends: fold its pairs */
+              const float2 so0 = pair_f2(m0[ks / KPG]), so1 = pair_f2(m1[ks / KPG]);
               s[mt][0] += so0.x * tmp[0] + so0.y * qg[ks][0];
               s[mt][1] += so0.x * tmp[1] + so0.y * qg[ks][1];
               s[mt][2] += so1.x * tmp[2] + so1.y * qg[ks][0];
@@ -404,7 +410,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
 #pragma unroll
       for (int cm = 0; cm < D / 16; cm++) {
         const int c0 = 16 * cm + gid;
-        const uint32_t *r0 = cur + st.vc + c0 * VB, *r1 = r0 + 8 * VB;
+        const uint32_t *r0 = cur + st::VC + c0 * VB, *r1 = r0 + 8 * VB;
         quad_share<VB, 1> w0, w1;
         w0.load(r0, tig);
         w1.load(r1, tig);
@@ -415,7 +421,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
         const uint32_t f0[4] = {x0[0], x1[0], x0[1], x1[1]}, f1[4] = {x0[2], x1[2], x0[3], x1[3]};
         mma_16816(tmp, f0, pb[0][0], pb[0][1]);
         mma_16816(tmp, f1, pb[1][0], pb[1][1]);
-        const float2 so0 = pair_f2(cur[st.vm + c0]), so1 = pair_f2(cur[st.vm + c0 + 8]);
+        const float2 so0 = pair_f2(cur[st::VM + c0]), so1 = pair_f2(cur[st::VM + c0 + 8]);
         state.acc[cm][0] += so0.x * tmp[0] + so0.y * psum[0];
         state.acc[cm][1] += so0.x * tmp[1] + so0.y * psum[1];
         state.acc[cm][2] += so1.x * tmp[2] + so1.y * psum[0];
@@ -470,12 +476,6 @@ int kvq_mma_supported(const iq_kvq_params *p, int group) {
          (p->head_dim == 64 || p->head_dim == 128) && group <= KM_HEADS;
 }
 
-template <int D, int KB, int VB> static size_t km_smem_bytes(int k_group) {
-  const size_t warps = sizeof(uint32_t) * KM_WARPS * (size_t)km_warp_words<D, KB, VB>(k_group);
-  const size_t merge = sizeof(float) * KM_WARPS * KM_HEADS * D;
-  return warps > merge ? warps : merge;
-}
-
 /* A kernel, its shared memory and how many of its blocks a multiprocessor holds. */
 struct km_kernel {
   void (*fn)(km_args);
@@ -483,28 +483,39 @@ struct km_kernel {
   int blocks_per_sm;
 };
 
-/* The kernel for D, KB, VB; its attributes are set once per shared-memory size. */
-template <int D, int KB, int VB> static int km_kernel_of(iq_ctx *ctx, int k_group, km_kernel *k) {
-  static size_t set_smem = 0;
+/* The kernel for D, KB, VB, KG; its attributes are set at the first call. */
+template <int D, int KB, int VB, int KG> static int km_kernel_of(iq_ctx *ctx, km_kernel *k) {
   static int blocks = 0;
-  k->fn = kvq_mma_kernel<D, KB, VB>;
-  k->smem = km_smem_bytes<D, KB, VB>(k_group);
-  if (k->smem != set_smem) {
+  const size_t warps = sizeof(uint32_t) * KM_WARPS * km_stage<D, KB, VB, KG>::WARP_WORDS;
+  const size_t merge = sizeof(float) * KM_WARPS * KM_HEADS * D;
+  k->fn = kvq_mma_kernel<D, KB, VB, KG>;
+  k->smem = warps > merge ? warps : merge;
+  if (!blocks) {
     IQ_CUDA(ctx, cudaFuncSetAttribute(k->fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       (int)k->smem));
     IQ_CUDA(ctx, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k->fn, KM_WARPS * 32,
                                                                k->smem));
-    set_smem = k->smem;
+    blocks = blocks > 0 ? blocks : 1;
   }
-  k->blocks_per_sm = blocks > 0 ? blocks : 1;
+  k->blocks_per_sm = blocks;
   return IQ_OK;
+}
+
+template <int D, int KB, int VB>
+static int km_kernel_g(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
+  switch (p->k_group) {
+  case 16: return km_kernel_of<D, KB, VB, 16>(ctx, k);
+  case 32: return km_kernel_of<D, KB, VB, 32>(ctx, k);
+  case 64: return km_kernel_of<D, KB, VB, 64>(ctx, k);
+  default: return km_kernel_of<D, KB, VB, (D < 128 ? D : 128)>(ctx, k);
+  }
 }
 
 template <int D, int KB> static int km_kernel_v(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
   switch (p->v_bits) {
-  case 2: return km_kernel_of<D, KB, 2>(ctx, p->k_group, k);
-  case 4: return km_kernel_of<D, KB, 4>(ctx, p->k_group, k);
-  default: return km_kernel_of<D, KB, 8>(ctx, p->k_group, k);
+  case 2: return km_kernel_g<D, KB, 2>(ctx, p, k);
+  case 4: return km_kernel_g<D, KB, 4>(ctx, p, k);
+  default: return km_kernel_g<D, KB, 8>(ctx, p, k);
   }
 }
 
