@@ -139,7 +139,7 @@ template <int D, int KB, int VB, int KG> struct km_stage {
                        VM_WORDS = D;
   static constexpr int KC = 0, KM = KC + KC_WORDS, VC = KM + KM_WORDS, VM = VC + VC_WORDS,
                        WORDS = VM + VM_WORDS;
-  /* a warp's shared memory: two stages, or the fp16 tile (32 padded rows) */
+  /* a warp's shared memory: two stages, or the fp16 tile (16 key and 16 value rows, padded) */
   static constexpr int TILE = KM_CHUNK * (D + 8) / 2;
   static constexpr int WARP_WORDS = 2 * WORDS > TILE ? 2 * WORDS : TILE;
 };
@@ -250,6 +250,29 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   const int last = blockIdx.y ? min(chunks, (int)blockIdx.y * a.chunks_per_split) : 0;
   if (first < last) stage_chunk<D, KB, VB, KG>(src, stage, first, lane);
 
+  /* the fp16 split's warps copy their first piece of positions instead: 16 key rows then 16
+   * value rows of padded length FP16_S, rows past the end zero */
+  constexpr int FP16_PIECE = 16, FP16_S = D + 8;
+  __half *tile = reinterpret_cast<__half *>(stage);
+  auto load_piece = [&](int base) {
+    constexpr int PIECES = D / 8;
+    for (int e = lane; e < 2 * FP16_PIECE * PIECES; e += 32) {
+      const int side = e / (FP16_PIECE * PIECES), r = e / PIECES % FP16_PIECE, c = e % PIECES * 8;
+      const int64_t i = base + r;
+      __half *dst = tile + (side * FP16_PIECE + r) * FP16_S + c;
+      if (i < fp16n) {
+        const int64_t x = i < sinkn ? i : p.sink + nq + (i - sinkn);
+        const uint16_t *b = x < p.sink ? (side ? a.r.sink_v : a.r.sink_k)
+                                       : (side ? a.r.ring_v : a.r.ring_k);
+        cp_async16(dst, b + kvq_fp16_row(&p, kvh, x) + c);
+      } else {
+        *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  if (blockIdx.y == 0 && warp * FP16_PIECE < fp16n) load_piece(warp * FP16_PIECE);
+
   /* q times the softmax scale and log2(e) (scores in log2 units: the softmax uses exp2),
    * rounded to fp16; the B operand of each k-step, and the sums of q over each key group for
    * heads 2 tig, + 1, at each k-step of the group */
@@ -287,71 +310,48 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
     for (int i = 0; i < 4; i++) state.acc[cm][i] = 0.0f;
 
   if (blockIdx.y == 0) {
-    /* the fp16 positions, 32 at a time per warp: keys, then values, through a tile of padded
-     * rows in the warp's shared memory (stride D + 8: the 8 rows a fragment load touches lie
-     * in distinct banks), rows past the end zero */
-    constexpr int S = D + 8, PIECES = D / 8;
-    __half *tile = reinterpret_cast<__half *>(stage);
-    auto load_tile = [&](int64_t base, int side) {
-      for (int e = lane; e < KM_CHUNK * PIECES; e += 32) {
-        const int r = e / PIECES, c = e % PIECES * 8;
-        const int64_t i = base + r;
-        __half *dst = tile + r * S + c;
-        if (i < fp16n) {
-          const int64_t x = i < sinkn ? i : p.sink + nq + (i - sinkn);
-          const uint16_t *b = x < p.sink ? (side ? a.r.sink_v : a.r.sink_k)
-                                         : (side ? a.r.ring_v : a.r.ring_k);
-          cp_async16(dst, b + kvq_fp16_row(&p, kvh, x) + c);
-        } else {
-          *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
-        }
-      }
-      asm volatile("cp.async.commit_group;\n" ::);
+    /* the fp16 positions, 16 at a time per warp (the first 16 copied before q was set up):
+     * their key rows and value rows in one tile of padded rows in the warp's shared memory
+     * (stride D + 8: the 8 rows a fragment load touches lie in distinct banks) */
+    for (int base = warp * FP16_PIECE; base < fp16n; base += KM_WARPS * FP16_PIECE) {
       asm volatile("cp.async.wait_group 0;\n" ::);
       __syncwarp();
-    };
-    for (int64_t base = (int64_t)warp * KM_CHUNK; base < fp16n; base += KM_WARPS * KM_CHUNK) {
-      load_tile(base, 0);
       float s[2][4];
+      const __half *k0 = tile + gid * FP16_S, *k1 = k0 + 8 * FP16_S;
+      float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-      for (int mt = 0; mt < 2; mt++) {
-        const __half *k0 = tile + (16 * mt + gid) * S, *k1 = k0 + 8 * S;
-        float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ks++) {
-          const int c = 16 * ks + 2 * tig;
-          const uint32_t fr[4] = {*reinterpret_cast<const uint32_t *>(k0 + c),
-                                  *reinterpret_cast<const uint32_t *>(k1 + c),
-                                  *reinterpret_cast<const uint32_t *>(k0 + c + 8),
-                                  *reinterpret_cast<const uint32_t *>(k1 + c + 8)};
-          mma_16816(sc, fr, qb[ks][0], qb[ks][1]);
-        }
-        const bool in0 = base + 16 * mt + gid < fp16n, in1 = base + 16 * mt + gid + 8 < fp16n;
-        s[mt][0] = in0 ? sc[0] : -INFINITY;
-        s[mt][1] = in0 ? sc[1] : -INFINITY;
-        s[mt][2] = in1 ? sc[2] : -INFINITY;
-        s[mt][3] = in1 ? sc[3] : -INFINITY;
+      for (int ks = 0; ks < D / 16; ks++) {
+        const int c = 16 * ks + 2 * tig;
+        const uint32_t fr[4] = {*reinterpret_cast<const uint32_t *>(k0 + c),
+                                *reinterpret_cast<const uint32_t *>(k1 + c),
+                                *reinterpret_cast<const uint32_t *>(k0 + c + 8),
+                                *reinterpret_cast<const uint32_t *>(k1 + c + 8)};
+        mma_16816(sc, fr, qb[ks][0], qb[ks][1]);
       }
+      const bool in0 = base + gid < fp16n, in1 = base + gid + 8 < fp16n;
+      s[0][0] = in0 ? sc[0] : -INFINITY;
+      s[0][1] = in0 ? sc[1] : -INFINITY;
+      s[0][2] = in1 ? sc[2] : -INFINITY;
+      s[0][3] = in1 ? sc[3] : -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 4; i++) s[1][i] = -INFINITY; /* a piece is one 16-token tile */
       uint32_t pb[2][2];
       float psum[2];
       chunk_softmax<D>(state, s, pb, psum);
-      __syncwarp(); /* the keys are read: the tile takes the values */
-      load_tile(base, 1);
+      const __half *vt = tile + FP16_PIECE * FP16_S; /* the value rows */
 #pragma unroll
       for (int cm = 0; cm < D / 16; cm++) {
+        uint32_t fr[4];
 #pragma unroll
-        for (int ks = 0; ks < 2; ks++) {
-          uint32_t fr[4];
-#pragma unroll
-          for (int r = 0; r < 4; r++) { /* channels {gid, gid + 8} x tokens {2 tig, 2 tig + 8} */
-            const __half *v = tile + (16 * ks + 2 * tig + r / 2 * 8) * S + 16 * cm + gid + r % 2 * 8;
-            __half2 h = __halves2half2(v[0], v[S]);
-            fr[r] = *reinterpret_cast<uint32_t *>(&h);
-          }
-          mma_16816(state.acc[cm], fr, pb[ks][0], pb[ks][1]);
+        for (int r = 0; r < 4; r++) { /* channels {gid, gid + 8} x tokens {2 tig, 2 tig + 8} */
+          const __half *v = vt + (2 * tig + r / 2 * 8) * FP16_S + 16 * cm + gid + r % 2 * 8;
+          __half2 h = __halves2half2(v[0], v[FP16_S]);
+          fr[r] = *reinterpret_cast<uint32_t *>(&h);
         }
+        mma_16816(state.acc[cm], fr, pb[0][0], pb[0][1]);
       }
-      __syncwarp(); /* the tile takes the next keys */
+      __syncwarp(); /* the tile takes the next piece */
+      if (base + KM_WARPS * FP16_PIECE < fp16n) load_piece(base + KM_WARPS * FP16_PIECE);
     }
   } else {
     /* quantized chunks first + warp, + 4, ... of this split */
