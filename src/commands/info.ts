@@ -1,17 +1,29 @@
 // `innerq info`: what a model directory holds and what its KV cache costs, without loading weights.
 import { parseArgs } from "node:util";
+import { planBytes } from "../engine/forward.ts";
 import { loadConfig } from "../model/config.ts";
 import { openModelWeights } from "../model/safetensors.ts";
-import { matchTensors } from "../model/weights.ts";
+import { deviceWeightBytes, matchTensors } from "../model/weights.ts";
 import { checkKvSpec, kvBytesPerToken, parseKvSpec } from "../kv/spec.ts";
-import { defaultModel, EXIT, formatBytes, formatCount, UsageError } from "./common.ts";
+import {
+  defaultModel,
+  deviceFlag,
+  EXIT,
+  formatBytes,
+  formatCount,
+  openBackend,
+  UsageError,
+} from "./common.ts";
 
 export const INFO_HELP = `innerq info: describe a model directory
 
-Usage: innerq info [--model DIR] [--kv SPEC ...] [--json]
+Usage: innerq info [--model DIR] [--kv SPEC ...] [--device D] [--json]
   -m, --model DIR   Hugging Face model directory (default: as for generate)
       --kv SPEC     a KV cache spec to report bytes per token for (repeatable; default: fp16
                     and the main innerq and kivi settings)
+      --device D    auto (default), cuda or cpu: with a GPU, also the longest context each spec
+                    fits in its free memory beside the weights and activations (as generate
+                    would plan them)
       --json        one JSON object instead of text
   -h, --help        this help
 
@@ -36,6 +48,7 @@ export async function runInfo(args: string[]): Promise<number> {
       options: {
         model: { type: "string", short: "m" },
         kv: { type: "string", multiple: true },
+        device: { type: "string" },
         json: { type: "boolean" },
         help: { type: "boolean", short: "h" },
       },
@@ -55,6 +68,7 @@ export async function runInfo(args: string[]): Promise<number> {
   } catch (e) {
     throw new UsageError((e as Error).message);
   }
+  const device = deviceFlag(v.device);
   const dir = v.model ?? await defaultModel(v.json ?? false);
   const c = await loadConfig(dir);
   const tensors = matchTensors(dir, c, await openModelWeights(dir));
@@ -79,6 +93,26 @@ export async function runInfo(args: string[]): Promise<number> {
   });
   // keyed by the spec as written; every option is spelled out in docs/kv-cache.md
   const kv = Object.fromEntries(usable.map((s) => [s.text, kvBytesPerToken(s.spec, shape)]));
+  // with a GPU: the longest context each spec fits in its free memory
+  let gpu: { name: string; freeBytes: number; longestContext: Record<string, number> } | undefined;
+  if (device !== "cpu") {
+    using backend = openBackend(device, undefined, true);
+    if (backend.kind === "cuda") {
+      const { name, freeBytes } = backend.deviceInfo();
+      const weights = deviceWeightBytes(tensors);
+      const fits = (spec: (typeof usable)[number]["spec"]) => (ctx: number) => {
+        const { cacheBytes, stateBytes } = planBytes(backend, c, spec, ctx);
+        return weights + cacheBytes + stateBytes <= freeBytes;
+      };
+      gpu = {
+        name,
+        freeBytes,
+        longestContext: Object.fromEntries(
+          usable.map((s) => [s.text, longestContext(fits(s.spec))]),
+        ),
+      };
+    }
+  }
   const info = {
     model: dir,
     architecture: c.architecture,
@@ -97,6 +131,7 @@ export async function runInfo(args: string[]): Promise<number> {
     ropeScaling: c.ropeScaling.type,
     tieWordEmbeddings: c.tieWordEmbeddings,
     kvBytesPerToken: kv,
+    gpu,
   };
   if (v.json) {
     console.log(JSON.stringify(info));
@@ -115,14 +150,32 @@ export async function runInfo(args: string[]): Promise<number> {
       `${c.maxPositionEmbeddings} tokens (rope theta ${c.ropeTheta}, scaling ${c.ropeScaling.type})`,
     ],
     ["tied embeddings", String(c.tieWordEmbeddings)],
+    ...(gpu
+      ? [["gpu", `${gpu.name}, ${formatBytes(gpu.freeBytes)} free`] as [string, string]]
+      : []),
     ...Object.entries(kv).map(([spec, bytes]): [string, string] => [
       `kv ${spec}`,
       `${formatBytes(bytes)}/token, ${
         formatBytes(bytes * c.maxPositionEmbeddings)
-      } at full context`,
+      } at full context` +
+      (gpu ? `; fits ${formatCount(gpu.longestContext[spec])} tokens on the GPU` : ""),
     ]),
   ];
   const width = Math.max(...rows.map(([k]) => k.length));
   for (const [k, val] of rows) console.log(`${k.padEnd(width)}  ${val}`);
   return EXIT.ok;
+}
+
+/** The largest n in 0..limit with fits(n), for fits true up to some n and false after (0 when
+ * even one token does not fit). */
+export function longestContext(fits: (n: number) => boolean, limit = 2 ** 30): number {
+  if (!fits(1)) return 0;
+  let lo = 1, hi = limit; // fits(lo); the answer is in lo..hi
+  if (fits(hi)) return hi;
+  while (hi - lo > 1) {
+    const mid = Math.floor((lo + hi) / 2);
+    if (fits(mid)) lo = mid;
+    else hi = mid;
+  }
+  return lo;
 }

@@ -79,6 +79,30 @@ class RunState {
   }
 }
 
+/** The device bytes `Transformer.load` plans beside the weights for `ctx` tokens: the KV cache
+ * and the activations (`innerq info` finds the longest context that fits with it). */
+export function planBytes(
+  backend: Backend,
+  config: ModelConfig,
+  kv: KvSpec,
+  ctx: number,
+  chunk = Math.min(256, ctx),
+  allLogits = false,
+): { cacheBytes: number; stateBytes: number } {
+  const shape = {
+    layers: config.numLayers,
+    heads: config.numHeads,
+    kvHeads: config.numKvHeads,
+    headDim: config.headDim,
+    capacity: ctx,
+    chunk,
+  };
+  return {
+    cacheBytes: kvCacheBytes(backend, kv, shape),
+    stateBytes: RunState.bytes(config, chunk, allLogits ? chunk : 1, ctx),
+  };
+}
+
 export class Transformer {
   readonly chunk: number;
   readonly allLogits: boolean;
@@ -123,8 +147,7 @@ export class Transformer {
       chunk,
     };
     const kv = typeof opts.kv === "string" ? parseKvSpec(opts.kv) : opts.kv ?? { kind: "fp16" };
-    const cacheBytes = kvCacheBytes(backend, kv, shape);
-    const stateBytes = RunState.bytes(config, chunk, allLogits ? chunk : 1, ctx);
+    const { cacheBytes, stateBytes } = planBytes(backend, config, kv, ctx, chunk, allLogits);
     const reserve = {
       bytes: cacheBytes + stateBytes,
       what: `${formatKvSpec(kv)} KV cache for ${ctx} tokens ${gib(cacheBytes)}, activations ${

@@ -139,6 +139,14 @@ export interface Reserve {
 /** Bytes as GiB with two decimals, for memory messages. */
 export const gib = (bytes: number): string => `${(bytes / 2 ** 30).toFixed(2)} GiB`;
 
+/** Bytes the matched tensors take on the device: matrices as stored, vectors widened to fp32. */
+export function deviceWeightBytes(tensors: ReturnType<typeof matchTensors>): number {
+  return tensors.reduce(
+    (sum, [e, t]) => sum + (e.kind === "matrix" ? t.bytes : t.shape.reduce((a, b) => a * b, 1) * 4),
+    0,
+  );
+}
+
 /** Loads DIR's weights onto the backend. On failure every buffer made so far is freed. On a GPU,
  * weights plus `reserve` are checked against free memory first, so a model that cannot fit fails
  * at once with the numbers, not after minutes of loading. */
@@ -151,11 +159,7 @@ export async function loadWeights(
 ): Promise<ModelWeights> {
   const tensors = matchTensors(dir, c, await openModelWeights(dir));
   const totalBytes = tensors.reduce((sum, [, t]) => sum + t.bytes, 0);
-  // vectors are widened to fp32 on the device
-  const deviceBytes = tensors.reduce(
-    (sum, [e, t]) => sum + (e.kind === "matrix" ? t.bytes : t.shape.reduce((a, b) => a * b, 1) * 4),
-    0,
-  );
+  const deviceBytes = deviceWeightBytes(tensors);
   if (backend.kind === "cuda") { // host memory is paged and overcommitted: no such check on the CPU
     const { name, freeBytes } = backend.deviceInfo();
     if (deviceBytes + reserve.bytes > freeBytes) {
