@@ -74,20 +74,45 @@ static KVQ_HD inline uint32_t kvq_pack_word(const uint8_t *codes, int64_t w, int
   return word;
 }
 
-/* Rows of L codes (L = head_dim for groups over channels, the block for
- * groups over tokens) with 2, 4 or 8 bits and L a multiple of 32 are stored in
- * the tensor cores' fragment order, so that the CUDA kernel loads each
- * thread's codes of an mma.m16n8k16 operand as one piece and unpacks them
- * into fp16 pairs with a few bit operations. Element e of a row: run r = e /
- * 32 (two k-steps of 16), and within the run k-step ks, the lane quad tig that
- * holds it (elements 2 tig, 2 tig + 1 and 2 tig + 8, 2 tig + 9 of each
- * k-step) and f, its rank among that quad's 8 elements of the run. A quad's 8
- * codes of run r form chunk tig * (L / 32) + r (each quad's chunks are
- * contiguous), and f takes the slot the unpacking expects. Rows of other
- * lengths and 3-bit codes keep natural order. Returns L, or 0 for natural. */
-static KVQ_HD inline int kvq_perm_len(int bits, int axis, int group, int head_dim) {
-  int len = axis == IQ_AXIS_CHANNELS ? head_dim : group;
-  return bits != 3 && len % 32 == 0 ? len : 0;
+/* Codes with 2, 4 or 8 bits are stored in the tensor cores' fragment order, so
+ * that the CUDA kernel loads each thread's codes of an mma.m16n8k16 operand as
+ * one piece and unpacks them into fp16 pairs with a few bit operations.
+ *
+ * Rows of L codes (a token's channels for groups over channels, a block's
+ * tokens of one channel for values grouped over tokens), L a multiple of 32:
+ * element e of a row lies in run r = e / 32 (two k-steps of 16); within the run
+ * in k-step ks, held by lane quad tig (elements 2 tig, 2 tig + 1 and 2 tig + 8,
+ * 2 tig + 9 of each k-step) as its f-th of 8. A quad's 8 codes of run r form
+ * chunk tig * (L / 32) + r (each quad's chunks contiguous), f in the slot the
+ * unpacking expects.
+ *
+ * Keys grouped over tokens in blocks of 32 beside values grouped over tokens
+ * (the kaxis=tokens mix) are ordered by block instead, for an operand whose
+ * pairs run along channels: token t, channel c
+ * is code j = t / 8 of the 8 that lane (gid = t % 8, tig = c % 8 / 2) uses for
+ * channels c0, c0 + 1 (c0 = c - c % 2) and tokens gid + 8 j; those 8 form unit
+ * (c / 16 * 32 + gid * 4 + tig) * 2 + c % 16 / 8: per k-step of 16 channels
+ * the 32 lanes' units in lane order, each lane's two adjacent.
+ *
+ * Other rows, other key blocks and 3-bit codes keep natural order. */
+#define KVQ_KEY_TILE (-1)
+
+/* The order of one side's codes (0 keys, 1 values): 0 natural, L > 0 rows of L
+ * in fragment order, KVQ_KEY_TILE blocks of 32 keys in tile order. */
+static KVQ_HD inline int kvq_order(const iq_kvq_params *p, int side) {
+  int bits = side ? p->v_bits : p->k_bits, axis = side ? p->v_axis : p->k_axis;
+  int group = side ? p->v_group : p->k_group;
+  if (bits == 3) return 0;
+  if (!side && axis == IQ_AXIS_TOKENS && p->v_axis == IQ_AXIS_TOKENS && group == 32 &&
+      p->head_dim % 16 == 0)
+    return KVQ_KEY_TILE;
+  int len = axis == IQ_AXIS_CHANNELS ? p->head_dim : group;
+  return len % 32 == 0 ? len : 0;
+}
+
+/* Codes in one period of an order: a row, or a block of keys. */
+static KVQ_HD inline int kvq_period(int order, int head_dim) {
+  return order == KVQ_KEY_TILE ? 32 * head_dim : order;
 }
 
 /* Slot (position in units of codes) of element e in a permuted row of len. */
@@ -107,22 +132,56 @@ static KVQ_HD inline int kvq_elem_of(int s, int len, int bits) {
   return r * 32 + f / 4 * 16 + f / 2 % 2 * 8 + tig * 2 + f % 2;
 }
 
-/* Code i (i = row * len + e) of a packed array whose rows are permuted when len > 0. */
-static KVQ_HD inline uint32_t kvq_code_in(const uint32_t *words, int64_t i, int bits, int len) {
-  if (len) i = i / len * len + kvq_slot_of((int)(i % len), len, bits);
-  return kvq_code_at(words, i, bits);
+/* Slot of key (token t, channel c) in a block of 32 in tile order. Within a
+ * unit, 2 and 4 bits hold channel c0's tokens then c0 + 1's (pair j of the
+ * unpacking: (c0, c0 + 1) at token gid + 8 j); 8 bits hold tokens j = 0, 1 of
+ * both channels in the first word, j = 2, 3 in the second. */
+static KVQ_HD inline int kvq_key_tile_slot(int t, int c, int bits) {
+  int j = t / 8, cc = c % 2;
+  int unit = (c / 16 * 32 + t % 8 * 4 + c % 8 / 2) * 2 + c % 16 / 8;
+  return unit * 8 + (bits == 8 ? j / 2 * 4 + cc * 2 + j % 2 : cc * 4 + j);
 }
 
-/* Word w of the packing of codes[] (one code a byte, natural order; rows of
- * len permuted when len > 0). */
+/* The block element (c * 32 + t, as grouped over tokens) in slot s: the
+ * inverse of kvq_key_tile_slot. */
+static KVQ_HD inline int kvq_key_tile_elem(int s, int bits) {
+  int unit = s / 8, p = s % 8, half = unit % 2, lane = unit / 2 % 32, ks = unit / 64;
+  int cc = bits == 8 ? p % 4 / 2 : p / 4, j = bits == 8 ? p / 4 * 2 + p % 2 : p % 4;
+  int t = lane / 4 + 8 * j, c = 16 * ks + 8 * half + lane % 4 * 2 + cc;
+  return c * 32 + t;
+}
+
+/* Slot of element i (numbered from a period's start, as grouped) in `order`. */
+static KVQ_HD inline int64_t kvq_slot_in(int64_t i, int bits, int order, int head_dim) {
+  if (!order) return i;
+  int64_t period = kvq_period(order, head_dim), e = i % period;
+  int slot = order == KVQ_KEY_TILE ? kvq_key_tile_slot((int)(e % 32), (int)(e / 32), bits)
+                                   : kvq_slot_of((int)e, order, bits);
+  return i - e + slot;
+}
+
+/* The element in slot s of `order`: the inverse of kvq_slot_in. */
+static KVQ_HD inline int64_t kvq_elem_in(int64_t s, int bits, int order, int head_dim) {
+  if (!order) return s;
+  int64_t period = kvq_period(order, head_dim), q = s % period;
+  int e = order == KVQ_KEY_TILE ? kvq_key_tile_elem((int)q, bits)
+                                : kvq_elem_of((int)q, order, bits);
+  return s - q + e;
+}
+
+/* Code i of a packed array in `order` (i numbered from a period's start). */
+static KVQ_HD inline uint32_t kvq_code_in(const uint32_t *words, int64_t i, int bits, int order,
+                                          int head_dim) {
+  return kvq_code_at(words, kvq_slot_in(i, bits, order, head_dim), bits);
+}
+
+/* Word w of the packing of codes[] (one code a byte, element order) in `order`. */
 static KVQ_HD inline uint32_t kvq_pack_word_in(const uint8_t *codes, int64_t w, int bits,
-                                               int len) {
-  if (!len) return kvq_pack_word(codes, w, bits);
+                                               int order, int head_dim) {
+  if (!order) return kvq_pack_word(codes, w, bits);
   uint32_t word = 0;
-  for (int k = 0; k < 32 / bits; k++) {
-    int64_t s = w * (32 / bits) + k;
-    word |= (uint32_t)codes[s / len * len + kvq_elem_of((int)(s % len), len, bits)] << (k * bits);
-  }
+  for (int k = 0; k < 32 / bits; k++)
+    word |= (uint32_t)codes[kvq_elem_in(w * (32 / bits) + k, bits, order, head_dim)] << (k * bits);
   return word;
 }
 
@@ -194,7 +253,7 @@ static KVQ_HD inline int64_t kvq_fp16_row(const iq_kvq_params *p, int h, int64_t
  * head: codes and meta point at the head's first code and pair. */
 static KVQ_HD inline float kvq_dequantized(const uint32_t *codes, const uint16_t *meta, int64_t u,
                                            int c, int d, int bits, int group, int axis,
-                                           int block) {
+                                           int block, int order) {
   int64_t j = u / block, t = u % block, gi, e;
   if (axis == IQ_AXIS_CHANNELS) {
     gi = t * (d / group) + c / group;
@@ -204,8 +263,7 @@ static KVQ_HD inline float kvq_dequantized(const uint32_t *codes, const uint16_t
     e = t;
   }
   int64_t base = j * block * d; /* the block's first code */
-  float code = (float)kvq_code_in(codes, base + gi * group + e, bits,
-                                  kvq_perm_len(bits, axis, group, d));
+  float code = (float)kvq_code_in(codes, base + gi * group + e, bits, order, d);
   const uint16_t *pair = meta + (base / group + gi) * 2;
   return kvq_f16_value(pair[0]) * code + kvq_f16_value(pair[1]);
 }

@@ -8,8 +8,8 @@ out="${2:-.cache/kv_report}"
 shift 2 || shift $# || true
 text=../shared/data/wikitext-2/test.txt
 specs=(
-  innerq:k8v8 innerq:k4v4 innerq:k4v2 innerq:k3v2 innerq:k2v2 innerq:k2v2,norm=off
-  innerq:k2v2,kaxis=tokens kivi:k4v4 kivi:k4v2 kivi:k2v2
+  innerq:k8v8 innerq:k4v4 innerq:k4v2 innerq:k3v2 innerq:k2v2,kaxis=channels
+  innerq:k2v2,kaxis=channels,norm=off innerq:k2v2 kivi:k4v4 kivi:k4v2 kivi:k2v2
 )
 mkdir -p "$out"
 for model in gsmwiki-28m gsmwiki-28m-kout; do

@@ -41,9 +41,10 @@ function test(name: string, fn: (gpu: Backend, cpu: Backend) => void): void {
 
 /** Whether kvq_mma.cu serves these parameters (its kvq_mma_supported). */
 function tensorCores(p: KvqParams, group: number): boolean {
-  return [2, 4, 8].includes(p.kBits) && [2, 4, 8].includes(p.vBits) &&
-    p.kAxis === KvqAxis.CHANNELS && p.vAxis === KvqAxis.TOKENS && p.kGroup >= 16 &&
-    p.vGroup === 32 && (p.headDim === 64 || p.headDim === 128) && group <= 8;
+  const keys = p.kAxis === KvqAxis.CHANNELS ? p.kGroup >= 16 : p.kGroup === 32;
+  return [2, 4, 8].includes(p.kBits) && [2, 4, 8].includes(p.vBits) && keys &&
+    p.vAxis === KvqAxis.TOKENS && p.vGroup === 32 && (p.headDim === 64 || p.headDim === 128) &&
+    group <= 8;
 }
 
 /** Fills the same layer on both backends, checks the bytes, then prefill and decode attention. */
@@ -113,6 +114,9 @@ test("GQA 8 and head_dim 128: InnerQ at 2/4/8 bits and KIVI", (gpu, cpu) => {
     ["innerq k8v4 g8", { kBits: 8, vBits: 4 }],
     ["innerq k2v8 g8", { kBits: 2, vBits: 8, kGroup: 64 }],
     ["kivi k4v2 g8", { kAxis: KvqAxis.TOKENS, vAxis: KvqAxis.CHANNELS, qmode: 0, norm: 0 }],
+    ["keys over tokens k2v2 g8", { kBits: 2, vBits: 2, kAxis: KvqAxis.TOKENS }],
+    ["keys over tokens k4v4 g8", { vBits: 4, kAxis: KvqAxis.TOKENS, norm: 0 }],
+    ["keys over tokens k8v2 g8", { kBits: 8, vBits: 2, kAxis: KvqAxis.TOKENS }],
   ];
   for (const [name, over] of variants) {
     const params = kvqParams({

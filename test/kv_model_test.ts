@@ -82,7 +82,10 @@ Deno.test({
     const c = await loadConfig(kout);
     using backend = Backend.open("cpu", { threads: 2 });
     using m = await Transformer.load(backend, kout, c, { ctx: 1024, kv: "fp16", allLogits: true });
-    const specs = ["fp16", "innerq:k2v2", "innerq:k2v2,norm=off"].map(parseKvSpec);
+    // keys grouped over channels, where normalization matters (2-bit keys default to tokens)
+    const specs = ["fp16", "innerq:k2v2,kaxis=channels", "innerq:k2v2,kaxis=channels,norm=off"].map(
+      parseKvSpec,
+    );
     const { scores } = await evaluatePerplexity(m, ids, specs, { ctx: 1024, stride: 1024 });
     const [, on, off] = scores.map((s) => s.meanKl);
     console.log(`kout twin, 1024 tokens: mean KL norm=max ${on}, norm=off ${off}`);

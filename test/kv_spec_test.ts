@@ -1,7 +1,13 @@
 // --kv specs: the defaults of each family, every option, canonical text that parses back to the
 // same spec, bytes per token by hand at the Llama-3-8B shape, and clear errors for bad text.
 import { deepStrictEqual as assertEquals, throws as assertThrows } from "node:assert";
-import { checkKvSpec, formatKvSpec, kvBytesPerToken, parseKvSpec } from "../src/kv/spec.ts";
+import {
+  checkKvSpec,
+  formatKvSpec,
+  kvBytesPerToken,
+  parseKvSpec,
+  shortKvSpec,
+} from "../src/kv/spec.ts";
 
 Deno.test("defaults: innerq groups keys over channels with normalization, kivi over tokens", () => {
   assertEquals(parseKvSpec("innerq:k4v2"), {
@@ -102,4 +108,25 @@ Deno.test("a spec that does not fit the model's head_dim is refused", () => {
   );
   checkKvSpec(parseKvSpec("kivi:k2v2,gk=128"), 96); // grouped over tokens: any head_dim
   checkKvSpec(parseKvSpec("fp16"), 16);
+});
+
+Deno.test("shortKvSpec keeps bits, family and the options that differ from the defaults", () => {
+  assertEquals(shortKvSpec(parseKvSpec("innerq:k2v2")), "innerq:k2v2");
+  assertEquals(shortKvSpec(parseKvSpec("innerq:k4v2,kaxis=tokens")), "innerq:k4v2,kaxis=tokens");
+  assertEquals(
+    shortKvSpec(parseKvSpec("innerq:k2v2,kaxis=channels")),
+    "innerq:k2v2,kaxis=channels",
+  );
+  // 2-bit keys are grouped over tokens by default, 3 bits and more over channels
+  const axis = (text: string) => {
+    const spec = parseKvSpec(text);
+    return "kAxis" in spec && spec.kAxis;
+  };
+  assertEquals(axis("innerq:k2v4"), "tokens");
+  assertEquals(axis("innerq:k3v2"), "channels");
+  assertEquals(
+    shortKvSpec(parseKvSpec("kivi:k4v4,g=64,norm=max")),
+    "kivi:k4v4,gk=64,gv=64,norm=max",
+  );
+  assertEquals(shortKvSpec(parseKvSpec("fp16")), "fp16");
 });

@@ -40,9 +40,11 @@ static void key_normalization(const iq_kvq_params *p, float *key_scale, const fl
     }
 }
 
-/* Quantizes a block's tile [B, head_dim] of one side into its codes and pairs. */
+/* Quantizes a block's tile [B, head_dim] of one side into its codes (packed in
+ * `order`, kvq_order) and pairs. */
 static void quantize_tile(const float *tile, int block, int head_dim, int bits, int group,
-                          int axis, int qmode, uint8_t *codes, uint32_t *words, uint16_t *meta) {
+                          int axis, int order, int qmode, uint8_t *codes, uint32_t *words,
+                          uint16_t *meta) {
   int groups = block * head_dim / group;
   int stride = axis == IQ_AXIS_CHANNELS ? 1 : head_dim;
   for (int gi = 0; gi < groups; gi++) {
@@ -56,9 +58,8 @@ static void quantize_tile(const float *tile, int block, int head_dim, int bits, 
     for (int e = 0; e < group; e++)
       codes[gi * group + e] = (uint8_t)kvq_code(x[e * stride], scale, offset, bits);
   }
-  int len = kvq_perm_len(bits, axis, group, head_dim);
   for (int64_t w = 0; w < (int64_t)block * head_dim * bits / 32; w++)
-    words[w] = kvq_pack_word_in(codes, w, bits, len);
+    words[w] = kvq_pack_word_in(codes, w, bits, order, head_dim);
 }
 
 /* Quantizes stream block j of KV head h from the ring. */
@@ -75,8 +76,8 @@ static void quantize_block(const iq_kvq_params *p, const kvq_regions *r, int h, 
     int bits = side ? p->v_bits : p->k_bits, group = side ? p->v_group : p->k_group;
     uint32_t *words = (side ? r->codes_v : r->codes_k) + ((int64_t)h * qcap + first) * d * bits / 32;
     uint16_t *meta = (side ? r->meta_v : r->meta_k) + ((int64_t)h * qcap + first) * d / group * 2;
-    quantize_tile(tile, b, d, bits, group, side ? p->v_axis : p->k_axis, p->qmode, codes, words,
-                  meta);
+    quantize_tile(tile, b, d, bits, group, side ? p->v_axis : p->k_axis, kvq_order(p, side),
+                  p->qmode, codes, words, meta);
   }
 }
 
@@ -135,8 +136,8 @@ int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
         const uint16_t *mk = r.meta_k + (int64_t)h * qcap * d / p->k_group * 2;
         const uint16_t *mv = r.meta_v + (int64_t)h * qcap * d / p->v_group * 2;
         for (int c = 0; c < d; c++) {
-          ko[c] = kvq_dequantized(ck, mk, u, c, d, p->k_bits, p->k_group, p->k_axis, b);
-          vo[c] = kvq_dequantized(cv, mv, u, c, d, p->v_bits, p->v_group, p->v_axis, b);
+          ko[c] = kvq_dequantized(ck, mk, u, c, d, p->k_bits, p->k_group, p->k_axis, b, kvq_order(p, 0));
+          vo[c] = kvq_dequantized(cv, mv, u, c, d, p->v_bits, p->v_group, p->v_axis, b, kvq_order(p, 1));
         }
       } else {
         const uint16_t *kr = fp16_row(p, &r, 0, h, x), *vr = fp16_row(p, &r, 1, h, x);
@@ -149,6 +150,19 @@ int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   return IQ_OK;
 }
 
+/* The element in each slot of one period of an order (kvq_order: a row, or a
+ * block of keys), or slot order itself when len is 0 (natural order). */
+typedef struct {
+  int len;
+  int16_t elem[32 * 256];
+} row_order;
+
+static void order_of(const iq_kvq_params *p, int side, row_order *o) {
+  int order = kvq_order(p, side), bits = side ? p->v_bits : p->k_bits;
+  o->len = kvq_period(order, p->head_dim);
+  for (int s = 0; s < o->len; s++) o->elem[s] = (int16_t)kvq_elem_in(s, bits, order, p->head_dim);
+}
+
 typedef struct {
   const iq_kvq_params *p;
   kvq_regions r;
@@ -157,7 +171,8 @@ typedef struct {
   int n, pos0, heads, group; /* group: query heads per KV head */
   float scale;
   float *scratch;
-  int64_t scratch_floats; /* per worker */
+  int64_t scratch_floats;     /* per worker */
+  const row_order *order[2]; /* of the keys' and the values' codes */
 } kvq_job;
 
 /* Per-worker scratch: scores [group][cap], outputs [group][d], one fp16 row as
@@ -166,20 +181,6 @@ typedef struct {
 static int64_t kvq_scratch_floats(const iq_kvq_params *p, int group) {
   int64_t d = p->head_dim;
   return group * (int64_t)p->cap + group * d + d + (int64_t)kvq_block(p) * d + group * (d + 1);
-}
-
-/* The element in each slot of a permuted row of len codes (kvq_perm_len), or
- * slot order itself when len is 0 (natural order, rows of any length). */
-typedef struct {
-  int len;
-  int16_t elem[256];
-} row_order;
-
-static row_order order_of(int bits, int axis, int group, int head_dim) {
-  row_order o;
-  o.len = kvq_perm_len(bits, axis, group, head_dim);
-  for (int s = 0; s < o.len; s++) o.elem[s] = (int16_t)kvq_elem_of(s, o.len, bits);
-  return o;
 }
 
 /* count codes from code `first` (whole rows: a multiple of the row length
@@ -218,7 +219,7 @@ static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t 
   int64_t qcap = kvq_quant_cap(p);
   const uint32_t *words = j->r.codes_k + (int64_t)kvh * qcap * d * bits / 32;
   const uint16_t *meta = j->r.meta_k + (int64_t)kvh * qcap * d / g * 2;
-  const row_order order = order_of(bits, p->k_axis, g, d);
+  const row_order *order = j->order[0];
   if (p->k_axis == IQ_AXIS_CHANNELS) {
     float *qsum = folded; /* [G][d / g] */
     for (int h = 0; h < G; h++)
@@ -228,7 +229,7 @@ static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t 
         qsum[h * (d / g) + gi] = sum;
       }
     for (int64_t u = 0; u < nq; u++) {
-      unpack(words, u * d, d, bits, &order, codes);
+      unpack(words, u * d, d, bits, order, codes);
       const uint16_t *pairs = meta + u * (d / g) * 2;
       for (int h = 0; h < G; h++) {
         float acc = 0.0f;
@@ -250,7 +251,7 @@ static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t 
         }
         qs[G * d + h] = bias;
       }
-      unpack(words, blk * b * d, b * d, bits, &order, codes); /* [channel][token] */
+      unpack(words, blk * b * d, b * d, bits, order, codes); /* [channel][token] */
       for (int t = 0; t < b; t++)
         for (int h = 0; h < G; h++) {
           float acc = qs[G * d + h];
@@ -272,10 +273,10 @@ static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t 
   int64_t qcap = kvq_quant_cap(p);
   const uint32_t *words = j->r.codes_v + (int64_t)kvh * qcap * d * bits / 32;
   const uint16_t *meta = j->r.meta_v + (int64_t)kvh * qcap * d / g * 2;
-  const row_order order = order_of(bits, p->v_axis, g, d);
+  const row_order *order = j->order[1];
   if (p->v_axis == IQ_AXIS_TOKENS) {
     for (int64_t blk = 0; blk < nq / b; blk++) {
-      unpack(words, blk * b * d, b * d, bits, &order, codes); /* [channel][token] */
+      unpack(words, blk * b * d, b * d, bits, order, codes); /* [channel][token] */
       const uint16_t *pairs = meta + blk * d * 2;
       for (int h = 0; h < G; h++) {
         const float *wb = w + h * w_stride + blk * b;
@@ -288,7 +289,7 @@ static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t 
     }
   } else {
     for (int64_t u = 0; u < nq; u++) {
-      unpack(words, u * d, d, bits, &order, codes);
+      unpack(words, u * d, d, bits, order, codes);
       const uint16_t *pairs = meta + u * (d / g) * 2;
       for (int h = 0; h < G; h++)
         for (int gi = 0; gi < d / g; gi++) {
@@ -365,9 +366,12 @@ int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, flo
   void *scratch;
   st = iq_scratch(ctx, (size_t)ctx->threads * per_worker * sizeof(float), &scratch);
   if (st) return st;
+  static _Thread_local row_order orders[2]; /* 32 KiB: off the stack, built once per call */
+  order_of(p, 0, &orders[0]);
+  order_of(p, 1, &orders[1]);
   kvq_job j = {.p = p, .r = kvq_regions_of(p, layer), .out = out, .q = q, .n = n, .pos0 = pos0,
                .heads = heads, .group = group, .scale = scale, .scratch = scratch,
-               .scratch_floats = per_worker};
+               .scratch_floats = per_worker, .order = {&orders[0], &orders[1]}};
   iq_parallel_for(ctx, (int64_t)n * p->kv_heads, 1, attend_range, &j);
   return IQ_OK;
 }

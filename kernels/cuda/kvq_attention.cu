@@ -311,14 +311,18 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
         } else {
           /* keys grouped over tokens: token tid is element tid % b of its block's channels */
           const int blk = tid / b, e = tid % b;
-          const int slot = kvq_perm_len(KB, IQ_AXIS_TOKENS, b, d) ? kvq_slot_of(e, b, KB) : e;
+          const int korder = kvq_order(&p, 0); /* rows of b, or tiles of 32 tokens */
+          const int slot = korder > 0 ? kvq_slot_of(e, korder, KB) : e;
           const uint32_t *pairs = km + blk * d;
           for (int c = 0; c < d; c += 4) {
             float k[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
               const float2 so = pair_at(pairs, c + i);
-              k[i] = so.x * code_float(code_at<KB>(kc, (blk * d + c + i) * b + slot)) + so.y;
+              const int at = korder == KVQ_KEY_TILE
+                                 ? (int)kvq_slot_in((blk * d + c + i) * b + e, KB, korder, d)
+                                 : (blk * d + c + i) * b + slot;
+              k[i] = so.x * code_float(code_at<KB>(kc, at)) + so.y;
             }
 #pragma unroll
             for (int g = 0; g < G; g++) s[g] += dot4(f4(q_s + g * d + c), k[0], k[1], k[2], k[3]);
@@ -349,7 +353,7 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
             for (int g = 0; g < G; g++) dot[g] = 0.0f;
             const float *pw = p_s + blk * b;
             /* a (block, channel) row of b codes, in fragment order when b is a multiple of 32 */
-            const bool permuted = kvq_perm_len(VB, IQ_AXIS_TOKENS, b, d) != 0;
+            const bool permuted = kvq_order(&p, 1) != 0;
             const uint32_t *row = st.v_row ? vc + (blk * d + c) * (st.v_row + 1)
                                            : vc + blk * b * d * VB / 32;
             const int first = st.v_row ? 0 : c * b;
@@ -367,8 +371,7 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
         } else {
           /* values grouped over channels: a token row's codes, a pair per group */
           const int groups = d / p.v_group;
-          const int slot = kvq_perm_len(VB, IQ_AXIS_CHANNELS, p.v_group, d) ? kvq_slot_of(c, d, VB)
-                                                                           : c;
+          const int slot = kvq_order(&p, 1) ? kvq_slot_of(c, d, VB) : c;
           for (int j = 4 * phase; j < n; j += 4 * copies) { /* n is whole blocks: fours */
             float v[4];
 #pragma unroll

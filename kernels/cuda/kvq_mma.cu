@@ -1,15 +1,18 @@
 /* kvq_mma.cu: attention over the quantized KV cache on tensor cores (mma.sync
- * m16n8k16, fp16 in, fp32 accumulate) for the InnerQ axes: keys grouped over
- * channels (groups of 16 or more), values in blocks of 32 tokens, 2, 4 or 8
- * bits, head_dim 64 or 128, up to 8 query heads per KV head. kvq_attention.cu
- * calls it where kvq_mma_supported says so and runs its SIMT kernel otherwise.
+ * m16n8k16, fp16 in, fp32 accumulate) for values in blocks of 32 tokens and
+ * keys grouped over channels (groups of 16 or more: InnerQ) or over the same
+ * blocks of tokens (the kaxis=tokens mix), 2, 4 or 8 bits, head_dim 64 or 128,
+ * up to 8 query heads per KV head. kvq_attention.cu calls it where
+ * kvq_mma_supported says so and runs its SIMT kernel otherwise.
  *
  * grid (kv_heads, 1 + splits, n queries), 4 warps a block. Split 0 walks the
  * query's fp16 positions (sink, ring); the others walk chunks of 32 quantized
  * tokens (one value block), each warp its own chunks, copied to its own
  * shared memory with cp.async one chunk ahead. Per chunk a warp computes
  *   Sᵀ (32 tokens x 8 heads) = K codes (A operand) · q (B, held in registers),
- * folding each key group's pair as s += scale · (codes · q) + offset · Σ q;
+ * folding each key group's pair as s += scale · (codes · q) + offset · Σ q
+ * (keys over tokens: q times each channel's scale is the B operand, and the
+ * offsets take one more MMA);
  * updates its heads' online softmax; turns P into the B operand of the values
  * in registers (movmatrix transposes the score fragment); and computes
  *   outᵀ (channels x heads) += V codes (A) · Pᵀ,
@@ -42,6 +45,11 @@ struct km_args {
 __device__ __forceinline__ uint32_t hsub2(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("sub.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
   return d;
 }
 __device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
@@ -117,6 +125,28 @@ template <int BITS, int R> struct quad_share {
   }
 };
 
+/* The two units of k-step ks that lane holds in a block of keys in tile order
+ * (kvq_key_tile_slot), as fp16 pairs: x0 for channels 2 tig, + 1, x1 for + 8,
+ * + 9; pair j at token gid + 8 j. */
+template <int BITS>
+__device__ __forceinline__ void key_tile_pairs(const uint32_t *codes, int ks, int lane,
+                                               uint32_t x0[4], uint32_t x1[4]) {
+  const int unit = (ks * 32 + lane) * 2; /* of 8 codes */
+  if constexpr (BITS == 4) {
+    const uint2 w = *reinterpret_cast<const uint2 *>(codes + unit);
+    unpack_4bit(w.x, x0);
+    unpack_4bit(w.y, x1);
+  } else if constexpr (BITS == 8) {
+    const uint4 w = *reinterpret_cast<const uint4 *>(codes + 2 * unit);
+    unpack_8bit(w.x, w.y, x0);
+    unpack_8bit(w.z, w.w, x1);
+  } else {
+    const uint32_t w = codes[unit / 2];
+    unpack_2bit(__byte_perm(w, 0, 0x4140), x0);
+    unpack_2bit(__byte_perm(w, 0, 0x4342), x1);
+  }
+}
+
 __device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
   uint32_t y;
   asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
@@ -135,8 +165,8 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
 /* One warp's stage: a chunk's key codes, key pairs, value codes and value
  * pairs, in words; each region is contiguous in the cache too. */
 template <int D, int KB, int VB, int KG> struct km_stage {
-  static constexpr int KC_WORDS = D * KB, KM_WORDS = KM_CHUNK * D / KG, VC_WORDS = D * VB,
-                       VM_WORDS = D;
+  static constexpr int KC_WORDS = D * KB, KM_WORDS = KG ? KM_CHUNK * D / KG : D,
+                       VC_WORDS = D * VB, VM_WORDS = D;
   static constexpr int KC = 0, KM = KC + KC_WORDS, VC = KM + KM_WORDS, VM = VC + VC_WORDS,
                        WORDS = VM + VM_WORDS;
   /* a warp's shared memory: two stages, or the fp16 tile (16 key and 16 value rows, padded) */
@@ -236,7 +266,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   const int kvh = blockIdx.x, h0 = kvh * a.group, nh = min(a.group, KM_HEADS), t = blockIdx.z;
   const int64_t len = (int64_t)a.pos0 + t + 1, nq = kvq_quantized(&p, len);
   const int64_t sinkn = min(len, (int64_t)p.sink), fp16n = len - nq;
-  constexpr int KPG = KG / 16; /* k-steps per key group */
+  constexpr int KPG = KG ? KG / 16 : 1; /* k-steps per key group (over channels) */
 
   /* a quantized split's warps start copying their first chunk before anything else */
   uint32_t *stage = km_smem + warp * st::WARP_WORDS;
@@ -283,10 +313,10 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
     q_s[g][i % D] = __half2float(__float2half_rn(x * 1.44269504f));
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < KM_HEADS * (D / KG); i += blockDim.x) {
-    const int g = i / (D / KG), gi = i % (D / KG);
+  for (int i = threadIdx.x; KG && i < KM_HEADS * (D / KPG / 16); i += blockDim.x) {
+    const int g = i / (D / KPG / 16), gi = i % (D / KPG / 16);
     float sum = 0.0f;
-    for (int c = gi * KG; c < (gi + 1) * KG; c++) sum += q_s[g][c];
+    for (int c = gi * KPG * 16; c < (gi + 1) * KPG * 16; c++) sum += q_s[g][c];
     qsum_s[g][gi] = sum;
   }
   __syncthreads();
@@ -297,8 +327,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
     const float *qr = q_s[gid] + 16 * ks + 2 * tig;
     qb[ks][0] = pack_half2(qr[0], qr[1]);
     qb[ks][1] = pack_half2(qr[8], qr[9]);
-    qg[ks][0] = qsum_s[2 * tig][ks / KPG];
-    qg[ks][1] = qsum_s[2 * tig + 1][ks / KPG];
+    qg[ks][0] = KG ? qsum_s[2 * tig][ks / KPG] : 0.0f;
+    qg[ks][1] = KG ? qsum_s[2 * tig + 1][ks / KPG] : 0.0f;
   }
 
   km_state<D> state;
@@ -365,10 +395,12 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
       }
       __syncwarp();
 
-      /* scores: per 16-token tile, A = the key codes of tokens gid and gid + 8 */
-      constexpr int R = D / 32, KROW = D * KB / 32;
-      constexpr int KGW = D / KG; /* pairs per key row */
       float s[2][4];
+      if constexpr (KG) {
+        /* keys grouped over channels: per 16-token tile, A = the key codes of tokens gid and
+         * gid + 8; each group's pairs folded as it ends */
+      constexpr int R = D / 32, KROW = D * KB / 32;
+      constexpr int KGW = D / KPG / 16; /* pairs per key row */
 #pragma unroll
       for (int mt = 0; mt < 2; mt++) {
         const int t0 = 16 * mt + gid;
@@ -401,6 +433,38 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
             }
           }
         }
+      }
+      } else {
+        /* keys grouped over tokens (the block): the scales fold into q (B = q * scale per
+         * channel, rounded to fp16) and the offsets into one more MMA per k-step whose A rows
+         * all hold them (every token gets the same sum of q * offset); A per k-step = the lane's
+         * two units, channels 2 tig, + 1 and + 8, + 9 at tokens gid + 8 j (kvq_key_tile_slot) */
+        float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+          for (int i = 0; i < 4; i++) s[mt][i] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks++) {
+          const uint2 m0 = *reinterpret_cast<const uint2 *>(cur + st::KM + 16 * ks + 2 * tig);
+          const uint2 m1 = *reinterpret_cast<const uint2 *>(cur + st::KM + 16 * ks + 8 + 2 * tig);
+          const uint32_t qs0 = hmul2(qb[ks][0], __byte_perm(m0.x, m0.y, 0x5410));
+          const uint32_t qs1 = hmul2(qb[ks][1], __byte_perm(m1.x, m1.y, 0x5410));
+          const uint32_t o0 = __byte_perm(m0.x, m0.y, 0x7632), o1 = __byte_perm(m1.x, m1.y, 0x7632);
+          const uint32_t fo[4] = {o0, o0, o1, o1};
+          mma_16816(bias, fo, qb[ks][0], qb[ks][1]);
+          uint32_t x0[4], x1[4]; /* pairs j = 0..3 of the two units (channel halves) */
+          key_tile_pairs<KB>(cur + st::KC, ks, lane, x0, x1);
+#pragma unroll
+          for (int mt = 0; mt < 2; mt++) {
+            const uint32_t fr[4] = {x0[2 * mt], x0[2 * mt + 1], x1[2 * mt], x1[2 * mt + 1]};
+            mma_16816(s[mt], fr, qs0, qs1);
+          }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+          for (int i = 0; i < 4; i++) s[mt][i] += bias[i];
       }
       uint32_t pb[2][2];
       float psum[2];
@@ -471,8 +535,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
 int kvq_mma_supported(const iq_kvq_params *p, int group) {
   const int b2 = p->k_bits == 2 || p->k_bits == 4 || p->k_bits == 8;
   const int v2 = p->v_bits == 2 || p->v_bits == 4 || p->v_bits == 8;
-  return b2 && v2 && p->k_axis == IQ_AXIS_CHANNELS && p->v_axis == IQ_AXIS_TOKENS &&
-         p->k_group >= 16 && p->v_group == KM_CHUNK &&
+  const int keys = p->k_axis == IQ_AXIS_CHANNELS ? p->k_group >= 16 : p->k_group == KM_CHUNK;
+  return b2 && v2 && keys && p->v_axis == IQ_AXIS_TOKENS && p->v_group == KM_CHUNK &&
          (p->head_dim == 64 || p->head_dim == 128) && group <= KM_HEADS;
 }
 
@@ -503,6 +567,7 @@ template <int D, int KB, int VB, int KG> static int km_kernel_of(iq_ctx *ctx, km
 
 template <int D, int KB, int VB>
 static int km_kernel_g(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
+  if (p->k_axis == IQ_AXIS_TOKENS) return km_kernel_of<D, KB, VB, 0>(ctx, k); /* KG 0: over tokens */
   switch (p->k_group) {
   case 16: return km_kernel_of<D, KB, VB, 16>(ctx, k);
   case 32: return km_kernel_of<D, KB, VB, 32>(ctx, k);

@@ -78,9 +78,9 @@ __global__ void quantize_kernel(iq_kvq_params p, kvq_regions r, int64_t first_bl
   }
   __syncthreads();
   uint32_t *words = (side ? r.codes_v : r.codes_k) + ((int64_t)h * qcap + first) * d * bits / 32;
-  const int len = kvq_perm_len(bits, axis, group, d);
+  const int order = kvq_order(&p, side);
   for (int w = threadIdx.x; w < b * d * bits / 32; w += blockDim.x)
-    words[w] = kvq_pack_word_in(codes, w, bits, len);
+    words[w] = kvq_pack_word_in(codes, w, bits, order, d);
 }
 
 extern "C" int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, const float *k,
@@ -126,10 +126,10 @@ __global__ void dequantize_kernel(iq_kvq_params p, kvq_regions r, float *k, floa
     if (u >= 0 && u < nq) {
       k[e] = kvq_dequantized(r.codes_k + (int64_t)h * qcap * d * p.k_bits / 32,
                              r.meta_k + (int64_t)h * qcap * d / p.k_group * 2, u, c, d, p.k_bits,
-                             p.k_group, p.k_axis, b);
+                             p.k_group, p.k_axis, b, kvq_order(&p, 0));
       v[e] = kvq_dequantized(r.codes_v + (int64_t)h * qcap * d * p.v_bits / 32,
                              r.meta_v + (int64_t)h * qcap * d / p.v_group * 2, u, c, d, p.v_bits,
-                             p.v_group, p.v_axis, b);
+                             p.v_group, p.v_axis, b, kvq_order(&p, 1));
     } else {
       const int64_t row = kvq_fp16_row(&p, h, x) + c;
       k[e] = kvq_f16_value((x < p.sink ? r.sink_k : r.ring_k)[row]);

@@ -7,7 +7,7 @@ import { DType } from "../../ffi/backend.ts";
 import { Transformer } from "../engine/forward.ts";
 import { GREEDY, Sampler } from "../engine/sampler.ts";
 import { loadConfig } from "../model/config.ts";
-import { parseKvSpec } from "../kv/spec.ts";
+import { parseKvSpec, shortKvSpec } from "../kv/spec.ts";
 import { AttentionCase, fillRows } from "./attention_case.ts";
 import {
   defaultModel,
@@ -192,6 +192,7 @@ const KERNEL_SPECS = [
   "innerq:k4v4",
   "innerq:k4v2",
   "innerq:k2v2",
+  "innerq:k2v2,kaxis=channels",
   "kivi:k4v4",
   "kivi:k2v2",
 ];
@@ -218,7 +219,7 @@ function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => v
         );
       }
       emit({
-        test: `attn ${shortSpec(attention.cache.spec)} (us)`,
+        test: `attn ${shortKvSpec(parseKvSpec(attention.cache.spec))} (us)`,
         depth: tokens,
         tokensPerSecond: seconds.map((s) => s * 1e6),
         gbPerSecond: attention.bytes / mean(seconds) / 1e9,
@@ -264,11 +265,6 @@ function parse(args: string[]) {
   } catch (e) {
     throw new UsageError((e as Error).message);
   }
-}
-
-/** A spec's bits and family, e.g. "innerq:k4v2" from its canonical text. */
-function shortSpec(spec: string): string {
-  return spec.split(",")[0];
 }
 
 export async function runBench(args: string[]): Promise<number> {

@@ -1,6 +1,7 @@
 // Parses a --kv spec and makes the cache it names.
 //   fp16 | fp32                      dense caches
-//   innerq:k4v2[,opt=value...]       InnerQ: keys grouped over channels, values over tokens
+//   innerq:k4v2[,opt=value...]       InnerQ: keys grouped over channels (2-bit keys: over tokens,
+//                                    by measurement), values over tokens
 //   kivi:k2v2[,opt=value...]         KIVI-style baseline: keys over tokens, values over channels
 // Options: gk, gv (group sizes), g (both), sink, recent, norm=max|rms|off, hybrid=on|off,
 // kaxis/vaxis=channels|tokens (to mix the two groupings).
@@ -71,6 +72,8 @@ export function parseKvSpec(text: string): KvSpec {
     fail(`bits ${JSON.stringify(bits)} are not kKvV with K and V in ${BITS.join(", ")}`);
   }
   const spec: QuantSpec = { kind, kBits: +m![1], vBits: +m![2], ...DEFAULTS[kind] };
+  // 2-bit keys lose less grouped over tokens, beside InnerQ's values (docs/kv-cache.md)
+  if (kind === "innerq" && spec.kBits === 2) spec.kAxis = "tokens";
   const seen = new Set<string>();
   for (const option of options) {
     const [key, value] = option.split("=", 2);
@@ -140,6 +143,16 @@ export function formatKvSpec(spec: KvSpec): string {
   return `${spec.kind}:k${spec.kBits}v${spec.vBits},gk=${spec.kGroup},gv=${spec.vGroup},` +
     `kaxis=${spec.kAxis},vaxis=${spec.vAxis},sink=${spec.sink},recent=${spec.recent},` +
     `norm=${spec.norm},hybrid=${spec.hybrid ? "on" : "off"}`;
+}
+
+/** The spec as one would write it: bits and family, then only the options that differ from the
+ * family's defaults (e.g. "innerq:k2v2,kaxis=tokens"). */
+export function shortKvSpec(spec: KvSpec): string {
+  if (isDense(spec)) return spec.kind;
+  const base = `${spec.kind}:k${spec.kBits}v${spec.vBits}`;
+  const defaults = formatKvSpec(parseKvSpec(base)).split(",").slice(1);
+  const options = formatKvSpec(spec).split(",").slice(1);
+  return [base, ...options.filter((o, i) => o !== defaults[i])].join(",");
 }
 
 /** Checks a spec against a model's head_dim (groups over channels must divide it). */
