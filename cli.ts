@@ -5,6 +5,7 @@ import { runGenerate } from "./src/commands/generate.ts";
 import { runInfo } from "./src/commands/info.ts";
 import { runBench } from "./src/commands/bench.ts";
 import { runPpl } from "./src/commands/ppl.ts";
+import { runEval } from "./src/commands/eval.ts";
 
 const HELP = `innerq: run Llama-family language models with a compressed KV cache
 
@@ -15,6 +16,7 @@ Commands
   info       describe a model directory: shape, parameters, KV-cache bytes per token
   bench      prompt-processing and generation speed (llama-bench style), or --kernels
   ppl        perplexity of a text, and KL divergence from the fp16 cache for each --kv spec
+  eval       task accuracy (gsm8k: few-shot chain of thought) for each --kv spec
 
 Run \`innerq <command> --help\` for a command's options.
 Exit codes: 0 done, 1 error, 2 bad command line, 130 interrupted.
@@ -25,6 +27,7 @@ const COMMANDS: Record<string, (args: string[]) => Promise<number>> = {
   info: runInfo,
   bench: runBench,
   ppl: runPpl,
+  eval: runEval,
 };
 
 async function main(args: string[]): Promise<number> {
