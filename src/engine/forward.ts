@@ -79,6 +79,18 @@ class RunState {
   }
 }
 
+/** The KV cache's shape for a model, `ctx` positions and forward calls of up to `chunk` tokens. */
+function cacheShape(config: ModelConfig, ctx: number, chunk: number) {
+  return {
+    layers: config.numLayers,
+    heads: config.numHeads,
+    kvHeads: config.numKvHeads,
+    headDim: config.headDim,
+    capacity: ctx,
+    chunk,
+  };
+}
+
 /** The device bytes `Transformer.load` plans beside the weights for `ctx` tokens: the KV cache
  * and the activations (`innerq info` finds the longest context that fits with it). */
 export function planBytes(
@@ -89,14 +101,7 @@ export function planBytes(
   chunk = Math.min(256, ctx),
   allLogits = false,
 ): { cacheBytes: number; stateBytes: number } {
-  const shape = {
-    layers: config.numLayers,
-    heads: config.numHeads,
-    kvHeads: config.numKvHeads,
-    headDim: config.headDim,
-    capacity: ctx,
-    chunk,
-  };
+  const shape = cacheShape(config, ctx, chunk);
   return {
     cacheBytes: kvCacheBytes(backend, kv, shape),
     stateBytes: RunState.bytes(config, chunk, allLogits ? chunk : 1, ctx),
@@ -138,14 +143,7 @@ export class Transformer {
     }
     const chunk = Math.min(opts.chunk ?? 256, ctx);
     const allLogits = opts.allLogits ?? false;
-    const shape = {
-      layers: config.numLayers,
-      heads: config.numHeads,
-      kvHeads: config.numKvHeads,
-      headDim: config.headDim,
-      capacity: ctx,
-      chunk,
-    };
+    const shape = cacheShape(config, ctx, chunk);
     const kv = typeof opts.kv === "string" ? parseKvSpec(opts.kv) : opts.kv ?? { kind: "fp16" };
     const { cacheBytes, stateBytes } = planBytes(backend, config, kv, ctx, chunk, allLogits);
     const reserve = {
