@@ -27,7 +27,7 @@
 #include "cuda.cuh"
 #include "checks.h"
 #include "kvq.h"
-#include "prefill_mma.cuh"
+#include "mma.cuh"
 #include "split_softmax.cuh"
 
 constexpr int KM_WARPS = 4, KM_CHUNK = 32, KM_HEADS = 8;
@@ -41,22 +41,7 @@ struct km_args {
   float scale;
 };
 
-/* fp16x2 arithmetic on raw registers, and the constants of the unpacking. */
-__device__ __forceinline__ uint32_t hsub2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("sub.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-__device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
+/* fp16 constants of the unpacking: 1024 (0x6400 + a code's bits is 1024 + the code), 1/4, -256, ... */
 constexpr uint32_t H1024 = 0x64006400u, H_4TH = 0x34003400u, H_NEG256 = 0xDC00DC00u,
                    H_16TH = 0x2C002C00u, H_NEG64 = 0xD400D400u, H_64TH = 0x24002400u,
                    H_NEG16 = 0xCC00CC00u;
@@ -145,21 +130,6 @@ __device__ __forceinline__ void key_tile_pairs(const uint32_t *codes, int ks, in
     unpack_2bit(__byte_perm(w, 0, 0x4140), x0);
     unpack_2bit(__byte_perm(w, 0, 0x4342), x1);
   }
-}
-
-__device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
-  uint32_t y;
-  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
-  return y;
-}
-
-__device__ __forceinline__ float2 pair_f2(uint32_t u) {
-  return __half22float2(*reinterpret_cast<const __half2 *>(&u));
-}
-
-__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
-  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
 }
 
 /* One warp's stage: a chunk's key codes, key pairs, value codes and value
@@ -537,7 +507,7 @@ int kvq_mma_supported(const iq_kvq_params *p, int group) {
   const int v2 = p->v_bits == 2 || p->v_bits == 4 || p->v_bits == 8;
   const int keys = p->k_axis == IQ_AXIS_CHANNELS ? p->k_group >= 16 : p->k_group == KM_CHUNK;
   return b2 && v2 && keys && p->v_axis == IQ_AXIS_TOKENS && p->v_group == KM_CHUNK &&
-         (p->head_dim == 64 || p->head_dim == 128) && group <= KM_HEADS;
+         (p->head_dim == 64 || p->head_dim == 128) && group <= KM_HEADS && p->meta == IQ_META_F16;
 }
 
 /* A kernel, its shared memory and how many of its blocks a multiprocessor holds. */

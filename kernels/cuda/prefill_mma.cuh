@@ -9,22 +9,9 @@
  * warp computes S = Q Kᵀ (16 x 64), updates its rows' online softmax in
  * registers, and adds P V into its 16 x d output accumulator. */
 #pragma once
-#include "cuda.cuh"
+#include "mma.cuh"
 
 constexpr int MMA_Q = 64, MMA_K = 64, MMA_WARPS = 4;
-
-__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&h);
-}
 
 /* Two halves at p[0] and p[stride], packed: a B fragment register from V. */
 __device__ __forceinline__ uint32_t pack_column(const __half *p, int stride) {
