@@ -39,34 +39,71 @@ struct km_args {
   const float *q;
   int heads, group, pos0, chunks_per_split;
   float scale;
+  uint32_t h1024; /* 0x64006400, from the host so that it stays in a register (under_1024) */
 };
 
-/* fp16 constants of the unpacking: 1024 (0x6400 + a code's bits is 1024 + the code), 1/4, -256, ... */
-constexpr uint32_t H1024 = 0x64006400u, H_4TH = 0x34003400u, H_NEG256 = 0xDC00DC00u,
-                   H_16TH = 0x2C002C00u, H_NEG64 = 0xD400D400u, H_64TH = 0x24002400u,
-                   H_NEG16 = 0xCC00CC00u;
+/* fp16 constants of the unpacking: a code of up to 10 bits OR-ed into the
+ * mantissa of 0x6400 (1024) makes the fp16 1024 + code, exactly. */
+constexpr uint32_t H_4TH = 0x34003400u, H_NEG256 = 0xDC00DC00u, H_16TH = 0x2C002C00u,
+                   H_NEG64 = 0xD400D400u, H_64TH = 0x24002400u, H_NEG16 = 0xCC00CC00u;
 
-/* A thread's 8 codes of a 32-code run as 4 fp16 pairs: pair i holds its
- * fragment elements 2i and 2i + 1 (k-step i / 2, half i % 2), exact. */
-__device__ __forceinline__ void unpack_4bit(uint32_t x, uint32_t pr[4]) {
+/* (x & MASK) | h, h = 0x64006400 held in a register (km_args.h1024): one
+ * LOP3, where the literal would take two (LOP3 has one immediate). */
+template <uint32_t MASK> __device__ __forceinline__ uint32_t under_1024(uint32_t x, uint32_t h) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(x), "n"(MASK), "r"(h));
+  return d;
+}
+
+/* The unpackings below give a thread's codes as 4 fp16 pairs, pair i holding
+ * its fragment elements 2i and 2i + 1 (k-step i / 2, half i % 2), exact. RAW
+ * leaves pair i as 1024 + f_i * code (f_i in raw_factor), which the keys over
+ * tokens correct after their MMAs, saving an instruction per pair. */
+
+/* 8 codes of a 32-code run: nibbles (i, i + 4) of x are pair i; f_i = 16^(i % 2). */
+template <bool RAW>
+__device__ __forceinline__ void unpack_4bit(uint32_t x, uint32_t h, uint32_t pr[4]) {
   const uint32_t y = x >> 8;
-  pr[0] = hsub2((x & 0x000F000Fu) | H1024, H1024);
-  pr[1] = hfma2((x & 0x00F000F0u) | H1024, H_16TH, H_NEG64); /* 1024 + 16c */
-  pr[2] = hsub2((y & 0x000F000Fu) | H1024, H1024);
-  pr[3] = hfma2((y & 0x00F000F0u) | H1024, H_16TH, H_NEG64);
+  pr[0] = under_1024<0x000F000Fu>(x, h);
+  pr[1] = under_1024<0x00F000F0u>(x, h); /* 1024 + 16c */
+  pr[2] = under_1024<0x000F000Fu>(y, h);
+  pr[3] = under_1024<0x00F000F0u>(y, h);
+  if constexpr (!RAW) {
+    pr[0] = hsub2(pr[0], h);
+    pr[1] = hfma2(pr[1], H_16TH, H_NEG64);
+    pr[2] = hsub2(pr[2], h);
+    pr[3] = hfma2(pr[3], H_16TH, H_NEG64);
+  }
 }
-__device__ __forceinline__ void unpack_8bit(uint32_t x0, uint32_t x1, uint32_t pr[4]) {
-  pr[0] = hsub2(__byte_perm(x0, H1024, 0x7270), H1024); /* bytes 0, 2 under 0x64 */
-  pr[1] = hsub2(__byte_perm(x0, H1024, 0x7371), H1024); /* bytes 1, 3 */
-  pr[2] = hsub2(__byte_perm(x1, H1024, 0x7270), H1024);
-  pr[3] = hsub2(__byte_perm(x1, H1024, 0x7371), H1024);
+/* Bytes (0, 2) and (1, 3) of x0, then of x1; f_i = 1. */
+template <bool RAW>
+__device__ __forceinline__ void unpack_8bit(uint32_t x0, uint32_t x1, uint32_t h, uint32_t pr[4]) {
+  pr[0] = __byte_perm(x0, h, 0x7270); /* bytes 0, 2 under 0x64 */
+  pr[1] = __byte_perm(x0, h, 0x7371); /* bytes 1, 3 */
+  pr[2] = __byte_perm(x1, h, 0x7270);
+  pr[3] = __byte_perm(x1, h, 0x7371);
+  if constexpr (!RAW)
+#pragma unroll
+    for (int i = 0; i < 4; i++) pr[i] = hsub2(pr[i], h);
 }
-/* y holds a 16-bit chunk's two bytes in its two halves: crumb i of each is pair i. */
-__device__ __forceinline__ void unpack_2bit(uint32_t y, uint32_t pr[4]) {
-  pr[0] = hsub2((y & 0x00030003u) | H1024, H1024);
-  pr[1] = hfma2((y & 0x000C000Cu) | H1024, H_4TH, H_NEG256); /* 1024 + 4c */
-  pr[2] = hfma2((y & 0x00300030u) | H1024, H_16TH, H_NEG64);
-  pr[3] = hfma2((y & 0x00C000C0u) | H1024, H_64TH, H_NEG16);
+/* y holds a 16-bit chunk's two bytes in its two halves: crumb i of each is
+ * pair i; f_i = 4^i. */
+template <bool RAW>
+__device__ __forceinline__ void unpack_2bit(uint32_t y, uint32_t h, uint32_t pr[4]) {
+  pr[0] = under_1024<0x00030003u>(y, h);
+  pr[1] = under_1024<0x000C000Cu>(y, h); /* 1024 + 4c */
+  pr[2] = under_1024<0x00300030u>(y, h);
+  pr[3] = under_1024<0x00C000C0u>(y, h);
+  if constexpr (!RAW) {
+    pr[0] = hsub2(pr[0], h);
+    pr[1] = hfma2(pr[1], H_4TH, H_NEG256);
+    pr[2] = hfma2(pr[2], H_16TH, H_NEG64);
+    pr[3] = hfma2(pr[3], H_64TH, H_NEG16);
+  }
+}
+/* 1 / f_i of a RAW unpacking of BITS-bit codes. */
+template <int BITS> __device__ __forceinline__ constexpr float raw_factor_inv(int i) {
+  return BITS == 2 ? 1.0f / (float)(1 << (2 * i)) : BITS == 4 && i % 2 ? 1.0f / 16.0f : 1.0f;
 }
 
 /* A quad's codes of a permuted row of R runs (kvq_slot_of): its chunks are
@@ -97,38 +134,38 @@ template <int BITS, int R> struct quad_share {
     }
   }
   /* Run r as 4 fp16 pairs. */
-  __device__ __forceinline__ void pairs(int r, uint32_t pr[4]) const {
+  __device__ __forceinline__ void pairs(int r, uint32_t h, uint32_t pr[4]) const {
     if constexpr (BITS == 4) {
-      unpack_4bit(w[r], pr);
+      unpack_4bit<false>(w[r], h, pr);
     } else if constexpr (BITS == 8) {
-      unpack_8bit(w[2 * r], w[2 * r + 1], pr);
+      unpack_8bit<false>(w[2 * r], w[2 * r + 1], h, pr);
     } else if constexpr (R * BITS / 4 == 0) {
-      unpack_2bit(__byte_perm(w[0], 0, half ? 0x4342 : 0x4140), pr);
+      unpack_2bit<false>(__byte_perm(w[0], 0, half ? 0x4342 : 0x4140), h, pr);
     } else {
-      unpack_2bit(__byte_perm(w[r / 2], 0, r % 2 ? 0x4342 : 0x4140), pr);
+      unpack_2bit<false>(__byte_perm(w[r / 2], 0, r % 2 ? 0x4342 : 0x4140), h, pr);
     }
   }
 };
 
 /* The two units of k-step ks that lane holds in a block of keys in tile order
- * (kvq_key_tile_slot), as fp16 pairs: x0 for channels 2 tig, + 1, x1 for + 8,
- * + 9; pair j at token gid + 8 j. */
+ * (kvq_key_tile_slot), as RAW fp16 pairs: x0 for channels 2 tig, + 1, x1 for
+ * + 8, + 9; pair j at token gid + 8 j. */
 template <int BITS>
-__device__ __forceinline__ void key_tile_pairs(const uint32_t *codes, int ks, int lane,
+__device__ __forceinline__ void key_tile_pairs(const uint32_t *codes, int ks, int lane, uint32_t h,
                                                uint32_t x0[4], uint32_t x1[4]) {
   const int unit = (ks * 32 + lane) * 2; /* of 8 codes */
   if constexpr (BITS == 4) {
     const uint2 w = *reinterpret_cast<const uint2 *>(codes + unit);
-    unpack_4bit(w.x, x0);
-    unpack_4bit(w.y, x1);
+    unpack_4bit<true>(w.x, h, x0);
+    unpack_4bit<true>(w.y, h, x1);
   } else if constexpr (BITS == 8) {
     const uint4 w = *reinterpret_cast<const uint4 *>(codes + 2 * unit);
-    unpack_8bit(w.x, w.y, x0);
-    unpack_8bit(w.z, w.w, x1);
+    unpack_8bit<true>(w.x, w.y, h, x0);
+    unpack_8bit<true>(w.z, w.w, h, x1);
   } else {
     const uint32_t w = codes[unit / 2];
-    unpack_2bit(__byte_perm(w, 0, 0x4140), x0);
-    unpack_2bit(__byte_perm(w, 0, 0x4342), x1);
+    unpack_2bit<true>(__byte_perm(w, 0, 0x4140), h, x0);
+    unpack_2bit<true>(__byte_perm(w, 0, 0x4342), h, x1);
   }
 }
 
@@ -144,12 +181,12 @@ template <int D, int KB, int VB, int KG> struct km_stage {
   static constexpr int WARP_WORDS = 2 * WORDS > TILE ? 2 * WORDS : TILE;
 };
 
-/* The regions of a KV head's quantized chunk 0. */
+/* A lane's first words (lane * 4 on) of its KV head's quantized chunk 0 in each region. */
 struct km_source {
   const uint32_t *kc, *km, *vc, *vm;
 };
 
-/* Issues the copies of quantized chunk `chunk` into dst. */
+/* Issues the copies of quantized chunk `chunk` into the stage dst. */
 template <int D, int KB, int VB, int KG>
 __device__ __forceinline__ void stage_chunk(const km_source &src, uint32_t *dst, int chunk,
                                             int lane) {
@@ -158,11 +195,12 @@ __device__ __forceinline__ void stage_chunk(const km_source &src, uint32_t *dst,
                              src.vc + chunk * st::VC_WORDS, src.vm + chunk * st::VM_WORDS};
   constexpr int at[4] = {st::KC, st::KM, st::VC, st::VM};
   constexpr int words[4] = {st::KC_WORDS, st::KM_WORDS, st::VC_WORDS, st::VM_WORDS};
+  uint32_t *to = dst + lane * 4;
 #pragma unroll
   for (int i = 0; i < 4; i++)
 #pragma unroll
     for (int e = 0; e < words[i]; e += 128)
-      if (e + lane * 4 < words[i]) cp_async16(dst + at[i] + e + lane * 4, from[i] + e + lane * 4);
+      if (words[i] % 128 == 0 || e + lane * 4 < words[i]) cp_async16(to + at[i] + e, from[i] + e);
   asm volatile("cp.async.commit_group;\n" ::);
 }
 
@@ -186,7 +224,7 @@ __device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], o));
     const float m = fmaxf(st.m[j], mx[j]);
-    corr[j] = m == -INFINITY ? 1.0f : exp2f(st.m[j] - m);
+    corr[j] = m == -INFINITY ? 1.0f : fast_exp2(st.m[j] - m);
     st.m[j] = m;
     psum[j] = 0.0f;
   }
@@ -198,8 +236,8 @@ __device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][
       float p[2];
 #pragma unroll
       for (int j = 0; j < 2; j++) {
-        const float x = s[mt][2 * r + j];
-        p[j] = x == -INFINITY ? 0.0f : exp2f(x - st.m[j]);
+        /* m is finite: every chunk and fp16 piece has a position, -inf scores give 0 */
+        p[j] = fast_exp2(s[mt][2 * r + j] - st.m[j]);
       }
       row[r] = pack_half2(p[0], p[1]);
       const float2 ph = pair_f2(row[r]);
@@ -232,6 +270,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   extern __shared__ __align__(16) uint32_t km_smem[];
   __shared__ float q_s[KM_HEADS][D];
   const iq_kvq_params &p = a.p;
+  const uint32_t h = a.h1024;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const int kvh = blockIdx.x, h0 = kvh * a.group, nh = min(a.group, KM_HEADS), t = blockIdx.z;
   const int64_t len = (int64_t)a.pos0 + t + 1, nq = kvq_quantized(&p, len);
@@ -241,10 +280,10 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   /* a quantized split's warps start copying their first chunk before anything else */
   uint32_t *stage = km_smem + warp * st::WARP_WORDS;
   const int64_t head = (int64_t)kvh * kvq_quant_cap(&p) / KM_CHUNK; /* the head's chunk 0 */
-  const km_source src = {a.r.codes_k + head * st::KC_WORDS,
-                         reinterpret_cast<const uint32_t *>(a.r.meta_k) + head * st::KM_WORDS,
-                         a.r.codes_v + head * st::VC_WORDS,
-                         reinterpret_cast<const uint32_t *>(a.r.meta_v) + head * st::VM_WORDS};
+  const km_source src = {a.r.codes_k + head * st::KC_WORDS + lane * 4,
+                         reinterpret_cast<const uint32_t *>(a.r.meta_k) + head * st::KM_WORDS + lane * 4,
+                         a.r.codes_v + head * st::VC_WORDS + lane * 4,
+                         reinterpret_cast<const uint32_t *>(a.r.meta_v) + head * st::VM_WORDS + lane * 4};
   const int chunks = (int)(nq / KM_CHUNK);
   const int first = blockIdx.y ? (blockIdx.y - 1) * a.chunks_per_split + warp : 0;
   const int last = blockIdx.y ? min(chunks, (int)blockIdx.y * a.chunks_per_split) : 0;
@@ -385,8 +424,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
 #pragma unroll
         for (int r = 0; r < R; r++) {
           uint32_t x0[4], x1[4];
-          w0.pairs(r, x0);
-          w1.pairs(r, x1);
+          w0.pairs(r, h, x0);
+          w1.pairs(r, h, x1);
 #pragma unroll
           for (int kk = 0; kk < 2; kk++) {
             const int ks = 2 * r + kk;
@@ -406,10 +445,13 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
       }
       } else {
         /* keys grouped over tokens (the block): the scales fold into q (B = q * scale per
-         * channel, rounded to fp16) and the offsets into one more MMA per k-step whose A rows
-         * all hold them (every token gets the same sum of q * offset); A per k-step = the lane's
-         * two units, channels 2 tig, + 1 and + 8, + 9 at tokens gid + 8 j (kvq_key_tile_slot) */
-        float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+         * channel, rounded to fp16); the offsets into one more MMA per k-step (the rows gid of
+         * its A hold them: every token gets the same sum of q * offset; rows gid + 8 unused);
+         * the codes enter RAW (1024 + f code), so a third MMA sums 1024 * q * scale to take
+         * off, and 1 / f applies per row of the score fragment after. A per k-step = the
+         * lane's two units, channels 2 tig, + 1 and + 8, + 9 at tokens gid + 8 j
+         * (kvq_key_tile_slot). */
+        float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f}, raw[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
 #pragma unroll
@@ -418,13 +460,14 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
         for (int ks = 0; ks < D / 16; ks++) {
           const uint2 m0 = *reinterpret_cast<const uint2 *>(cur + st::KM + 16 * ks + 2 * tig);
           const uint2 m1 = *reinterpret_cast<const uint2 *>(cur + st::KM + 16 * ks + 8 + 2 * tig);
-          const uint32_t qs0 = hmul2(qb[ks][0], __byte_perm(m0.x, m0.y, 0x5410));
-          const uint32_t qs1 = hmul2(qb[ks][1], __byte_perm(m1.x, m1.y, 0x5410));
+          const uint32_t sc0 = __byte_perm(m0.x, m0.y, 0x5410), sc1 = __byte_perm(m1.x, m1.y, 0x5410);
           const uint32_t o0 = __byte_perm(m0.x, m0.y, 0x7632), o1 = __byte_perm(m1.x, m1.y, 0x7632);
-          const uint32_t fo[4] = {o0, o0, o1, o1};
+          const uint32_t qs0 = hmul2(qb[ks][0], sc0), qs1 = hmul2(qb[ks][1], sc1);
+          const uint32_t fo[4] = {o0, sc0, o1, sc1}, fh[4] = {h, h, h, h};
           mma_16816(bias, fo, qb[ks][0], qb[ks][1]);
+          mma_16816(raw, fh, qs0, qs1);
           uint32_t x0[4], x1[4]; /* pairs j = 0..3 of the two units (channel halves) */
-          key_tile_pairs<KB>(cur + st::KC, ks, lane, x0, x1);
+          key_tile_pairs<KB>(cur + st::KC, ks, lane, h, x0, x1);
 #pragma unroll
           for (int mt = 0; mt < 2; mt++) {
             const uint32_t fr[4] = {x0[2 * mt], x0[2 * mt + 1], x1[2 * mt], x1[2 * mt + 1]};
@@ -432,9 +475,10 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
           }
         }
 #pragma unroll
-        for (int mt = 0; mt < 2; mt++)
+        for (int mt = 0; mt < 2; mt++) /* row gid of tile mt is pair j = 2 mt, row gid + 8 2 mt + 1 */
 #pragma unroll
-          for (int i = 0; i < 4; i++) s[mt][i] += bias[i];
+          for (int i = 0; i < 4; i++)
+            s[mt][i] = (s[mt][i] - raw[i % 2]) * raw_factor_inv<KB>(2 * mt + i / 2) + bias[i % 2];
       }
       uint32_t pb[2][2];
       float psum[2];
@@ -449,8 +493,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
         w0.load(r0, tig);
         w1.load(r1, tig);
         uint32_t x0[4], x1[4];
-        w0.pairs(0, x0);
-        w1.pairs(0, x1);
+        w0.pairs(0, h, x0);
+        w1.pairs(0, h, x1);
         float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         const uint32_t f0[4] = {x0[0], x1[0], x0[1], x1[1]}, f1[4] = {x0[2], x1[2], x0[3], x1[3]};
         mma_16816(tmp, f0, pb[0][0], pb[0][1]);
@@ -593,6 +637,7 @@ int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   a.pos0 = pos0;
   a.chunks_per_split = (int)per;
   a.scale = scale;
+  a.h1024 = 0x64006400u;
   dim3 grid((unsigned)p->kv_heads, (unsigned)splits, (unsigned)n);
   k.fn<<<grid, KM_WARPS * 32, k.smem, ctx->stream>>>(a);
   IQ_LAUNCHED(ctx);

@@ -1,6 +1,6 @@
 /* mma.cuh: small device helpers of the tensor-core kernels (prefill_mma.cuh,
  * kvq_mma.cu, decode_mma.cu): the m16n8k16 MMA, fp16x2 arithmetic on raw
- * registers, the 8x8 transpose, 16-byte cp.async. */
+ * registers, the 8x8 transpose, ldmatrix, 16-byte cp.async. */
 #pragma once
 #include "cuda.cuh"
 
@@ -40,6 +40,22 @@ __device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
   return y;
 }
 
+/* ldmatrix: four 8x8 fp16 matrices from shared memory, lanes 8i .. 8i + 7 giving the addresses
+ * of matrix i's 8 rows (16 bytes each); r[i] is the lane's share of matrix i, as an MMA fragment
+ * takes it (row lane / 4, columns 2 (lane % 4), + 1), or of its transpose with .trans. */
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void *p) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 __device__ __forceinline__ float2 pair_f2(uint32_t u) {
   return __half22float2(*reinterpret_cast<const __half2 *>(&u));
 }
@@ -47,4 +63,12 @@ __device__ __forceinline__ float2 pair_f2(uint32_t u) {
 __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+
+/* 2^x for x <= 0 or -inf (-> 0): MUFU.EX2 alone; exp2f adds a fix-up for
+ * subnormal results that fp16 probabilities cannot hold anyway. */
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }

@@ -36,7 +36,8 @@ Usage: innerq bench [options]
       --device D        auto (default), cuda or cpu
   -t, --threads N       CPU threads
       --kernels         time the decode attention (32 heads, 8 KV heads, head_dim 128, fp16
-                        cache, 4k to 1M tokens) and GEMV kernels instead of a model
+                        cache, 1k to 1M tokens, or the --depth list) and GEMV kernels
+                        instead of a model
       --json            one JSON object per row instead of the table
   -h, --help            this help
 
@@ -206,7 +207,12 @@ function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => v
     v.json ?? false,
   );
   const iterations = backend.kind === "cuda" ? 200 : 3;
-  const lengths = backend.kind === "cuda" ? [1024, 4096, 32768, 131072, 1048576] : [4096, 32768];
+  const lengths = listFlag(
+    "depth",
+    v.depth,
+    backend.kind === "cuda" ? [1024, 4096, 32768, 131072, 1048576] : [4096, 32768],
+    1,
+  );
   for (const tokens of lengths) {
     for (const spec of specs) {
       using attention = new AttentionCase(backend, spec, tokens);
