@@ -589,6 +589,22 @@ export class Backend {
     this.#check(s, "sample");
   }
 
+  /** A token id read back from sample's outToken, checked: a negative one is innerq.h's
+   * -(4 * id + reason) for logits it could not sample (the CUDA backend's only report of them),
+   * thrown as the NativeError the CPU backend's sample throws for the same logits. */
+  sampledToken(token: number): number {
+    if (token >= 0) return token;
+    const id = Math.floor(-token / 4), reason = -token % 4;
+    const why = reason === 1
+      ? `logit ${id} is NaN`
+      : reason === 2
+      ? `the largest logit (id ${id}) is +inf`
+      : reason === 3
+      ? "every logit is -inf"
+      : `token ${token} is not a failure innerq.h defines`;
+    throw new NativeError(`${this.kind} sample: iq_sample: ${why}`);
+  }
+
   /** Frees every live buffer, the context, then the library (the handle outlives every symbol). */
   close(): void {
     if (this.#closed) return;

@@ -9,6 +9,8 @@
 #include "innerq.h"
 
 #define IQ_MAX_HEAD_DIM 256
+/* iq_sample's failure token -(4 * id + reason) must fit an int32 */
+#define IQ_SAMPLE_MAX_VOCAB (1 << 29)
 
 static inline int iq_check_attention(iq_ctx *ctx, const char *op, const void *out, const void *q,
                                      const void *k, const void *v, int dtype, int n, int pos0,
@@ -48,11 +50,11 @@ static inline int iq_check_sample(iq_ctx *ctx, const int32_t *out_token, const f
                                   float min_p, float uniform) {
   if (!ctx || !out_token || !logits || (n_history > 0 && !history))
     return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: NULL argument");
-  if (vocab <= 0 || n_history < 0)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: vocab %d must be positive, n_history %d >= 0",
+  if (vocab <= 0 || vocab > IQ_SAMPLE_MAX_VOCAB || n_history < 0)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: vocab %d must be in 1..2^29, n_history %d >= 0",
                    vocab, n_history);
-  if (!(repeat_penalty > 0.0f && isfinite(repeat_penalty)) || isnan(temperature) || top_k < 0 ||
-      !(top_p > 0.0f && top_p <= 1.0f) || !(min_p >= 0.0f && min_p <= 1.0f) ||
+  if (!(repeat_penalty > 0.0f && isfinite(repeat_penalty)) || !(temperature < INFINITY) ||
+      top_k < 0 || !(top_p > 0.0f && top_p <= 1.0f) || !(min_p >= 0.0f && min_p <= 1.0f) ||
       !(uniform >= 0.0f && uniform < 1.0f))
     return iq_fail(ctx, IQ_ERR_ARG,
                    "iq_sample: repeat_penalty %g, temperature %g, top_k %d, top_p %g, min_p %g or "

@@ -225,15 +225,28 @@ int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer,
  *    [0, vocab) are ignored) has its logit l set to l / penalty if l > 0,
  *    else l * penalty; penalty 1 is off.
  * 2. temperature <= 0: the arg max (lowest id on ties); done.
- * 3. l /= temperature; candidates ordered by l descending, lower id first
- *    on ties.
+ * 3. l /= temperature (NaN and +inf temperatures are out of range);
+ *    candidates ordered by l descending, lower id first on ties.
  * 4. top_k > 0: keep the first top_k candidates.
  * 5. p = softmax over the kept candidates.
  * 6. min_p > 0: keep candidates with p >= min_p * p_max.
  * 7. top_p < 1: keep the shortest prefix whose p sums to >= top_p.
  * 8. the token is the first kept candidate whose running sum of p exceeds
  *    uniform * (sum of kept p); uniform in [0, 1) comes from the caller's
- *    seeded generator, so equal seeds give equal tokens. */
+ *    seeded generator, so equal seeds give equal tokens.
+ * Logits that cannot be sampled, in every mode: a NaN logit, or a largest
+ * value m (of step 1's logits when greedy, of step 3's otherwise) that is
+ * +inf or -inf. For them *out_token is negative, -(4 * id + reason):
+ *   reason 1: logit id is NaN (the lowest such id);
+ *   reason 2: m is +inf, at id (the lowest such id);
+ *   reason 3: m is -inf, every value is (id 0).
+ * The CUDA backend finds this on the device and returns IQ_OK, so the caller
+ * must check the token it reads back; the CPU backend also returns
+ * IQ_ERR_ARG, its message the text the caller derives from the token:
+ *   "iq_sample: logit <id> is NaN",
+ *   "iq_sample: the largest logit (id <id>) is +inf",
+ *   "iq_sample: every logit is -inf".
+ * vocab is at most 2^29, so every id fits the code. */
 int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
               const int32_t *history, int n_history, float repeat_penalty,
               float temperature, int top_k, float top_p, float min_p,

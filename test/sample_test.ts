@@ -1,10 +1,11 @@
 // iq_sample of the CPU backend beyond test/ops_test.ts: the full-vocabulary radix sort and the
 // top_k heap against the reference's full sort on ties (-0 and +0 among them), -inf logits, the
-// softmax frequencies at temperature 1 over 2000 evenly spaced uniforms, and the inputs that have
-// no softmax (NaN temperature, +inf logits, all -inf) failing in C with a message.
+// softmax frequencies at temperature 1 over 2000 evenly spaced uniforms, and the logits it cannot
+// sample (a NaN, a +inf largest, all -inf) failing in C with the message TypeScript derives from
+// the token left behind (innerq.h), in every mode.
 import { deepStrictEqual as assertEquals, ok as assert, throws as assertThrows } from "node:assert";
 import { Backend, NativeError } from "../ffi/backend.ts";
-import { Rng } from "../src/engine/sampler.ts";
+import { GREEDY, Rng, Sampler } from "../src/engine/sampler.ts";
 import { randomFloats, randomInts } from "./random.ts";
 import * as ref from "./reference.ts";
 
@@ -78,26 +79,109 @@ Deno.test("sample at temperature 1 without filters: frequencies within 0.01 of t
   });
 });
 
-Deno.test("sample: +inf wins greedy; no softmax (NaN temperature, +inf, all -inf) is a NativeError", () => {
-  const native = (pattern: RegExp) => (e: Error) =>
-    e instanceof NativeError && pattern.test(e.message);
-  const withInf = Float32Array.from([0, Infinity, 1, Infinity]);
-  assertEquals(sample(withInf, { ...OFF, temperature: 0, uniform: 0.5 }), 1);
-  assertThrows(
-    () => sample(withInf, { ...OFF, uniform: 0.5 }),
-    native(/largest scaled logit \(id 1\) is inf/),
-  );
-  assertThrows(
-    () => sample(new Float32Array(4).fill(-Infinity), { ...OFF, uniform: 0.5 }),
-    native(/largest scaled logit \(id 0\) is -inf/),
-  );
-  assertThrows(
-    () => sample(Float32Array.from([0, 1, 2]), { ...OFF, temperature: NaN, uniform: 0.5 }),
-    native(/temperature nan/),
-  );
-  assertThrows(
-    () => sample(Float32Array.from([0, 1, 2, NaN]), { ...OFF, uniform: 0.5 }),
-    native(/logit 3 is NaN/),
-  );
+/** One iq_sample call that must fail: its NativeError's message and the token it left. */
+function failure(logits: Float32Array, s: ref.SampleSettings): { message: string; token: number } {
+  const l = cpu.alloc(logits.byteLength), out = cpu.alloc(4);
+  const history = cpu.alloc(Math.max(4, s.history.length * 4));
+  try {
+    cpu.upload(l, logits);
+    cpu.upload(out, Int32Array.of(12345));
+    cpu.upload(history, Int32Array.from(s.history));
+    const args = { ...s, outToken: out, logits: l, vocab: logits.length, history };
+    let message = "";
+    assertThrows(() => cpu.sample({ ...args, nHistory: s.history.length }), (e: Error) => {
+      message = e.message;
+      return e instanceof NativeError;
+    });
+    const token = new Int32Array(1);
+    cpu.download(out, token);
+    return { message, token: token[0] };
+  } finally {
+    [l, out, history].forEach((b) => b.close());
+  }
+}
+
+/** Logits iq_sample cannot sample (innerq.h), what it says of them and the token it leaves. */
+const UNSAMPLEABLE = [
+  {
+    what: "NaNs (a negative one first)",
+    // 0xffc00000 and 0x7fc00000: NaNs of both signs, which a sort may put at either end
+    logits: new Float32Array(
+      Uint32Array.of(0, 0x3f800000, 0xffc00000, 0x7fc00000, 0x7f800000).buffer,
+    ),
+    message: "iq_sample: logit 2 is NaN",
+    token: -(4 * 2 + 1),
+  },
+  {
+    what: "two +inf",
+    logits: Float32Array.from([0, Infinity, 1, Infinity, -Infinity]),
+    message: "iq_sample: the largest logit (id 1) is +inf",
+    token: -(4 * 1 + 2),
+  },
+  {
+    what: "every logit -inf",
+    logits: new Float32Array(5).fill(-Infinity),
+    message: "iq_sample: every logit is -inf",
+    token: -3,
+  },
+];
+
+/** Greedy with and without the penalty, the full sort, the top_k heap, the penalty and a sort. */
+const UNSAMPLEABLE_SETTINGS = [
+  { ...OFF, temperature: 0 },
+  { ...OFF, temperature: 0, history: [2, 3], repeatPenalty: 1.5 },
+  OFF,
+  { ...OFF, temperature: 0.5, topK: 2, topP: 0.9, minP: 0.1 },
+  { ...OFF, history: [1, 2, 3], repeatPenalty: 1.3 },
+].map((s) => ({ ...s, uniform: 0.5 }));
+
+Deno.test("sample: NaN, a +inf largest or every logit -inf fail in C with the token they leave", () => {
+  for (const c of UNSAMPLEABLE) {
+    for (const s of UNSAMPLEABLE_SETTINGS) {
+      const at = `${c.what} ${JSON.stringify(s)}`;
+      const got = failure(c.logits, s);
+      assertEquals(got, { message: `cpu sample: ${c.message}`, token: c.token }, at);
+      // the text TypeScript derives from the token (all the CUDA backend reports) is C's message
+      assertThrows(
+        () => cpu.sampledToken(got.token),
+        (e: Error) => e instanceof NativeError && e.message === got.message,
+        at,
+      );
+    }
+  }
+  // finite logits over a tiny temperature: the scaled values overflow to +inf
+  assertEquals(failure(Float32Array.from([1, 2, -1]), { ...OFF, temperature: 1e-40, uniform: 0 }), {
+    message: "cpu sample: iq_sample: the largest logit (id 0) is +inf",
+    token: -2,
+  });
+});
+
+Deno.test("Sampler.sample throws the failure; sampledToken passes ids through", () => {
+  const logits = cpu.alloc(12);
+  try {
+    cpu.upload(logits, Float32Array.from([0, NaN, 1]));
+    for (const params of [GREEDY, { ...GREEDY, temperature: 1, seed: 5 }]) {
+      using sampler = new Sampler(cpu, params, 3);
+      assertThrows(
+        () => sampler.sample(logits),
+        (e: Error) =>
+          e instanceof NativeError && e.message === "cpu sample: iq_sample: logit 1 is NaN",
+      );
+    }
+  } finally {
+    logits.close();
+  }
+  assertEquals([0, 7, 2 ** 31 - 1].map((t) => cpu.sampledToken(t)), [0, 7, 2 ** 31 - 1]);
+  assertThrows(() => cpu.sampledToken(-4), /cpu sample: iq_sample: token -4 is not a failure/);
+});
+
+Deno.test("sample: NaN or +inf temperature and a uniform of 1 are out of range", () => {
+  for (const temperature of [NaN, Infinity]) {
+    assertThrows(
+      () => sample(Float32Array.from([0, 1, 2]), { ...OFF, temperature, uniform: 0.5 }),
+      (e: Error) =>
+        e instanceof NativeError && /temperature (nan|inf), .*out of range/.test(e.message),
+    );
+  }
   assertThrows(() => sample(Float32Array.from([0, 1]), { ...OFF, uniform: 1 }), RangeError);
 });

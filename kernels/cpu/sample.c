@@ -80,6 +80,24 @@ static void sort_all(candidate *cand, candidate *tmp, int vocab) {
   if (src != cand) memcpy(cand, src, (size_t)vocab * sizeof *cand);
 }
 
+/* Logits iq_sample cannot sample (innerq.h): writes the token -(4 * id + reason)
+ * the CUDA twin writes and fails with the message the caller derives from it. */
+enum { NAN_LOGIT = 1, POS_INF_MAX = 2, NEG_INF_MAX = 3 };
+static int unsampleable(iq_ctx *ctx, int32_t *out_token, int reason, int32_t id) {
+  *out_token = -(4 * id + reason);
+  if (reason == NAN_LOGIT) return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: logit %d is NaN", id);
+  if (reason == POS_INF_MAX)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: the largest logit (id %d) is +inf", id);
+  return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: every logit is -inf");
+}
+
+/* m, the largest value, at id: fails unless it is finite (-inf only when every value is). */
+static int check_largest(iq_ctx *ctx, int32_t *out_token, float m, int32_t id) {
+  if (isfinite(m)) return IQ_OK;
+  return m > 0.0f ? unsampleable(ctx, out_token, POS_INF_MAX, id)
+                  : unsampleable(ctx, out_token, NEG_INF_MAX, 0);
+}
+
 int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
               const int32_t *history, int n_history, float repeat_penalty, float temperature,
               int top_k, float top_p, float min_p, float uniform) {
@@ -97,7 +115,7 @@ int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
 
   /* 1. the repetition penalty, on a copy, each distinct id once */
   for (int i = 0; i < vocab; i++) {
-    if (isnan(logits[i])) return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: logit %d is NaN", i);
+    if (isnan(logits[i])) return unsampleable(ctx, out_token, NAN_LOGIT, i);
     cand[i] = (candidate){logits[i], i};
   }
   if (repeat_penalty != 1.0f && n_history > 0) {
@@ -115,6 +133,8 @@ int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
     int best = 0;
     for (int i = 1; i < vocab; i++)
       if (cand[i].value > cand[best].value) best = i;
+    s = check_largest(ctx, out_token, cand[best].value, best);
+    if (s != IQ_OK) return s;
     *out_token = best;
     return IQ_OK;
   }
@@ -125,9 +145,8 @@ int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, int vocab,
   else sort_all(cand, tmp, vocab);
   /* 5. softmax over the candidates; it needs a finite largest value (all
    * -inf, an +inf logit or overflow by a tiny temperature have none) */
-  if (!isfinite(cand[0].value))
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_sample: the largest scaled logit (id %d) is %g",
-                   cand[0].id, cand[0].value);
+  s = check_largest(ctx, out_token, cand[0].value, cand[0].id);
+  if (s != IQ_OK) return s;
   float sum = 0.0f;
   for (int i = 0; i < count; i++) sum += p[i] = expf(cand[i].value - cand[0].value);
   for (int i = 0; i < count; i++) p[i] /= sum;

@@ -9,13 +9,25 @@
  * 4. one block: exps in parallel, then one thread runs the CPU's sequential
  *    sums (softmax, top_p, pick) over the kept prefix, in the CPU's order.
  *    With top_k 0 that walk covers the whole vocabulary: about a millisecond
- *    at 128k, the price of summing in the CPU's order. */
+ *    at 128k, the price of summing in the CPU's order.
+ * Logits it cannot sample (a NaN, a largest value of +inf or -inf) are found
+ * in the arg max's reduction or at the head of the sort, and written as the
+ * negative token of innerq.h for the caller, who reads the token anyway. */
 #include <cub/device/device_radix_sort.cuh>
 
 #include "cuda.cuh"
 #include "checks.h"
 
 constexpr int SAMPLE_THREADS = 1024;
+
+/* The token for a largest value m at id, the lowest such id (for a NaN m, the
+ * lowest NaN id): id when m is finite, else innerq.h's -(4 * id + reason). */
+static __device__ int32_t checked_token(float m, int32_t id) {
+  if (isfinite(m)) return id;
+  if (isnan(m)) return -(4 * id + 1); /* logit id is NaN */
+  if (m > 0.0f) return -(4 * id + 2); /* +inf, at id */
+  return -3;                          /* every value is -inf */
+}
 
 __global__ void copy_kernel(float *work, const float *logits, int vocab) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < vocab; i += gridDim.x * blockDim.x)
@@ -36,18 +48,21 @@ __global__ void penalty_kernel(float *work, const int32_t *history, int n_histor
   }
 }
 
-/* Arg max, lowest id on ties (a NaN never wins). One block. */
+/* Arg max, lowest id on ties, and the lowest NaN id beside it (a NaN never
+ * wins the arg max). One block. */
 __global__ void argmax_kernel(int32_t *out_token, const float *work, int vocab) {
   __shared__ float best_v[SAMPLE_THREADS];
-  __shared__ int best_i[SAMPLE_THREADS];
+  __shared__ int best_i[SAMPLE_THREADS], nan_i[SAMPLE_THREADS];
   float bv = -INFINITY;
-  int bi = vocab; /* none yet */
+  int bi = vocab, ni = vocab; /* none yet */
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
     const float v = work[i];
     if (v > bv || (v == bv && bi == vocab)) bv = v, bi = i;
+    if (isnan(v) && ni == vocab) ni = i;
   }
   best_v[threadIdx.x] = bv;
   best_i[threadIdx.x] = bi;
+  nan_i[threadIdx.x] = ni;
   for (int half = blockDim.x / 2; half > 0; half /= 2) {
     __syncthreads();
     if (threadIdx.x < half) {
@@ -55,15 +70,22 @@ __global__ void argmax_kernel(int32_t *out_token, const float *work, int vocab) 
       const int i = best_i[threadIdx.x + half];
       if (v > best_v[threadIdx.x] || (v == best_v[threadIdx.x] && i < best_i[threadIdx.x]))
         best_v[threadIdx.x] = v, best_i[threadIdx.x] = i;
+      nan_i[threadIdx.x] = min(nan_i[threadIdx.x], nan_i[threadIdx.x + half]);
     }
   }
-  if (threadIdx.x == 0) *out_token = best_i[0] < vocab ? best_i[0] : 0;
+  /* best_i[0] == vocab only if every logit is NaN */
+  if (threadIdx.x == 0)
+    *out_token = nan_i[0] < vocab ? checked_token(NAN, nan_i[0])
+                                  : checked_token(best_v[0], best_i[0]);
 }
 
+/* A NaN becomes the positive NaN, whose key the descending sort puts before
+ * +inf: the lowest NaN id then heads the candidates. */
 __global__ void temperature_kernel(float *keys, int32_t *ids, const float *work, int vocab,
                                    float temperature) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < vocab; i += gridDim.x * blockDim.x) {
-    keys[i] = work[i] / temperature;
+    const float l = work[i];
+    keys[i] = isnan(l) ? __int_as_float(0x7fffffff) : l / temperature;
     ids[i] = i;
   }
 }
@@ -97,6 +119,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
   __shared__ float sum;
   __shared__ int kept;
   const float max = keys[0];
+  if (!isfinite(max)) { /* a NaN, +inf or every value -inf: no softmax */
+    if (threadIdx.x == 0) *out_token = checked_token(max, ids[0]);
+    return; /* the whole block: max is the same for every thread */
+  }
   for (int i = threadIdx.x; i < count; i += blockDim.x) p[i] = expf(keys[i] - max);
   float s = 0.0f; /* thread 0's */
   serial_walk(p, count, [&](int, float v) { return s += v, false; });

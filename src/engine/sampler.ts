@@ -86,7 +86,9 @@ export class Sampler {
     this.backend.upload(this.#history, this.#historyHost);
   }
 
-  /** Picks the next token from logits (vocab floats on the device) into `token`, returns its id. */
+  /** Picks the next token from logits (vocab floats on the device) into `token`, returns its id.
+   * Logits with a NaN or no finite largest value throw a NativeError saying which, on either
+   * backend (CUDA reports them only in the id, which is read back here anyway). */
   sample(logits: Slice): number {
     const p = this.params;
     this.backend.sample({
@@ -103,7 +105,7 @@ export class Sampler {
       uniform: this.#rng.next(),
     });
     this.backend.download(this.token, this.#tokenHost);
-    return this.#tokenHost[0];
+    return this.backend.sampledToken(this.#tokenHost[0]);
   }
 
   close(): void {
