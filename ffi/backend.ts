@@ -113,6 +113,7 @@ const KVQ_FIELDS = [
 export const KvqAxis = { CHANNELS: 0, TOKENS: 1 } as const;
 export const KvqMode = { ASYM: 0, SYM: 1, HYBRID: 2 } as const;
 export const KvqNorm = { OFF: 0, MAX: 1, RMS: 2 } as const;
+export const KvqMeta = { F16: 0, E4M3: 1, E5M2: 2 } as const;
 /** The regions of a quantized layer buffer (IQ_KVQ_* in kernels/innerq.h), in order. */
 export const KVQ_REGIONS = [
   "keyScale",

@@ -129,7 +129,7 @@ int iq_attention_decode(iq_ctx *ctx, float *out, const float *q,
  * per KV head:
  *   sink:  the first `sink` positions, fp16, for the whole run;
  *   quant: positions sink .. sink + nq - 1, b-bit codes with one (scale,
- *          offset) fp16 pair per group: value = scale * code + offset;
+ *          offset) pair per group: value = scale * code + offset;
  *   ring:  fp16 rows of the latest positions (`ring` rows, a ring buffer).
  * Position x >= sink is stream token u = x - sink, in ring slot u % ring.
  * A query at position p (L = p + 1 tokens) sees the quantized copy of stream
@@ -152,8 +152,19 @@ int iq_attention_decode(iq_ctx *ctx, float *out, const float *q,
  * codes (a token's channels when grouped over channels, a block's tokens of
  * one channel when grouped over tokens) whose length is a multiple of 32 hold
  * their 2-, 4- and 8-bit codes in the tensor cores' fragment order
- * (kvq_slot_of in kernels/kvq.h); other rows and 3-bit codes in natural
- * order, element i in slot i.
+ * (kvq_slot_of in kernels/kvq.h), except that blocks of 32 keys over tokens
+ * beside values over tokens, and blocks of 32 values over tokens (head_dim *
+ * bits a multiple of 128), take a tile order of the whole block
+ * (kvq_key_tile_slot, kvq_value_tile_slot); other rows and 3-bit codes are in
+ * natural order, element i in slot i.
+ * Pairs (`meta`): IQ_META_F16, two fp16 (4 bytes: scale, then offset), each
+ * rounded to nearest; IQ_META_E4M3 or IQ_META_E5M2, two fp8 bytes in one
+ * little-endian uint16 (2 bytes: the scale in the low byte, the offset in the
+ * high), rounded so the stored pair covers the group's [min, max]: the offset
+ * down, then the least scale that reaches max. e4m3 is OCP's "fn" (bias 7,
+ * largest 448), e5m2 has bias 15 (largest 57344), both with subnormals; past
+ * the largest value an offset or scale saturates and values outside clip
+ * (kvq_round_pair in kernels/kvq.h).
  * Hybrid mode quantizes each group symmetrically (offset = -2^(bits-1) *
  * scale, so zero is exact) and asymmetrically (min/max) and keeps the pair
  * with the lower squared error; both modes share the (scale, offset) form, so
@@ -167,7 +178,7 @@ int iq_attention_decode(iq_ctx *ctx, float *out, const float *q,
 enum { IQ_AXIS_CHANNELS = 0, IQ_AXIS_TOKENS = 1 };
 enum { IQ_QMODE_ASYM = 0, IQ_QMODE_SYM = 1, IQ_QMODE_HYBRID = 2 };
 enum { IQ_NORM_OFF = 0, IQ_NORM_MAX = 1, IQ_NORM_RMS = 2 };
-enum { IQ_META_F16 = 0 };
+enum { IQ_META_F16 = 0, IQ_META_E4M3 = 1, IQ_META_E5M2 = 2 };
 
 typedef struct {
   int32_t kv_heads, head_dim, cap; /* cap: positions the cache holds */
@@ -186,7 +197,7 @@ enum {
   IQ_KVQ_RING_V,
   IQ_KVQ_CODES_K, /* u32 per KV head: quant_cap tokens of head_dim codes */
   IQ_KVQ_CODES_V,
-  IQ_KVQ_META_K, /* f16 (scale, offset) pairs per KV head */
+  IQ_KVQ_META_K, /* (scale, offset) pairs per KV head: 4 bytes (f16) or 2 (fp8) */
   IQ_KVQ_META_V,
   IQ_KVQ_REGIONS
 };

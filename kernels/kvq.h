@@ -8,6 +8,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "innerq.h"
 
@@ -25,6 +26,59 @@ static inline float kvq_round_f16(float x) { return iq_f16_to_f32(iq_f32_to_f16(
 static inline uint16_t kvq_f16_bits(float x) { return iq_f32_to_f16(x); }
 static inline float kvq_f16_value(uint16_t h) { return iq_f16_to_f32(h); }
 #endif
+
+static KVQ_HD inline uint32_t kvq_f32_bits(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof u);
+  return u;
+}
+static KVQ_HD inline float kvq_f32_of(uint32_t u) {
+  float x;
+  memcpy(&x, &u, sizeof x);
+  return x;
+}
+/* 2^e, -126 <= e <= 127 */
+static KVQ_HD inline float kvq_pow2(int e) { return kvq_f32_of((uint32_t)(e + 127) << 23); }
+
+/* fp8 scales and offsets (IQ_META_E4M3, IQ_META_E5M2): a byte of sign,
+ * exponent and mantissa with subnormals. e4m3 is OCP's "fn" variant: bias 7,
+ * no infinities, 0x7f and 0xff NaN, largest 448 (0x7e). e5m2: bias 15,
+ * exponent 31 infinities and NaNs, largest 57344 (0x7b). */
+static KVQ_HD inline int kvq_fp8_mant(int meta) { return meta == IQ_META_E4M3 ? 3 : 2; }
+static KVQ_HD inline int kvq_fp8_bias(int meta) { return meta == IQ_META_E4M3 ? 7 : 15; }
+/* the largest finite magnitude's code */
+static KVQ_HD inline uint32_t kvq_fp8_top(int meta) { return meta == IQ_META_E4M3 ? 0x7e : 0x7b; }
+
+/* The value of fp8 byte b (NaN and infinity codes too). */
+static KVQ_HD inline float kvq_fp8_value(uint32_t b, int meta) {
+  const int m = kvq_fp8_mant(meta), e = (int)(b & 0x7f) >> m, n = (int)(b & ((1u << m) - 1));
+  float mag;
+  if ((b & 0x7f) > kvq_fp8_top(meta))
+    mag = kvq_f32_of(meta == IQ_META_E5M2 && (b & 0x7f) == 0x7c ? 0x7f800000u : 0x7fc00000u);
+  else /* an integer times the unit of its binade: exact */
+    mag = (float)(e ? n + (1 << m) : n) * kvq_pow2((e ? e : 1) - kvq_fp8_bias(meta) - m);
+  return b & 0x80 ? -mag : mag;
+}
+
+/* x as an fp8 byte, rounded toward -inf (dir < 0), to nearest even (dir 0) or
+ * toward +inf (dir > 0), and saturated: magnitudes past the largest finite
+ * value (infinities too) give it; NaN gives 0. Never a NaN or infinity code. */
+static KVQ_HD inline uint32_t kvq_fp8_bits(float x, int meta, int dir) {
+  const int m = kvq_fp8_mant(meta), bias = kvq_fp8_bias(meta);
+  const uint32_t u = kvq_f32_bits(x), sign = u >> 31 << 7, abs = u & 0x7fffffffu;
+  const uint32_t top = kvq_fp8_top(meta);
+  if (abs > 0x7f800000u) return 0;
+  int e = (int)(abs >> 23) - 127; /* x's binade (float subnormals: below fp8's) */
+  if (e > (int)(top >> m) - bias) return sign | top;
+  if (e < 1 - bias) e = 1 - bias; /* fp8 subnormals: the lowest binade's unit */
+  /* |x| in units of the fp8 binade's last place: a power-of-two scaling, exact */
+  const float y = kvq_f32_of(abs) * kvq_pow2(m - e), n = floorf(y), rem = y - n;
+  const int away = dir == 0 ? rem > 0.5f || (rem == 0.5f && ((int)n & 1))
+                            : rem > 0.0f && (dir > 0) == !sign;
+  /* codes grow with magnitude across binades, so rounding away carries on */
+  const uint32_t code = (uint32_t)(((e + bias - 1) << m) + (int)n + away);
+  return sign | (code < top ? code : top);
+}
 
 /* Groups are powers of two in [KVQ_MIN_GROUP, KVQ_MAX_GROUP]; the quantized
  * region of each KV head holds a multiple of KVQ_TILE tokens, so every tile
@@ -94,11 +148,24 @@ static KVQ_HD inline uint32_t kvq_pack_word(const uint8_t *codes, int64_t w, int
  * (c / 16 * 32 + gid * 4 + tig) * 2 + c % 16 / 8: per k-step of 16 channels
  * the 32 lanes' units in lane order, each lane's two adjacent.
  *
- * Other rows, other key blocks and 3-bit codes keep natural order. */
+ * Values grouped over tokens in blocks of 32 (head_dim * bits a multiple of
+ * 128) are ordered by block too, for the value MMA's A operand (channels x
+ * tokens) unpacked raw: lane (gid, tig) holds, of channel tile cm and row half
+ * rh (channel 16 cm + 8 rh + gid), tokens 16 ks + 8 half + 2 tig + p; the
+ * pair (p = 0, 1) of (cm, rh, ks, half) sits in bytes half + 2 p of the
+ * lane's word w = q / per * 2 + ks at code place j = q % per within the byte
+ * (q = 2 cm + rh, per = 8 / bits codes a byte), so every code of one channel
+ * row takes the same place j (one unpacking factor 2^(bits j) per output row).
+ * Lane words: w / 4 * 128 + lane * 4 + w % 4 (16-byte loads without bank
+ * conflicts).
+ *
+ * Other rows, other blocks and 3-bit codes keep natural order. */
 #define KVQ_KEY_TILE (-1)
+#define KVQ_VALUE_TILE (-2)
 
 /* The order of one side's codes (0 keys, 1 values): 0 natural, L > 0 rows of L
- * in fragment order, KVQ_KEY_TILE blocks of 32 keys in tile order. */
+ * in fragment order, KVQ_KEY_TILE / KVQ_VALUE_TILE blocks of 32 keys / values
+ * in tile order. */
 static KVQ_HD inline int kvq_order(const iq_kvq_params *p, int side) {
   int bits = side ? p->v_bits : p->k_bits, axis = side ? p->v_axis : p->k_axis;
   int group = side ? p->v_group : p->k_group;
@@ -106,13 +173,15 @@ static KVQ_HD inline int kvq_order(const iq_kvq_params *p, int side) {
   if (!side && axis == IQ_AXIS_TOKENS && p->v_axis == IQ_AXIS_TOKENS && group == 32 &&
       p->head_dim % 16 == 0)
     return KVQ_KEY_TILE;
+  if (side && axis == IQ_AXIS_TOKENS && group == 32 && p->head_dim * bits % 128 == 0)
+    return KVQ_VALUE_TILE;
   int len = axis == IQ_AXIS_CHANNELS ? p->head_dim : group;
   return len % 32 == 0 ? len : 0;
 }
 
 /* Codes in one period of an order: a row, or a block of keys. */
 static KVQ_HD inline int kvq_period(int order, int head_dim) {
-  return order == KVQ_KEY_TILE ? 32 * head_dim : order;
+  return order < 0 ? 32 * head_dim : order;
 }
 
 /* Slot (position in units of codes) of element e in a permuted row of len. */
@@ -151,12 +220,30 @@ static KVQ_HD inline int kvq_key_tile_elem(int s, int bits) {
   return c * 32 + t;
 }
 
+/* Slot of value (token t, channel c) in a block of 32 in tile order. */
+static KVQ_HD inline int kvq_value_tile_slot(int t, int c, int bits) {
+  int per = 8 / bits, q = c / 16 * 2 + c % 16 / 8;
+  int lane = c % 8 * 4 + t % 8 / 2, w = q / per * 2 + t / 16;
+  int word = w / 4 * 128 + lane * 4 + w % 4, byte = t % 16 / 8 + 2 * (t % 2);
+  return word * (32 / bits) + 8 / bits * byte + q % per;
+}
+
+/* The block element (c * 32 + t) in slot s: the inverse of kvq_value_tile_slot. */
+static KVQ_HD inline int kvq_value_tile_elem(int s, int bits) {
+  int per = 8 / bits, word = s / (32 / bits), place = s % (32 / bits);
+  int lane = word % 128 / 4, w = word / 128 * 4 + word % 4, byte = place / per;
+  int q = w / 2 * per + place % per;
+  int c = q / 2 * 16 + q % 2 * 8 + lane / 4, t = w % 2 * 16 + byte % 2 * 8 + lane % 4 * 2 + byte / 2;
+  return c * 32 + t;
+}
+
 /* Slot of element i (numbered from a period's start, as grouped) in `order`. */
 static KVQ_HD inline int64_t kvq_slot_in(int64_t i, int bits, int order, int head_dim) {
   if (!order) return i;
   int64_t period = kvq_period(order, head_dim), e = i % period;
-  int slot = order == KVQ_KEY_TILE ? kvq_key_tile_slot((int)(e % 32), (int)(e / 32), bits)
-                                   : kvq_slot_of((int)e, order, bits);
+  int slot = order == KVQ_KEY_TILE     ? kvq_key_tile_slot((int)(e % 32), (int)(e / 32), bits)
+             : order == KVQ_VALUE_TILE ? kvq_value_tile_slot((int)(e % 32), (int)(e / 32), bits)
+                                       : kvq_slot_of((int)e, order, bits);
   return i - e + slot;
 }
 
@@ -164,8 +251,9 @@ static KVQ_HD inline int64_t kvq_slot_in(int64_t i, int bits, int order, int hea
 static KVQ_HD inline int64_t kvq_elem_in(int64_t s, int bits, int order, int head_dim) {
   if (!order) return s;
   int64_t period = kvq_period(order, head_dim), q = s % period;
-  int e = order == KVQ_KEY_TILE ? kvq_key_tile_elem((int)q, bits)
-                                : kvq_elem_of((int)q, order, bits);
+  int e = order == KVQ_KEY_TILE     ? kvq_key_tile_elem((int)q, bits)
+          : order == KVQ_VALUE_TILE ? kvq_value_tile_elem((int)q, bits)
+                                    : kvq_elem_of((int)q, order, bits);
   return s - q + e;
 }
 
@@ -204,26 +292,106 @@ static KVQ_HD inline float kvq_group_error(const float *x, int stride, int count
   return sse;
 }
 
-/* The (scale, offset) pair of one group of count values x[e * stride], both
- * rounded to fp16 as stored: asymmetric (min/max), symmetric (zero exact), or
- * in hybrid mode the lower-error one (asymmetric on ties). */
+/* Bytes of one (scale, offset) pair: two fp16 (scale first), or two fp8
+ * bytes in one uint16 (the scale in the low byte). */
+static KVQ_HD inline int kvq_pair_bytes(int meta) { return meta == IQ_META_F16 ? 4 : 2; }
+
+/* Where pair i starts, in uint16 units from the first: meta + kvq_pair_units(i, format) is
+ * a head's or a block's first pair. */
+static KVQ_HD inline int64_t kvq_pair_units(int64_t i, int format) {
+  return i * kvq_pair_bytes(format) / 2;
+}
+
+/* Pair i of meta, as stored: the one place pairs are read. */
+static KVQ_HD inline void kvq_pair(const uint16_t *meta, int64_t i, int format, float *scale,
+                                   float *offset) {
+  if (format == IQ_META_F16) {
+    *scale = kvq_f16_value(meta[2 * i]);
+    *offset = kvq_f16_value(meta[2 * i + 1]);
+  } else {
+    *scale = kvq_fp8_value(meta[i] & 0xffu, format);
+    *offset = kvq_fp8_value((uint32_t)meta[i] >> 8, format);
+  }
+}
+
+/* Stores pair i; scale and offset are already representable (kvq_group_params). */
+static KVQ_HD inline void kvq_set_pair(uint16_t *meta, int64_t i, int format, float scale,
+                                       float offset) {
+  if (format == IQ_META_F16) {
+    meta[2 * i] = kvq_f16_bits(scale);
+    meta[2 * i + 1] = kvq_f16_bits(offset);
+  } else {
+    meta[i] = (uint16_t)(kvq_fp8_bits(scale, format, 0) | kvq_fp8_bits(offset, format, 0) << 8);
+  }
+}
+
+/* The least fp8 scale s >= 0 with base + steps * s >= target, or the largest
+ * finite one where none is. The float quotient rounded up is never above it
+ * (rounding is monotone and steps * s is exact) but may fall short when
+ * target - base rounds down (a sum spanning more than 24 bits, e5m2 only);
+ * the test that steps it up is exact in double, where fp8 and fp16 values
+ * and their small multiples add without rounding. */
+static KVQ_HD inline float kvq_fp8_cover(float base, float target, int steps, int format) {
+  const float need = (target - base) / (float)steps;
+  uint32_t s = kvq_fp8_bits(need > 0.0f ? need : 0.0f, format, 1);
+  while (s < kvq_fp8_top(format) &&
+         (double)base + steps * (double)kvq_fp8_value(s, format) < (double)target)
+    s++;
+  return kvq_fp8_value(s, format);
+}
+
+/* The stored pair of a group with minimum lo and maximum hi, asymmetric or
+ * symmetric (offset -2^(bits-1) * scale, so zero is exact), as decoded.
+ * fp16: scale and offset rounded to nearest, each on its own (the format's
+ * precision makes any miss at the group's ends negligible).
+ * fp8 (3 or 2 mantissa bits): rounded so the stored pair covers [lo, hi]:
+ * asymmetric, the offset is the largest fp8 <= lo, then the scale the least
+ * with offset + (2^bits - 1) * scale >= hi; symmetric, the scale the least with
+ * (2^(bits-1) - 1) * scale >= max(|lo|, |hi|), and the offset follows it.
+ * Where the format's range is too small (e4m3: offsets below -448, scales
+ * above 448, e.g. a 2-bit group of values spanning more than 1344), the
+ * offset or scale saturates at the largest finite value and the values
+ * outside the stored range clip to its ends; e5m2 reaches 57344. Zero-range
+ * groups whose value is representable round-trip exactly (scale 0). */
+static KVQ_HD inline void kvq_round_pair(float lo, float hi, int bits, int sym, int format,
+                                         float *scale, float *offset) {
+  const int top = (1 << bits) - 1, half = 1 << (bits - 1);
+  const float amax = fmaxf(fabsf(lo), fabsf(hi));
+  if (format == IQ_META_F16) {
+    *scale = kvq_round_f16(sym ? amax / (float)(half - 1) : (hi - lo) / (float)top);
+    *offset = kvq_round_f16(sym ? -(float)half * *scale : lo);
+  } else if (sym) {
+    *scale = kvq_fp8_cover(0.0f, amax, half - 1, format);
+    *offset = kvq_fp8_value(kvq_fp8_bits(-(float)half * *scale, format, 0), format);
+  } else {
+    *offset = kvq_fp8_value(kvq_fp8_bits(lo, format, -1), format);
+    *scale = kvq_fp8_cover(*offset, hi, top, format);
+  }
+}
+
+/* The (scale, offset) pair of one group of count values x[e * stride], as
+ * stored in `format` (kvq_round_pair): asymmetric (min/max), symmetric (zero
+ * exact), or in hybrid mode the one with the lower error with its stored
+ * values (asymmetric on ties), symmetric only where its offset is exactly
+ * -2^(bits-1) * scale (not saturated, so it covers the group as asymmetric
+ * does where the range fits the format; fp16 pairs pass unless they overflow,
+ * when the symmetric error is not finite either). */
 static KVQ_HD inline void kvq_group_params(const float *x, int stride, int count, int bits,
-                                           int qmode, float *scale, float *offset) {
+                                           int qmode, int format, float *scale, float *offset) {
   float lo = x[0], hi = x[0];
   for (int e = 1; e < count; e++) {
     float xe = x[e * stride];
     lo = xe < lo ? xe : lo;
     hi = xe > hi ? xe : hi;
   }
-  float a_scale = kvq_round_f16((hi - lo) / (float)((1 << bits) - 1));
-  float a_offset = kvq_round_f16(lo);
-  float amax = fmaxf(fabsf(lo), fabsf(hi));
-  float s_scale = kvq_round_f16(amax / (float)((1 << (bits - 1)) - 1));
-  float s_offset = kvq_round_f16(-(float)(1 << (bits - 1)) * s_scale);
+  float a_scale, a_offset, s_scale, s_offset;
+  kvq_round_pair(lo, hi, bits, 0, format, &a_scale, &a_offset);
+  kvq_round_pair(lo, hi, bits, 1, format, &s_scale, &s_offset);
   int sym = qmode == IQ_QMODE_SYM;
   if (qmode == IQ_QMODE_HYBRID)
-    sym = kvq_group_error(x, stride, count, bits, s_scale, s_offset) <
-          kvq_group_error(x, stride, count, bits, a_scale, a_offset);
+    sym = s_offset == -(float)(1 << (bits - 1)) * s_scale &&
+          kvq_group_error(x, stride, count, bits, s_scale, s_offset) <
+              kvq_group_error(x, stride, count, bits, a_scale, a_offset);
   *scale = sym ? s_scale : a_scale;
   *offset = sym ? s_offset : a_offset;
 }
@@ -250,10 +418,11 @@ static KVQ_HD inline int64_t kvq_fp16_row(const iq_kvq_params *p, int h, int64_t
 }
 
 /* The dequantized entry (stream token u, channel c) of one side of one KV
- * head: codes and meta point at the head's first code and pair. */
+ * head: codes and meta point at the head's first code and pair (pairs in
+ * `format`). */
 static KVQ_HD inline float kvq_dequantized(const uint32_t *codes, const uint16_t *meta, int64_t u,
                                            int c, int d, int bits, int group, int axis,
-                                           int block, int order) {
+                                           int block, int order, int format) {
   int64_t j = u / block, t = u % block, gi, e;
   if (axis == IQ_AXIS_CHANNELS) {
     gi = t * (d / group) + c / group;
@@ -264,8 +433,9 @@ static KVQ_HD inline float kvq_dequantized(const uint32_t *codes, const uint16_t
   }
   int64_t base = j * block * d; /* the block's first code */
   float code = (float)kvq_code_in(codes, base + gi * group + e, bits, order, d);
-  const uint16_t *pair = meta + (base / group + gi) * 2;
-  return kvq_f16_value(pair[0]) * code + kvq_f16_value(pair[1]);
+  float scale, offset;
+  kvq_pair(meta, base / group + gi, format, &scale, &offset);
+  return scale * code + offset;
 }
 
 /* Pointers to one layer's regions; fp16 as raw bits. */
@@ -273,7 +443,7 @@ typedef struct {
   float *key_scale;
   uint16_t *sink_k, *sink_v, *ring_k, *ring_v;
   uint32_t *codes_k, *codes_v;
-  uint16_t *meta_k, *meta_v; /* (scale, offset) fp16 pairs */
+  uint16_t *meta_k, *meta_v; /* (scale, offset) pairs: kvq_pair reads them */
 } kvq_regions;
 
 /* Checks the parameters both backends accept. */
@@ -307,7 +477,7 @@ static inline int kvq_check_params(iq_ctx *ctx, const char *op, const iq_kvq_par
     return iq_fail(ctx, IQ_ERR_ARG, "%s: sink %d, recent %d >= 0 and ring %d >= recent + %d",
                    op, p->sink, p->recent, p->ring, kvq_block(p));
   if (p->qmode < IQ_QMODE_ASYM || p->qmode > IQ_QMODE_HYBRID || p->norm < IQ_NORM_OFF ||
-      p->norm > IQ_NORM_RMS || p->meta != IQ_META_F16)
+      p->norm > IQ_NORM_RMS || p->meta < IQ_META_F16 || p->meta > IQ_META_E5M2)
     return iq_fail(ctx, IQ_ERR_ARG, "%s: qmode %d, norm %d or meta %d unknown", op, p->qmode,
                    p->norm, p->meta);
   return IQ_OK;
@@ -316,13 +486,14 @@ static inline int kvq_check_params(iq_ctx *ctx, const char *op, const iq_kvq_par
 /* Region offsets; see iq_kvq_layout. */
 static inline void kvq_offsets(const iq_kvq_params *p, uint64_t off[IQ_KVQ_REGIONS + 1]) {
   uint64_t h = (uint64_t)p->kv_heads, d = (uint64_t)p->head_dim, q = (uint64_t)kvq_quant_cap(p);
+  uint64_t pair = (uint64_t)kvq_pair_bytes(p->meta);
   /* in IQ_KVQ_* order */
   const uint64_t bytes[IQ_KVQ_REGIONS] = {
       h * d / 2 * 4,                                                   /* key scale */
       h * (uint64_t)p->sink * d * 2,   h * (uint64_t)p->sink * d * 2,  /* sink K, V */
       h * (uint64_t)p->ring * d * 2,   h * (uint64_t)p->ring * d * 2,  /* ring K, V */
       h * q * d * (uint64_t)p->k_bits / 8, h * q * d * (uint64_t)p->v_bits / 8, /* codes */
-      h * q * d / (uint64_t)p->k_group * 4, h * q * d / (uint64_t)p->v_group * 4, /* pairs */
+      h * q * d / (uint64_t)p->k_group * pair, h * q * d / (uint64_t)p->v_group * pair, /* pairs */
   };
   uint64_t at = 0;
   for (int r = 0; r < IQ_KVQ_REGIONS; r++) {

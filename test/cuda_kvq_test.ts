@@ -1,22 +1,25 @@
 // The quantized KV cache on CUDA against the CPU reference (kernels/cpu/kvq.c): the same stores
 // write the same bytes (codes, pairs, windows, key normalization), and attention agrees, for every
 // setting of test/kvq_harness.ts, GQA groups of 3 and 8, and a Llama-3-8B layer at 5000 tokens
-// (many splits). The SIMT kernel agrees within fp32 summation-order noise (1e-4 relative to
+// (many splits), and fp8 (scale, offset) pairs: all 256 codes decode as on the CPU, groups across
+// fp16's range store the CPU's bytes. The SIMT kernel agrees within fp32 summation-order noise (1e-4 relative to
 // max(1, |cpu|)); the tensor-core kernel rounds q and the probabilities to fp16 (11-bit
 // mantissa) as the MMAs take them, and agrees within 4e-3. Where no GPU answers every test is
 // registered as ignored.
 import assert from "node:assert/strict";
-import { Backend, KvqAxis, type KvqParams } from "../ffi/backend.ts";
+import { Backend, KvqAxis, KvqMeta, KvqMode, KvqNorm, type KvqParams } from "../ffi/backend.ts";
 import { Rng } from "../src/engine/sampler.ts";
 import { maxRelError, randomFloats } from "./random.ts";
 import {
   download,
   fillLayer,
+  FP8,
   KVQ_CASES,
   kvqAttention,
   kvqParams,
   kvRows,
   seen,
+  wideRows,
   zeroLayer,
 } from "./kvq_harness.ts";
 
@@ -44,7 +47,7 @@ function tensorCores(p: KvqParams, group: number): boolean {
   const keys = p.kAxis === KvqAxis.CHANNELS ? p.kGroup >= 16 : p.kGroup === 32;
   return [2, 4, 8].includes(p.kBits) && [2, 4, 8].includes(p.vBits) && keys &&
     p.vAxis === KvqAxis.TOKENS && p.vGroup === 32 && (p.headDim === 64 || p.headDim === 128) &&
-    group <= 8;
+    group <= 8 && p.meta === KvqMeta.F16;
 }
 
 /** Fills the same layer on both backends, checks the bytes, then prefill and decode attention. */
@@ -117,6 +120,12 @@ test("GQA 8 and head_dim 128: InnerQ at 2/4/8 bits and KIVI", (gpu, cpu) => {
     ["keys over tokens k2v2 g8", { kBits: 2, vBits: 2, kAxis: KvqAxis.TOKENS }],
     ["keys over tokens k4v4 g8", { vBits: 4, kAxis: KvqAxis.TOKENS, norm: 0 }],
     ["keys over tokens k8v2 g8", { kBits: 8, vBits: 2, kAxis: KvqAxis.TOKENS }],
+    ["innerq k4v2 g8 e4m3", { meta: KvqMeta.E4M3 }],
+    ["innerq k2v4 g8 e5m2", { kBits: 2, vBits: 4, kGroup: 16, meta: KvqMeta.E5M2 }],
+    [
+      "keys over tokens k2v2 g8 e4m3",
+      { kBits: 2, vBits: 2, kAxis: KvqAxis.TOKENS, meta: KvqMeta.E4M3 },
+    ],
   ];
   for (const [name, over] of variants) {
     const params = kvqParams({
@@ -153,5 +162,76 @@ test("a Llama-3-8B layer at 5000 tokens: many splits", (gpu, cpu) => {
       chunks: [256],
       decode: 6,
     });
+  }
+});
+
+/** Equal up to the sign of zero, NaN equal to NaN. */
+function sameValues(a: Float32Array, b: Float32Array): number {
+  return a.findIndex((x, i) => !(x === b[i] || (x !== x && b[i] !== b[i])));
+}
+
+test("fp8 pairs: all 256 codes decode as on the CPU, in dequantize and attention", (gpu, cpu) => {
+  for (const f of [FP8.e4m3, FP8.e5m2]) {
+    // every scale byte over codes 1 (keys), every offset byte (values); then attention over the
+    // finite ones (bytes with the top exponent field cleared)
+    const params = kvqParams({ kvHeads: 1, sink: 0, recent: 0, ring: 16 + 16, meta: f.meta });
+    const layouts = [gpu, cpu].map((be) => be.kvqLayout(params));
+    const layers = [gpu, cpu].map((be, i) => zeroLayer(be, layouts[i]));
+    const keyPairs = new Uint8Array(512), valuePairs = new Uint8Array(512);
+    for (let i = 0; i < 256; i++) {
+      keyPairs[2 * i] = i;
+      valuePairs[2 * i + 1] = i;
+    }
+    const ones = new Uint32Array(64 * params.headDim * params.kBits / 32).fill(0x11111111);
+    const craft = (finite: boolean) => {
+      // finite: the exponent field's top bit cleared (values below 2 in both formats)
+      const clear = (x: Uint8Array) => finite ? x.map((b) => b & ~0x40) : x;
+      [gpu, cpu].forEach((be, i) => {
+        const l = layouts[i], layer = layers[i];
+        be.upload(layer.slice(l.offsets.metaK, 512), clear(keyPairs));
+        be.upload(layer.slice(l.offsets.metaV, 512), clear(valuePairs));
+        be.upload(layer.slice(l.offsets.codesK, ones.byteLength), ones);
+      });
+    };
+    craft(false);
+    const [vg, vc] = [gpu, cpu].map((be, i) => seen(be, layouts[i], layers[i], 64));
+    assert.equal(sameValues(vg.k, vc.k), -1, `${f.name}: dequantized scales`);
+    assert.equal(sameValues(vg.v, vc.v), -1, `${f.name}: dequantized offsets`);
+    craft(true);
+    const q = randomFloats(new Rng(2), 3 * params.headDim, -0.01, 0.01);
+    const [ag, ac] = [gpu, cpu].map((be, i) =>
+      kvqAttention(be, layouts[i], layers[i], q, 1, 63, 3)
+    );
+    const e = maxRelError(ag, ac);
+    assert(e < 1e-4, `${f.name}: attention over every finite code: max error ${e}`);
+    layers.forEach((l) => l.close());
+  }
+});
+
+test("fp8 pairs: groups across fp16's range store the CPU's bytes, every mode", (gpu, cpu) => {
+  for (const meta of [KvqMeta.E4M3, KvqMeta.E5M2]) {
+    for (const qmode of [KvqMode.ASYM, KvqMode.SYM, KvqMode.HYBRID]) {
+      for (const over of [{}, { kBits: 2, vBits: 8, kAxis: KvqAxis.TOKENS, kGroup: 32 }]) {
+        const params = kvqParams({
+          cap: 256,
+          sink: 0,
+          recent: 0,
+          ring: 32 + 40,
+          vGroup: 32,
+          qmode,
+          norm: KvqNorm.OFF,
+          meta,
+          ...over,
+        });
+        const rows = wideRows(params, 256, 3);
+        const layouts = [gpu, cpu].map((be) => be.kvqLayout(params));
+        const layers = [gpu, cpu].map((be, i) => zeroLayer(be, layouts[i]));
+        [gpu, cpu].forEach((be, i) => fillLayer(be, layouts[i], layers[i], rows, 256, [40, 7]));
+        const [g, c] = [gpu, cpu].map((be, i) => download(be, layers[i]));
+        const diff = g.findIndex((x, i) => x !== c[i]);
+        assert.equal(diff, -1, `meta ${meta}, qmode ${qmode}: layer bytes differ first at ${diff}`);
+        layers.forEach((l) => l.close());
+      }
+    }
   }
 });

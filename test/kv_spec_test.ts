@@ -22,19 +22,22 @@ Deno.test("defaults: innerq groups keys over channels with normalization, kivi o
     recent: 32,
     norm: "max",
     hybrid: true,
+    meta: "f16",
   });
   const kivi = parseKvSpec("kivi:k2v2");
-  assertEquals([kivi.kind, "kAxis" in kivi && kivi.kAxis, "norm" in kivi && kivi.norm], [
-    "kivi",
-    "tokens",
-    "off",
-  ]);
+  assertEquals([
+    kivi.kind,
+    "kAxis" in kivi && kivi.kAxis,
+    "norm" in kivi && kivi.norm,
+    "meta" in kivi && kivi.meta,
+  ], ["kivi", "tokens", "off", "f16"]);
   assertEquals(parseKvSpec("fp16"), { kind: "fp16" });
 });
 
 Deno.test("every option is read, and the canonical text parses back to the same spec", () => {
   const text =
-    "innerq:k3v8,gk=64,gv=16,sink=0,recent=100,norm=rms,hybrid=off,kaxis=tokens,vaxis=tokens,g=16";
+    "innerq:k3v8,gk=64,gv=16,sink=0,recent=100,norm=rms,hybrid=off,kaxis=tokens,vaxis=tokens,g=16," +
+    "meta=e5m2";
   const spec = parseKvSpec(text);
   assertEquals(spec, {
     kind: "innerq",
@@ -48,16 +51,19 @@ Deno.test("every option is read, and the canonical text parses back to the same 
     recent: 100,
     norm: "rms",
     hybrid: false,
+    meta: "e5m2",
   });
-  for (const s of [spec, parseKvSpec("kivi:k4v4"), parseKvSpec("fp32")]) {
+  const e4m3 = parseKvSpec("kivi:k4v4,meta=e4m3");
+  assertEquals("meta" in e4m3 && e4m3.meta, "e4m3");
+  for (const s of [spec, e4m3, parseKvSpec("kivi:k4v4"), parseKvSpec("fp32")]) {
     assertEquals(parseKvSpec(formatKvSpec(s)), s);
   }
 });
 
 Deno.test("bytes per token at the Llama-3-8B shape, codes and pairs counted by hand", () => {
   const shape = { layers: 32, heads: 32, kvHeads: 8, headDim: 128 };
-  const perHead = (k: number, v: number, gk: number, gv: number) =>
-    32 * 8 * (128 * (k + v) / 8 + 4 * 128 / gk + 4 * 128 / gv);
+  const perHead = (k: number, v: number, gk: number, gv: number, pair = 4) =>
+    32 * 8 * (128 * (k + v) / 8 + pair * 128 / gk + pair * 128 / gv);
   assertEquals(kvBytesPerToken(parseKvSpec("fp16"), shape), 131072);
   assertEquals(kvBytesPerToken(parseKvSpec("innerq:k4v2"), shape), perHead(4, 2, 32, 32));
   assertEquals(kvBytesPerToken(parseKvSpec("innerq:k4v2"), shape), 32768);
@@ -65,6 +71,15 @@ Deno.test("bytes per token at the Llama-3-8B shape, codes and pairs counted by h
     kvBytesPerToken(parseKvSpec("kivi:k2v2,gk=64,gv=128"), shape),
     perHead(2, 2, 64, 128),
   );
+  // fp8 pairs take 2 bytes: half the group size costs what fp16 pairs cost at the full size
+  for (const meta of ["e4m3", "e5m2"]) {
+    assertEquals(
+      kvBytesPerToken(parseKvSpec(`innerq:k4v2,meta=${meta}`), shape),
+      perHead(4, 2, 32, 32, 2),
+    );
+    assertEquals(kvBytesPerToken(parseKvSpec(`innerq:k4v2,g=16,meta=${meta}`), shape), 32768);
+  }
+  assertEquals(kvBytesPerToken(parseKvSpec("innerq:k4v2,meta=e4m3"), shape), 28672);
 });
 
 Deno.test("bad specs are one clear error naming the spec and what is allowed", () => {
@@ -83,6 +98,9 @@ Deno.test("bad specs are one clear error naming the spec and what is allowed", (
     ["innerq:k4v2,gv=256", /gv=256: expected an integer in 8\.\.128/],
     ["innerq:k4v2,norm=l2", /norm=l2: expected one of max, rms, off/],
     ["innerq:k4v2,hybrid=yes", /hybrid=yes: expected one of on, off/],
+    ["innerq:k4v2,meta=fp8", /meta=fp8: expected one of f16, e4m3, e5m2/],
+    ["innerq:k4v2,meta=E4M3", /meta=E4M3: expected one of f16, e4m3, e5m2/],
+    ["innerq:k4v2,meta=e4m3,meta=e5m2", /option meta given twice/],
     [
       "innerq:k4v2,kaxis=tokens,gk=16,gv=32",
       /both grouped over tokens need one group size, got 16, 32/,
@@ -127,6 +145,12 @@ Deno.test("shortKvSpec keeps bits, family and the options that differ from the d
   assertEquals(
     shortKvSpec(parseKvSpec("kivi:k4v4,g=64,norm=max")),
     "kivi:k4v4,gk=64,gv=64,norm=max",
+  );
+  assertEquals(shortKvSpec(parseKvSpec("innerq:k4v2,meta=f16")), "innerq:k4v2");
+  assertEquals(shortKvSpec(parseKvSpec("innerq:k4v2,meta=e4m3")), "innerq:k4v2,meta=e4m3");
+  assertEquals(
+    shortKvSpec(parseKvSpec("kivi:k2v2,meta=e5m2,g=16")),
+    "kivi:k2v2,gk=16,gv=16,meta=e5m2",
   );
   assertEquals(shortKvSpec(parseKvSpec("fp16")), "fp16");
 });

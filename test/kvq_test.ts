@@ -2,19 +2,34 @@
 // are held to: the packed format as documented, exact round trips, hybrid never worse than either
 // mode, windows exact, key normalization, and fused attention equal to dequantize-then-reference.
 import { deepStrictEqual as assertEquals, ok as assert, throws as assertThrows } from "node:assert";
-import { Backend, KvqAxis, KvqMode, KvqNorm, type KvqParams, NativeError } from "../ffi/backend.ts";
+import {
+  Backend,
+  KvqAxis,
+  type KvqLayout,
+  KvqMeta,
+  KvqMode,
+  KvqNorm,
+  type KvqParams,
+  NativeError,
+} from "../ffi/backend.ts";
 import { Rng } from "../src/engine/sampler.ts";
 import { maxRelError, randomFloats, randomInts } from "./random.ts";
 import {
   download,
   expectedAttention,
   fillLayer,
+  FP8,
+  type Fp8,
+  fp8Pair,
+  fp8Value,
+  groupIds,
   keyScale,
   KVQ_CASES,
   kvqAttention,
   kvqParams,
   kvRows,
   seen,
+  wideRows,
   zeroLayer,
 } from "./kvq_harness.ts";
 
@@ -122,9 +137,9 @@ Deno.test("kvq: every bit width and both axes round-trip codes on a grid exactly
 });
 
 Deno.test("kvq: hybrid is never worse than symmetric or asymmetric alone, on any group", () => {
-  for (const bits of [2, 3, 4]) {
+  for (const [bits, meta] of [2, 3, 4].flatMap((b) => Object.values(KvqMeta).map((m) => [b, m]))) {
     const errors = [KvqMode.ASYM, KvqMode.SYM, KvqMode.HYBRID].map((qmode) => {
-      const p = kvqParams({ kBits: bits, sink: 0, recent: 0, qmode, norm: KvqNorm.OFF });
+      const p = kvqParams({ kBits: bits, sink: 0, recent: 0, qmode, norm: KvqNorm.OFF, meta });
       const layout = cpu.kvqLayout(p), layer = zeroLayer(cpu, layout);
       const total = 96, rows = kvRows(p, total, 11);
       fillLayer(cpu, layout, layer, rows, total, [17]);
@@ -147,7 +162,7 @@ Deno.test("kvq: hybrid is never worse than symmetric or asymmetric alone, on any
     let symChosen = 0, asymChosen = 0;
     for (let g = 0; g < hybrid.length; g++) {
       const best = Math.min(asym[g], sym[g]);
-      assert(hybrid[g] <= best * (1 + 1e-5) + 1e-12, `group ${g}: ${hybrid[g]} > ${best}`);
+      assert(hybrid[g] <= best * (1 + 1e-5) + 1e-12, `meta ${meta} group ${g}: ${hybrid[g]}`);
       if (sym[g] < asym[g]) symChosen++;
       if (asym[g] < sym[g]) asymChosen++;
     }
@@ -155,6 +170,135 @@ Deno.test("kvq: hybrid is never worse than symmetric or asymmetric alone, on any
       symChosen > 0 && asymChosen > 0,
       `both modes win somewhere (${symChosen}, ${asymChosen})`,
     );
+  }
+});
+
+/** A layer's (scale, offset) pairs of one side as decoded values, and their raw bytes. */
+function storedPairs(layout: KvqLayout, layer: ReturnType<typeof zeroLayer>, side: 0 | 1, f: Fp8) {
+  const p = layout.params, qcap = Math.ceil((p.cap - p.sink) / 128) * 128;
+  const count = p.kvHeads * qcap * p.headDim / (side ? p.vGroup : p.kGroup);
+  const at = side ? layout.offsets.metaV : layout.offsets.metaK;
+  const bytes = download(cpu, layer.slice(at, 2 * count)); // the scale byte, then the offset's
+  const value = (i: number) => fp8Value(bytes[i], f);
+  return { bytes, scale: (g: number) => value(2 * g), offset: (g: number) => value(2 * g + 1) };
+}
+
+Deno.test("kvq fp8: all 256 codes of scales and offsets decode as their format defines", () => {
+  for (const f of [FP8.e4m3, FP8.e5m2]) {
+    // 64 tokens, all quantized: key pair i (token i / 4, group i % 4) is scale byte i with offset
+    // 0 over codes 1, value pair i (block i / 64, channel i % 64) scale 0 and offset byte i
+    const p = kvqParams({ kvHeads: 1, sink: 0, recent: 0, ring: 16 + 16, meta: f.meta });
+    const layout = cpu.kvqLayout(p), layer = zeroLayer(cpu, layout), d = p.headDim;
+    const f16 = cpu.kvqLayout({ ...p, meta: KvqMeta.F16 });
+    const regions = (l: KvqLayout) => {
+      const { metaK, metaV } = l.offsets;
+      return [metaV - metaK, l.bytes - metaV];
+    };
+    // 256 stream tokens of room, 4 pairs each: 2 bytes a pair, 4 with fp16
+    assertEquals(regions(layout), [2048, 2048]);
+    assertEquals(regions(f16), [4096, 4096]);
+    const keyPairs = new Uint8Array(512), valuePairs = new Uint8Array(512);
+    for (let i = 0; i < 256; i++) {
+      keyPairs[2 * i] = i; // scale i, offset 0
+      valuePairs[2 * i + 1] = i; // scale 0, offset i
+    }
+    cpu.upload(layer.slice(layout.offsets.metaK, 512), keyPairs);
+    cpu.upload(layer.slice(layout.offsets.metaV, 512), valuePairs);
+    const ones = new Uint32Array(64 * d * p.kBits / 32).fill(0x11111111); // 4-bit codes, all 1
+    cpu.upload(layer.slice(layout.offsets.codesK, ones.byteLength), ones);
+    const view = seen(cpu, layout, layer, 64);
+    const same = (a: number, b: number) => Object.is(a + 0, b + 0) || (a !== a && b !== b);
+    for (let u = 0; u < 64; u++) {
+      for (let c = 0; c < d; c++) {
+        const k = fp8Value(u * 4 + Math.floor(c / 16), f) * 1 + 0;
+        const v = 0 * 0 + fp8Value(Math.floor(u / 16) * 64 + c, f);
+        assert(same(view.k[u * d + c], Math.fround(k)), `${f.name} scale ${u * 4 + c / 16}`);
+        assert(same(view.v[u * d + c], Math.fround(v)), `${f.name} offset ${u}, ${c}`);
+      }
+    }
+    layer.close();
+  }
+});
+
+Deno.test("kvq fp8: pairs are the formats' directed roundings and cover their groups", () => {
+  const settings: [string, Partial<KvqParams>][] = [
+    ["innerq k4v2", {}],
+    ["innerq k2v8, keys over tokens", { kBits: 2, vBits: 8, kAxis: KvqAxis.TOKENS }],
+    ["kivi k3v4", { kBits: 3, vBits: 4, kAxis: KvqAxis.TOKENS, vAxis: KvqAxis.CHANNELS }],
+  ];
+  for (const [name, over] of settings) {
+    for (const f of [FP8.e4m3, FP8.e5m2]) {
+      for (const qmode of [KvqMode.ASYM, KvqMode.SYM, KvqMode.HYBRID]) {
+        const total = 256, what = `${name}, ${f.name}, qmode ${qmode}`;
+        const p = kvqParams({
+          cap: total,
+          sink: 0,
+          recent: 0,
+          ring: 16 + 40,
+          kGroup: 16,
+          vGroup: 16,
+          norm: KvqNorm.OFF,
+          qmode,
+          meta: f.meta,
+          ...over,
+        });
+        const layout = cpu.kvqLayout(p), layer = zeroLayer(cpu, layout);
+        const rows = wideRows(p, total, 7);
+        fillLayer(cpu, layout, layer, rows, total, [40, 1, 13]);
+        const view = seen(cpu, layout, layer, total);
+        const stats = { exact: 0, saturated: 0, covered: 0 };
+        for (const side of [0, 1] as const) {
+          const x = (side ? rows.v : rows.k).map((e) => Float16Array.of(e)[0]); // as the ring holds
+          const ids = groupIds(p, side, total), d = p.headDim, row = p.kvHeads * d;
+          const seenAs = side ? view.v : view.k; // [kvHeads, total, d]
+          const got = (i: number) =>
+            seenAs[(Math.floor((i % row) / d) * total + Math.floor(i / row)) * d + i % d];
+          const bits = side ? p.vBits : p.kBits, top = 2 ** bits - 1, half = 2 ** (bits - 1);
+          const members = new Map<number, number[]>();
+          ids.forEach((g, i) => members.set(g, [...(members.get(g) ?? []), i]));
+          const stored = storedPairs(layout, layer, side, f);
+          for (const [g, elems] of members) {
+            for (const b of [stored.bytes[2 * g], stored.bytes[2 * g + 1]]) {
+              assert((b & 0x7f) <= (f.name === "e4m3" ? 0x7e : 0x7b), `${what}: byte ${b}`);
+            }
+            const values = elems.map((i) => x[i]);
+            const lo = Math.min(...values), hi = Math.max(...values);
+            const asym = fp8Pair(lo, hi, bits, false, f), sym = fp8Pair(lo, hi, bits, true, f);
+            const scale = stored.scale(g), offset = stored.offset(g);
+            const is = (q: { scale: number; offset: number }) =>
+              q.scale === scale && q.offset === offset;
+            // asymmetric and symmetric modes store exactly the reference pair; hybrid one of them,
+            // the symmetric one only where its offset did not saturate
+            const symExact = sym.offset === -half * sym.scale;
+            if (qmode === KvqMode.ASYM) assert(is(asym), `${what}, group ${g}: ${scale} ${offset}`);
+            if (qmode === KvqMode.SYM) assert(is(sym), `${what}, group ${g}: ${scale} ${offset}`);
+            if (qmode === KvqMode.HYBRID) {
+              assert(is(asym) || (symExact && is(sym)), `${what}, ${g}`);
+            }
+            // where the stored pair reaches both ends, every value is within half a step
+            if (!(offset <= lo && offset + top * scale >= hi)) {
+              stats.saturated++;
+              assert(f.name === "e4m3" || Math.max(-lo, hi) > 57344 - 2 ** 13, `${what}: ${lo}`);
+              continue;
+            }
+            stats.covered++;
+            for (const i of elems) {
+              const err = Math.abs(got(i) - x[i]);
+              const slack = 1e-6 * (Math.abs(x[i]) + Math.abs(offset) + top * scale);
+              assert(err <= 0.5 * scale * (1 + 1e-4) + slack, `${what}: ${x[i]} -> ${got(i)}`);
+            }
+            // zero-range groups come back exactly where their value is in the format
+            if (lo === hi && is({ scale: 0, offset: lo })) {
+              stats.exact++;
+              for (const i of elems) assert(got(i) === x[i], `${what}: constant ${x[i]}`);
+            }
+          }
+        }
+        assert(stats.exact > 20 && stats.covered > 1000, `${what}: ${JSON.stringify(stats)}`);
+        if (f.name === "e4m3" && qmode === KvqMode.ASYM) assert(stats.saturated > 50, what);
+        layer.close();
+      }
+    }
   }
 });
 
@@ -236,6 +380,8 @@ Deno.test("kvq: bad parameters and calls are clear errors, before or in C", () =
     [{ kAxis: KvqAxis.TOKENS, kGroup: 8 }, /groups over tokens differ \(8, 16\)/],
     [{ ring: 10 }, /ring 10 >= recent \+ 16/],
     [{ norm: 7 }, /norm 7/],
+    [{ meta: 3 }, /meta 3 unknown/],
+    [{ meta: -1 }, /meta -1 unknown/],
   ];
   for (const [over, message] of bad) {
     assertThrows(
@@ -260,4 +406,62 @@ Deno.test("kvq: bad parameters and calls are clear errors, before or in C", () =
   );
   x.close();
   layer.close();
+});
+
+/** The value tile order of kernels/kvq.h, from its description: value (token t, channel c) of a
+ * block of 32 is held by lane (gid = c % 8, tig = t % 8 / 2) for channel tile cm = c / 16, row
+ * half rh = c % 16 / 8, k-step ks = t / 16, half = t % 16 / 8, in byte half + 2 (t % 2) of the
+ * lane's word w = q / per * 2 + ks at code place q % per (q = 2 cm + rh, per = 8 / bits), lane
+ * words at w / 4 * 128 + lane * 4 + w % 4. */
+function valueTileSlot(t: number, c: number, bits: number): number {
+  const per = 8 / bits, q = 2 * Math.floor(c / 16) + Math.floor((c % 16) / 8);
+  const lane = (c % 8) * 4 + Math.floor((t % 8) / 2), w = Math.floor(q / per) * 2 + (t >> 4);
+  const word = Math.floor(w / 4) * 128 + lane * 4 + (w % 4);
+  const byte = Math.floor((t % 16) / 8) + 2 * (t % 2);
+  return word * (32 / bits) + byte * per + (q % per);
+}
+
+Deno.test("kvq: values over tokens in blocks of 32 are packed in the documented tile order", () => {
+  for (const [bits, d] of [[2, 64], [4, 64], [8, 64], [2, 128], [4, 32]]) {
+    const p = kvqParams({
+      headDim: d,
+      vBits: bits,
+      vGroup: 32,
+      sink: 0,
+      recent: 0,
+      qmode: KvqMode.ASYM,
+    });
+    p.ring = 32 + 64;
+    p.kGroup = Math.min(p.kGroup, d);
+    const layout = cpu.kvqLayout(p), layer = zeroLayer(cpu, layout);
+    const total = 64, row = p.kvHeads * d, top = (1 << bits) - 1;
+    const codes = randomInts(new Rng(bits * 31 + d), total * row, top + 1);
+    // each (block, channel) group holds 0 and top, so min/max give scale 1 and offset 0 exactly
+    const v = Float32Array.from(codes, (code, i) => {
+      const t = Math.floor(i / row);
+      return t % 32 === 0 ? 0 : t % 32 === 1 ? top : code;
+    });
+    const k = randomFloats(new Rng(d), total * row, 1);
+    fillLayer(cpu, layout, layer, { k, v }, total, [total]);
+    const qcap = Math.ceil(layout.params.cap / 128) * 128;
+    const bytes = download(
+      cpu,
+      layer.slice(layout.offsets.codesV, p.kvHeads * qcap * d * bits / 8),
+    );
+    const words = new Uint32Array(bytes.buffer);
+    for (let h = 0; h < p.kvHeads; h++) {
+      for (let t = 0; t < total; t++) {
+        for (let c = 0; c < d; c++) {
+          const slot = (h * qcap + t - (t % 32)) * d + valueTileSlot(t % 32, c, bits);
+          const bit = slot * bits, code = (words[bit >>> 5] >>> (bit & 31)) & top;
+          assertEquals(
+            code,
+            v[t * row + h * d + c],
+            `value (${h}, ${t}, ${c}), ${bits} bits, d ${d}`,
+          );
+        }
+      }
+    }
+    layer.close();
+  }
 });

@@ -43,8 +43,8 @@ static void key_normalization(const iq_kvq_params *p, float *key_scale, const fl
 /* Quantizes a block's tile [B, head_dim] of one side into its codes (packed in
  * `order`, kvq_order) and pairs. */
 static void quantize_tile(const float *tile, int block, int head_dim, int bits, int group,
-                          int axis, int order, int qmode, uint8_t *codes, uint32_t *words,
-                          uint16_t *meta) {
+                          int axis, int order, int qmode, int format, uint8_t *codes,
+                          uint32_t *words, uint16_t *meta) {
   int groups = block * head_dim / group;
   int stride = axis == IQ_AXIS_CHANNELS ? 1 : head_dim;
   for (int gi = 0; gi < groups; gi++) {
@@ -52,9 +52,8 @@ static void quantize_tile(const float *tile, int block, int head_dim, int bits, 
     kvq_group_entry(axis, group, head_dim, gi, 0, &t, &c);
     const float *x = tile + (int64_t)t * head_dim + c;
     float scale, offset;
-    kvq_group_params(x, stride, group, bits, qmode, &scale, &offset);
-    meta[2 * gi] = kvq_f16_bits(scale);
-    meta[2 * gi + 1] = kvq_f16_bits(offset);
+    kvq_group_params(x, stride, group, bits, qmode, format, &scale, &offset);
+    kvq_set_pair(meta, gi, format, scale, offset);
     for (int e = 0; e < group; e++)
       codes[gi * group + e] = (uint8_t)kvq_code(x[e * stride], scale, offset, bits);
   }
@@ -75,9 +74,10 @@ static void quantize_block(const iq_kvq_params *p, const kvq_regions *r, int h, 
     }
     int bits = side ? p->v_bits : p->k_bits, group = side ? p->v_group : p->k_group;
     uint32_t *words = (side ? r->codes_v : r->codes_k) + ((int64_t)h * qcap + first) * d * bits / 32;
-    uint16_t *meta = (side ? r->meta_v : r->meta_k) + ((int64_t)h * qcap + first) * d / group * 2;
+    uint16_t *meta = (side ? r->meta_v : r->meta_k) +
+                     kvq_pair_units(((int64_t)h * qcap + first) * d / group, p->meta);
     quantize_tile(tile, b, d, bits, group, side ? p->v_axis : p->k_axis, kvq_order(p, side),
-                  p->qmode, codes, words, meta);
+                  p->qmode, p->meta, codes, words, meta);
   }
 }
 
@@ -133,11 +133,13 @@ int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
       if (u >= 0 && u < nq) {
         const uint32_t *ck = r.codes_k + (int64_t)h * qcap * d * p->k_bits / 32;
         const uint32_t *cv = r.codes_v + (int64_t)h * qcap * d * p->v_bits / 32;
-        const uint16_t *mk = r.meta_k + (int64_t)h * qcap * d / p->k_group * 2;
-        const uint16_t *mv = r.meta_v + (int64_t)h * qcap * d / p->v_group * 2;
+        const uint16_t *mk = r.meta_k + kvq_pair_units((int64_t)h * qcap * d / p->k_group, p->meta);
+        const uint16_t *mv = r.meta_v + kvq_pair_units((int64_t)h * qcap * d / p->v_group, p->meta);
         for (int c = 0; c < d; c++) {
-          ko[c] = kvq_dequantized(ck, mk, u, c, d, p->k_bits, p->k_group, p->k_axis, b, kvq_order(p, 0));
-          vo[c] = kvq_dequantized(cv, mv, u, c, d, p->v_bits, p->v_group, p->v_axis, b, kvq_order(p, 1));
+          ko[c] = kvq_dequantized(ck, mk, u, c, d, p->k_bits, p->k_group, p->k_axis, b,
+                                  kvq_order(p, 0), p->meta);
+          vo[c] = kvq_dequantized(cv, mv, u, c, d, p->v_bits, p->v_group, p->v_axis, b,
+                                  kvq_order(p, 1), p->meta);
         }
       } else {
         const uint16_t *kr = fp16_row(p, &r, 0, h, x), *vr = fp16_row(p, &r, 1, h, x);
@@ -218,7 +220,8 @@ static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t 
   int d = p->head_dim, bits = p->k_bits, g = p->k_group, b = kvq_block(p), G = j->group;
   int64_t qcap = kvq_quant_cap(p);
   const uint32_t *words = j->r.codes_k + (int64_t)kvh * qcap * d * bits / 32;
-  const uint16_t *meta = j->r.meta_k + (int64_t)kvh * qcap * d / g * 2;
+  const int fmt = p->meta;
+  const uint16_t *meta = j->r.meta_k + kvq_pair_units((int64_t)kvh * qcap * d / g, fmt);
   const row_order *order = j->order[0];
   if (p->k_axis == IQ_AXIS_CHANNELS) {
     float *qsum = folded; /* [G][d / g] */
@@ -230,24 +233,29 @@ static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t 
       }
     for (int64_t u = 0; u < nq; u++) {
       unpack(words, u * d, d, bits, order, codes);
-      const uint16_t *pairs = meta + u * (d / g) * 2;
+      const uint16_t *pairs = meta + kvq_pair_units(u * (d / g), fmt);
       for (int h = 0; h < G; h++) {
         float acc = 0.0f;
-        for (int gi = 0; gi < d / g; gi++)
-          acc += kvq_f16_value(pairs[2 * gi]) * dot(q + h * d + gi * g, codes + gi * g, g) +
-                 kvq_f16_value(pairs[2 * gi + 1]) * qsum[h * (d / g) + gi];
+        for (int gi = 0; gi < d / g; gi++) {
+          float scale, offset;
+          kvq_pair(pairs, gi, fmt, &scale, &offset);
+          acc += scale * dot(q + h * d + gi * g, codes + gi * g, g) +
+                 offset * qsum[h * (d / g) + gi];
+        }
         s[h * s_stride + u] = acc;
       }
     }
   } else {
     float *qs = folded; /* [G][d] q·scale, then [G] Σ q·offset */
     for (int64_t blk = 0; blk < nq / b; blk++) {
-      const uint16_t *pairs = meta + blk * d * 2;
+      const uint16_t *pairs = meta + kvq_pair_units(blk * d, fmt);
       for (int h = 0; h < G; h++) {
         float bias = 0.0f;
         for (int c = 0; c < d; c++) {
-          qs[h * d + c] = q[h * d + c] * kvq_f16_value(pairs[2 * c]);
-          bias += q[h * d + c] * kvq_f16_value(pairs[2 * c + 1]);
+          float scale, offset;
+          kvq_pair(pairs, c, fmt, &scale, &offset);
+          qs[h * d + c] = q[h * d + c] * scale;
+          bias += q[h * d + c] * offset;
         }
         qs[G * d + h] = bias;
       }
@@ -272,29 +280,33 @@ static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t 
   int d = p->head_dim, bits = p->v_bits, g = p->v_group, b = kvq_block(p), G = j->group;
   int64_t qcap = kvq_quant_cap(p);
   const uint32_t *words = j->r.codes_v + (int64_t)kvh * qcap * d * bits / 32;
-  const uint16_t *meta = j->r.meta_v + (int64_t)kvh * qcap * d / g * 2;
+  const int fmt = p->meta;
+  const uint16_t *meta = j->r.meta_v + kvq_pair_units((int64_t)kvh * qcap * d / g, fmt);
   const row_order *order = j->order[1];
   if (p->v_axis == IQ_AXIS_TOKENS) {
     for (int64_t blk = 0; blk < nq / b; blk++) {
       unpack(words, blk * b * d, b * d, bits, order, codes); /* [channel][token] */
-      const uint16_t *pairs = meta + blk * d * 2;
+      const uint16_t *pairs = meta + kvq_pair_units(blk * d, fmt);
       for (int h = 0; h < G; h++) {
         const float *wb = w + h * w_stride + blk * b;
         float wsum = 0.0f;
         for (int t = 0; t < b; t++) wsum += wb[t];
-        for (int c = 0; c < d; c++)
-          out[h * d + c] += kvq_f16_value(pairs[2 * c]) * dot(wb, codes + c * b, b) +
-                            kvq_f16_value(pairs[2 * c + 1]) * wsum;
+        for (int c = 0; c < d; c++) {
+          float scale, offset;
+          kvq_pair(pairs, c, fmt, &scale, &offset);
+          out[h * d + c] += scale * dot(wb, codes + c * b, b) + offset * wsum;
+        }
       }
     }
   } else {
     for (int64_t u = 0; u < nq; u++) {
       unpack(words, u * d, d, bits, order, codes);
-      const uint16_t *pairs = meta + u * (d / g) * 2;
+      const uint16_t *pairs = meta + kvq_pair_units(u * (d / g), fmt);
       for (int h = 0; h < G; h++)
         for (int gi = 0; gi < d / g; gi++) {
-          float ws = w[h * w_stride + u] * kvq_f16_value(pairs[2 * gi]);
-          float wo = w[h * w_stride + u] * kvq_f16_value(pairs[2 * gi + 1]);
+          float scale, offset;
+          kvq_pair(pairs, gi, fmt, &scale, &offset);
+          float ws = w[h * w_stride + u] * scale, wo = w[h * w_stride + u] * offset;
           for (int e = 0; e < g; e++) out[h * d + gi * g + e] += ws * codes[gi * g + e] + wo;
         }
     }

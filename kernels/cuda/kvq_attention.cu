@@ -58,8 +58,12 @@ __device__ __forceinline__ float dot4(float4 a, float x, float y, float z, float
   return a.x * x + a.y * y + a.z * z + a.w * w;
 }
 
-__device__ __forceinline__ float2 pair_at(const uint32_t *pairs, int i) {
-  return __half22float2(*reinterpret_cast<const __half2 *>(pairs + i));
+/* Pair i of staged pairs: fp16 as one word, fp8 (a uint16 each) by kvq.h's decoder. */
+__device__ __forceinline__ float2 pair_at(const uint32_t *pairs, int i, int format) {
+  if (format == IQ_META_F16) return __half22float2(*reinterpret_cast<const __half2 *>(pairs + i));
+  float2 so;
+  kvq_pair(reinterpret_cast<const uint16_t *>(pairs), i, format, &so.x, &so.y);
+  return so;
 }
 
 /* Copies words [0, count) of src to dst with cp.async: 16 bytes at a time
@@ -82,6 +86,12 @@ __device__ __forceinline__ void stage_copy(uint32_t *dst, const uint32_t *src, i
   }
 }
 
+/* Words of a tile's pairs of one side: 128 * head_dim / group pairs, a multiple of 32, so a
+ * multiple of 4 words (16-byte copies) in either format. */
+__host__ __device__ inline int kq_meta_words(const iq_kvq_params &p, int group) {
+  return KVQ_TILE * p.head_dim / group * kvq_pair_bytes(p.meta) / 4;
+}
+
 /* Shared-memory words of one stage (a tile's codes and pairs) and its layout. */
 struct kq_stage {
   int k_codes, k_meta, v_codes, v_meta; /* word offsets */
@@ -95,15 +105,16 @@ __host__ __device__ inline kq_stage kq_stage_of(const iq_kvq_params &p) {
   /* InnerQ rows: a token's key codes; a (block, channel)'s value codes */
   s.k_row = p.k_axis == IQ_AXIS_CHANNELS && p.k_bits != 3 ? d * p.k_bits / 32 : 0;
   const int v_bits_per_channel = b * p.v_bits;
-  s.v_row = p.v_axis == IQ_AXIS_TOKENS && p.v_bits != 3 && v_bits_per_channel % 32 == 0
+  s.v_row = p.v_axis == IQ_AXIS_TOKENS && p.v_bits != 3 && v_bits_per_channel % 32 == 0 &&
+                    kvq_order(&p, 1) != KVQ_VALUE_TILE
                 ? v_bits_per_channel / 32
                 : 0;
   const int k_words = t * d * p.k_bits / 32, v_words = t * d * p.v_bits / 32;
   s.k_codes = 0;
   s.k_meta = s.k_codes + (k_words + (s.k_row ? k_words / s.k_row : 0) + 3) / 4 * 4;
-  s.v_codes = s.k_meta + t * d / p.k_group;
+  s.v_codes = s.k_meta + kq_meta_words(p, p.k_group);
   s.v_meta = s.v_codes + (v_words + (s.v_row ? v_words / s.v_row : 0) + 3) / 4 * 4;
-  s.words = s.v_meta + t * d / p.v_group;
+  s.words = s.v_meta + kq_meta_words(p, p.v_group);
   return s;
 }
 
@@ -118,10 +129,12 @@ __device__ __forceinline__ void stage_tile(const kq_args &a, const kq_stage &st,
              st.k_row);
   stage_copy(dst + st.v_codes, a.r.codes_v + tok * d * p.v_bits / 32, KVQ_TILE * d * p.v_bits / 32,
              st.v_row);
-  const uint32_t *mk = reinterpret_cast<const uint32_t *>(a.r.meta_k) + tok * d / p.k_group;
-  const uint32_t *mv = reinterpret_cast<const uint32_t *>(a.r.meta_v) + tok * d / p.v_group;
-  stage_copy(dst + st.k_meta, mk, KVQ_TILE * d / p.k_group, 0);
-  stage_copy(dst + st.v_meta, mv, KVQ_TILE * d / p.v_group, 0);
+  const uint32_t *mk = reinterpret_cast<const uint32_t *>(
+      a.r.meta_k + kvq_pair_units(tok * d / p.k_group, p.meta));
+  const uint32_t *mv = reinterpret_cast<const uint32_t *>(
+      a.r.meta_v + kvq_pair_units(tok * d / p.v_group, p.meta));
+  stage_copy(dst + st.k_meta, mk, kq_meta_words(p, p.k_group), 0);
+  stage_copy(dst + st.v_meta, mv, kq_meta_words(p, p.v_group), 0);
   asm volatile("cp.async.commit_group;\n" ::);
 }
 
@@ -281,7 +294,6 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
       if (tid < n) {
         if constexpr (KAX == IQ_AXIS_CHANNELS) {
           const int gk = p.k_group, groups = d / gk;
-          const uint32_t *pairs = km + tid * groups;
           for (int gi = 0; gi < groups; gi++) {
             float dot[G];
 #pragma unroll
@@ -304,7 +316,7 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
                 for (int g = 0; g < G; g++) dot[g] += q_s[g * d + gi * gk + e] * code;
               }
             }
-            const float2 so = pair_at(pairs, gi);
+            const float2 so = pair_at(km, tid * groups + gi, p.meta);
 #pragma unroll
             for (int g = 0; g < G; g++) s[g] += so.x * dot[g] + so.y * qsum_s[g * groups + gi];
           }
@@ -313,12 +325,11 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
           const int blk = tid / b, e = tid % b;
           const int korder = kvq_order(&p, 0); /* rows of b, or tiles of 32 tokens */
           const int slot = korder > 0 ? kvq_slot_of(e, korder, KB) : e;
-          const uint32_t *pairs = km + blk * d;
           for (int c = 0; c < d; c += 4) {
             float k[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-              const float2 so = pair_at(pairs, c + i);
+              const float2 so = pair_at(km, blk * d + c + i, p.meta);
               const int at = korder == KVQ_KEY_TILE
                                  ? (int)kvq_slot_in((blk * d + c + i) * b + e, KB, korder, d)
                                  : (blk * d + c + i) * b + slot;
@@ -352,18 +363,26 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
 #pragma unroll
             for (int g = 0; g < G; g++) dot[g] = 0.0f;
             const float *pw = p_s + blk * b;
-            /* a (block, channel) row of b codes, in fragment order when b is a multiple of 32 */
-            const bool permuted = kvq_order(&p, 1) != 0;
-            const uint32_t *row = st.v_row ? vc + (blk * d + c) * (st.v_row + 1)
-                                           : vc + blk * b * d * VB / 32;
-            const int first = st.v_row ? 0 : c * b;
-            for (int slot = 0; slot < b; slot++) {
-              const int e = permuted ? kvq_elem_of(slot, b, VB) : slot;
-              const float code = code_float(code_at<VB>(row, first + slot));
+            if (kvq_order(&p, 1) == KVQ_VALUE_TILE) { /* blocks of 32 in tile order */
+              const uint32_t *block = vc + blk * b * d * VB / 32;
+              for (int e = 0; e < b; e++) {
+                const float code = code_float(code_at<VB>(block, kvq_value_tile_slot(e, c, VB)));
 #pragma unroll
-              for (int g = 0; g < G; g++) dot[g] += pw[g * KQ_THREADS + e] * code;
+                for (int g = 0; g < G; g++) dot[g] += pw[g * KQ_THREADS + e] * code;
+              }
+            } else { /* a (block, channel) row of b codes, in fragment order when b % 32 == 0 */
+              const bool permuted = kvq_order(&p, 1) != 0;
+              const uint32_t *row = st.v_row ? vc + (blk * d + c) * (st.v_row + 1)
+                                             : vc + blk * b * d * VB / 32;
+              const int first = st.v_row ? 0 : c * b;
+              for (int slot = 0; slot < b; slot++) {
+                const int e = permuted ? kvq_elem_of(slot, b, VB) : slot;
+                const float code = code_float(code_at<VB>(row, first + slot));
+#pragma unroll
+                for (int g = 0; g < G; g++) dot[g] += pw[g * KQ_THREADS + e] * code;
+              }
             }
-            const float2 so = pair_at(vm, blk * d + c);
+            const float2 so = pair_at(vm, blk * d + c, p.meta);
 #pragma unroll
             for (int g = 0; g < G; g++)
               acc[ci][g] += so.x * dot[g] + so.y * psum_s[g * (KVQ_TILE / b) + blk];
@@ -376,7 +395,7 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
             float v[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-              const float2 so = pair_at(vm, (j + i) * groups + c / p.v_group);
+              const float2 so = pair_at(vm, (j + i) * groups + c / p.v_group, p.meta);
               v[i] = so.x * code_float(code_at<VB>(vc, (j + i) * d + slot)) + so.y;
             }
 #pragma unroll

@@ -13,16 +13,21 @@
  * folding each key group's pair as s += scale · (codes · q) + offset · Σ q
  * (keys over tokens: q times each channel's scale is the B operand, and the
  * offsets take one more MMA);
- * updates its heads' online softmax; turns P into the B operand of the values
- * in registers (movmatrix transposes the score fragment); and computes
+ * updates its heads' online softmax (Σ p by one more MMA); turns P into the B
+ * operand of the values in registers (movmatrix transposes the score
+ * fragment); and computes
  *   outᵀ (channels x heads) += V codes (A) · Pᵀ,
  * folding each block's pair as out += scale · (codes · p) + offset · Σ p.
- * The codes are stored in fragment order (kvq.h), so a thread's share of an A
- * operand is one load and a few bit operations: a 4-bit code c OR-ed under
- * 0x6400 is the fp16 1024 + c. q and p are rounded to fp16 as the tensor cores
+ * The codes are stored in fragment or tile order (kvq.h), so a thread's share
+ * of an A operand is one load and one bit operation per fp16 pair: a code c
+ * OR-ed under 0x6400 is the fp16 1024 + c; keys over tokens and values enter
+ * the MMA so (raw), the 1024 and the code's place in its byte taken off the
+ * fp32 sums after. q and p are rounded to fp16 as the tensor cores
  * take them, as in prefill_mma.cuh; sums and the softmax are fp32. The 4 warps
  * merge into one partial per block, merge_splits_kernel the splits. */
 #include <math.h>
+
+#include <utility>
 
 #include "cuda.cuh"
 #include "checks.h"
@@ -213,47 +218,43 @@ template <int D> struct km_state {
 
 /* The softmax step of a chunk's scores s[mt][.] (tokens 16 mt + gid and + 8,
  * heads 2 tig, + 1; -inf for none): rescales the state, and returns the B
- * operands of Pᵀ per 16-token k-step and Σ p per head (of the fp16 p). */
+ * operands of Pᵀ per 16-token k-step and 1024 Σ p per head (of the fp16 p, from
+ * one MMA per k-step with A all 1024: exact, no shuffles). The running maximum
+ * moves only when a score passes it by more than MAX_LAG (log2 units), so p <=
+ * 2^MAX_LAG and most chunks skip the rescale. */
+constexpr float MAX_LAG = 8.0f;
 template <int D>
-__device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][4],
-                                              uint32_t pb[2][2], float psum[2]) {
-  float corr[2], mx[2];
+__device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][4], uint32_t h,
+                                              uint32_t pb[2][2], float ps[2]) {
+  float corr[2];
 #pragma unroll
   for (int j = 0; j < 2; j++) {
-    mx[j] = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
+    float mx = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
 #pragma unroll
-    for (int o = 4; o < 32; o <<= 1) mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], o));
-    const float m = fmaxf(st.m[j], mx[j]);
-    corr[j] = m == -INFINITY ? 1.0f : fast_exp2(st.m[j] - m);
+    for (int o = 4; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    /* m is finite after: every chunk and fp16 piece has a position (-inf scores give p 0) */
+    const float m = mx > st.m[j] + MAX_LAG ? mx : st.m[j];
+    corr[j] = m == st.m[j] ? 1.0f : fast_exp2(st.m[j] - m);
     st.m[j] = m;
-    psum[j] = 0.0f;
   }
 #pragma unroll
   for (int mt = 0; mt < 2; mt++) {
     uint32_t row[2];
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-      float p[2];
-#pragma unroll
-      for (int j = 0; j < 2; j++) {
-        /* m is finite: every chunk and fp16 piece has a position, -inf scores give 0 */
-        p[j] = fast_exp2(s[mt][2 * r + j] - st.m[j]);
-      }
-      row[r] = pack_half2(p[0], p[1]);
-      const float2 ph = pair_f2(row[r]);
-      psum[0] += ph.x;
-      psum[1] += ph.y;
-    }
+    for (int r = 0; r < 2; r++)
+      row[r] = pack_half2(fast_exp2(s[mt][2 * r] - st.m[0]), fast_exp2(s[mt][2 * r + 1] - st.m[1]));
     pb[mt][0] = transpose_8x8(row[0]);
     pb[mt][1] = transpose_8x8(row[1]);
   }
+  float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const uint32_t fh[4] = {h, h, h, h};
+  mma_16816(sum, fh, pb[0][0], pb[0][1]);
+  mma_16816(sum, fh, pb[1][0], pb[1][1]);
 #pragma unroll
   for (int j = 0; j < 2; j++) {
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) psum[j] += __shfl_xor_sync(0xffffffffu, psum[j], o);
-    st.l[j] = st.l[j] * corr[j] + psum[j];
+    ps[j] = sum[j];
+    st.l[j] = st.l[j] * corr[j] + sum[j] * (1.0f / 1024.0f);
   }
-  /* once the running maxima settle the factors are 1: skip the rescale then */
   if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f))
 #pragma unroll
     for (int cm = 0; cm < D / 16; cm++) {
@@ -262,6 +263,52 @@ __device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][
       st.acc[cm][2] *= corr[0];
       st.acc[cm][3] *= corr[1];
     }
+}
+
+/* The value MMAs of channel tile CM over a chunk: A from the lane's words vw in
+ * tile order (kvq_value_tile_slot), unpacked raw (1024 + f code, f = 2^(VB j)
+ * for the row's code place j), B = Pᵀ; then per channel c (rows gid, gid + 8),
+ * with (scale, offset) pair so and 1024 Σ p = ps,
+ *   out += scale · Σ p code + offset · Σ p = scale / f · tmp + (offset / 1024 - scale / f) · ps. */
+template <int D, int VB, int CM>
+__device__ __forceinline__ void value_tile(km_state<D> &st, const uint32_t *vw, const uint32_t *vm,
+                                           const uint32_t pb[2][2], const float ps[2], int gid,
+                                           uint32_t h) {
+  constexpr int PER = 8 / VB, Q0 = 2 * CM, Q1 = 2 * CM + 1, J0 = Q0 % PER, J1 = Q1 % PER;
+  constexpr uint32_t ONES = (1u << VB) - 1;
+  float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int ks = 0; ks < 2; ks++) {
+    const uint32_t w0 = vw[Q0 / PER * 2 + ks], w1 = vw[Q1 / PER * 2 + ks];
+    uint32_t fr[4]; /* rows gid, gid + 8 at tokens 2 tig, + 1 (bytes 0, 2), then + 8, + 9 (1, 3) */
+    if constexpr (VB == 8) {
+      fr[0] = __byte_perm(w0, h, 0x7270), fr[1] = __byte_perm(w1, h, 0x7270);
+      fr[2] = __byte_perm(w0, h, 0x7371), fr[3] = __byte_perm(w1, h, 0x7371);
+    } else {
+      fr[0] = under_1024<ONES * 0x00010001u << (VB * J0)>(w0, h);
+      fr[1] = under_1024<ONES * 0x00010001u << (VB * J1)>(w1, h);
+      fr[2] = under_1024<ONES * 0x00010001u << (VB * J0)>(w0 >> 8, h);
+      fr[3] = under_1024<ONES * 0x00010001u << (VB * J1)>(w1 >> 8, h);
+    }
+    mma_16816(tmp, fr, pb[ks][0], pb[ks][1]);
+  }
+  const int c0 = 16 * CM + gid;
+  const float2 so0 = pair_f2(vm[c0]), so1 = pair_f2(vm[c0 + 8]);
+  const float sf0 = so0.x * (1.0f / (float)(1 << (VB * J0))), sf1 = so1.x * (1.0f / (float)(1 << (VB * J1)));
+  const float of0 = so0.y * (1.0f / 1024.0f) - sf0, of1 = so1.y * (1.0f / 1024.0f) - sf1;
+  /* two FMAs each (a + (b + c) would take three) */
+  st.acc[CM][0] = fmaf(sf0, tmp[0], fmaf(of0, ps[0], st.acc[CM][0]));
+  st.acc[CM][1] = fmaf(sf0, tmp[1], fmaf(of0, ps[1], st.acc[CM][1]));
+  st.acc[CM][2] = fmaf(sf1, tmp[2], fmaf(of1, ps[0], st.acc[CM][2]));
+  st.acc[CM][3] = fmaf(sf1, tmp[3], fmaf(of1, ps[1], st.acc[CM][3]));
+}
+
+template <int D, int VB, int... CM>
+__device__ __forceinline__ void value_tiles(std::integer_sequence<int, CM...>, km_state<D> &st,
+                                            const uint32_t *vw, const uint32_t *vm,
+                                            const uint32_t pb[2][2], const float ps[2], int gid,
+                                            uint32_t h) {
+  (value_tile<D, VB, CM>(st, vw, vm, pb, ps, gid, h), ...);
 }
 
 template <int D, int KB, int VB, int KG>
@@ -375,8 +422,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
 #pragma unroll
       for (int i = 0; i < 4; i++) s[1][i] = -INFINITY; /* a piece is one 16-token tile */
       uint32_t pb[2][2];
-      float psum[2];
-      chunk_softmax<D>(state, s, pb, psum);
+      float ps[2];
+      chunk_softmax<D>(state, s, h, pb, ps);
       const __half *vt = tile + FP16_PIECE * FP16_S; /* the value rows */
 #pragma unroll
       for (int cm = 0; cm < D / 16; cm++) {
@@ -433,10 +480,10 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
             mma_16816(tmp, fr, qb[ks][0], qb[ks][1]);
             if ((ks + 1) % KPG == 0) { /* the group ends: fold its pairs */
               const float2 so0 = pair_f2(m0[ks / KPG]), so1 = pair_f2(m1[ks / KPG]);
-              s[mt][0] += so0.x * tmp[0] + so0.y * qg[ks][0];
-              s[mt][1] += so0.x * tmp[1] + so0.y * qg[ks][1];
-              s[mt][2] += so1.x * tmp[2] + so1.y * qg[ks][0];
-              s[mt][3] += so1.x * tmp[3] + so1.y * qg[ks][1];
+              s[mt][0] = fmaf(so0.x, tmp[0], fmaf(so0.y, qg[ks][0], s[mt][0]));
+              s[mt][1] = fmaf(so0.x, tmp[1], fmaf(so0.y, qg[ks][1], s[mt][1]));
+              s[mt][2] = fmaf(so1.x, tmp[2], fmaf(so1.y, qg[ks][0], s[mt][2]));
+              s[mt][3] = fmaf(so1.x, tmp[3], fmaf(so1.y, qg[ks][1], s[mt][3]));
 #pragma unroll
               for (int i = 0; i < 4; i++) tmp[i] = 0.0f;
             }
@@ -478,37 +525,29 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
         for (int mt = 0; mt < 2; mt++) /* row gid of tile mt is pair j = 2 mt, row gid + 8 2 mt + 1 */
 #pragma unroll
           for (int i = 0; i < 4; i++)
-            s[mt][i] = (s[mt][i] - raw[i % 2]) * raw_factor_inv<KB>(2 * mt + i / 2) + bias[i % 2];
+            s[mt][i] = fmaf(s[mt][i] - raw[i % 2], raw_factor_inv<KB>(2 * mt + i / 2), bias[i % 2]);
       }
       uint32_t pb[2][2];
-      float psum[2];
-      chunk_softmax<D>(state, s, pb, psum);
+      float ps[2];
+      chunk_softmax<D>(state, s, h, pb, ps);
 
-      /* values: per 16-channel tile, A = the codes of channels gid and gid + 8 */
+      /* values: the lane's words of the chunk in tile order, 16-byte loads */
+      constexpr int VW = D * VB / 32;
+      uint32_t vw[VW];
 #pragma unroll
-      for (int cm = 0; cm < D / 16; cm++) {
-        const int c0 = 16 * cm + gid;
-        const uint32_t *r0 = cur + st::VC + c0 * VB, *r1 = r0 + 8 * VB;
-        quad_share<VB, 1> w0, w1;
-        w0.load(r0, tig);
-        w1.load(r1, tig);
-        uint32_t x0[4], x1[4];
-        w0.pairs(0, h, x0);
-        w1.pairs(0, h, x1);
-        float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        const uint32_t f0[4] = {x0[0], x1[0], x0[1], x1[1]}, f1[4] = {x0[2], x1[2], x0[3], x1[3]};
-        mma_16816(tmp, f0, pb[0][0], pb[0][1]);
-        mma_16816(tmp, f1, pb[1][0], pb[1][1]);
-        const float2 so0 = pair_f2(cur[st::VM + c0]), so1 = pair_f2(cur[st::VM + c0 + 8]);
-        state.acc[cm][0] += so0.x * tmp[0] + so0.y * psum[0];
-        state.acc[cm][1] += so0.x * tmp[1] + so0.y * psum[1];
-        state.acc[cm][2] += so1.x * tmp[2] + so1.y * psum[0];
-        state.acc[cm][3] += so1.x * tmp[3] + so1.y * psum[1];
+      for (int i = 0; i < VW / 4; i++) {
+        const uint4 x = *reinterpret_cast<const uint4 *>(cur + st::VC + i * 128 + lane * 4);
+        vw[4 * i] = x.x, vw[4 * i + 1] = x.y, vw[4 * i + 2] = x.z, vw[4 * i + 3] = x.w;
       }
+      value_tiles<D, VB>(std::make_integer_sequence<int, D / 16>(), state, vw, cur + st::VM, pb,
+                         ps, gid, h);
       __syncwarp(); /* the stage is refilled next */
     }
   }
 
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::); /* the merge may start launching */
+#endif
   /* the warps' partials into one: shared memory [warp][head][D] and (max, sum) */
   __syncthreads();
   float *w_acc = reinterpret_cast<float *>(km_smem);
@@ -550,7 +589,7 @@ int kvq_mma_supported(const iq_kvq_params *p, int group) {
   const int b2 = p->k_bits == 2 || p->k_bits == 4 || p->k_bits == 8;
   const int v2 = p->v_bits == 2 || p->v_bits == 4 || p->v_bits == 8;
   const int keys = p->k_axis == IQ_AXIS_CHANNELS ? p->k_group >= 16 : p->k_group == KM_CHUNK;
-  return b2 && v2 && keys && p->v_axis == IQ_AXIS_TOKENS && p->v_group == KM_CHUNK &&
+  return b2 && v2 && keys && kvq_order(p, 1) == KVQ_VALUE_TILE && p->v_group == KM_CHUNK &&
          (p->head_dim == 64 || p->head_dim == 128) && group <= KM_HEADS && p->meta == IQ_META_F16;
 }
 

@@ -63,16 +63,16 @@ __global__ void quantize_kernel(iq_kvq_params p, kvq_regions r, int64_t first_bl
     q_tile[e] = kvq_f16_value(ring[((int64_t)h * p.ring + (first + t) % p.ring) * d + c]);
   }
   __syncthreads();
-  uint16_t *meta = (side ? r.meta_v : r.meta_k) + ((int64_t)h * qcap + first) * d / group * 2;
+  uint16_t *meta = (side ? r.meta_v : r.meta_k) +
+                   kvq_pair_units(((int64_t)h * qcap + first) * d / group, p.meta);
   const int stride = axis == IQ_AXIS_CHANNELS ? 1 : d;
   for (int gi = threadIdx.x; gi < b * d / group; gi += blockDim.x) {
     int t, c;
     kvq_group_entry(axis, group, d, gi, 0, &t, &c);
     const float *x = q_tile + t * d + c;
     float scale, offset;
-    kvq_group_params(x, stride, group, bits, p.qmode, &scale, &offset);
-    meta[2 * gi] = kvq_f16_bits(scale);
-    meta[2 * gi + 1] = kvq_f16_bits(offset);
+    kvq_group_params(x, stride, group, bits, p.qmode, p.meta, &scale, &offset);
+    kvq_set_pair(meta, gi, p.meta, scale, offset);
     for (int e = 0; e < group; e++)
       codes[gi * group + e] = (uint8_t)kvq_code(x[e * stride], scale, offset, bits);
   }
@@ -125,11 +125,11 @@ __global__ void dequantize_kernel(iq_kvq_params p, kvq_regions r, float *k, floa
     const int64_t x = e / d % len, u = x - p.sink;
     if (u >= 0 && u < nq) {
       k[e] = kvq_dequantized(r.codes_k + (int64_t)h * qcap * d * p.k_bits / 32,
-                             r.meta_k + (int64_t)h * qcap * d / p.k_group * 2, u, c, d, p.k_bits,
-                             p.k_group, p.k_axis, b, kvq_order(&p, 0));
+                             r.meta_k + kvq_pair_units((int64_t)h * qcap * d / p.k_group, p.meta),
+                             u, c, d, p.k_bits, p.k_group, p.k_axis, b, kvq_order(&p, 0), p.meta);
       v[e] = kvq_dequantized(r.codes_v + (int64_t)h * qcap * d * p.v_bits / 32,
-                             r.meta_v + (int64_t)h * qcap * d / p.v_group * 2, u, c, d, p.v_bits,
-                             p.v_group, p.v_axis, b, kvq_order(&p, 1));
+                             r.meta_v + kvq_pair_units((int64_t)h * qcap * d / p.v_group, p.meta),
+                             u, c, d, p.v_bits, p.v_group, p.v_axis, b, kvq_order(&p, 1), p.meta);
     } else {
       const int64_t row = kvq_fp16_row(&p, h, x) + c;
       k[e] = kvq_f16_value((x < p.sink ? r.sink_k : r.ring_k)[row]);

@@ -4,8 +4,9 @@
 //                                    by measurement), values over tokens
 //   kivi:k2v2[,opt=value...]         KIVI-style baseline: keys over tokens, values over channels
 // Options: gk, gv (group sizes), g (both), sink, recent, norm=max|rms|off, hybrid=on|off,
-// kaxis/vaxis=channels|tokens (to mix the two groupings).
-import { type Backend, KvqAxis, KvqMode, KvqNorm } from "../../ffi/backend.ts";
+// kaxis/vaxis=channels|tokens (to mix the two groupings), meta=f16|e4m3|e5m2 (the precision of
+// each group's scale and offset).
+import { type Backend, KvqAxis, KvqMeta, KvqMode, KvqNorm } from "../../ffi/backend.ts";
 import type { CacheShape, KvCache } from "./cache.ts";
 import { denseBytesPerToken, DenseKvCache } from "./dense.ts";
 import { kvqParams, QuantizedKvCache } from "./quantized.ts";
@@ -23,6 +24,8 @@ export interface QuantSpec {
   recent: number;
   norm: "max" | "rms" | "off";
   hybrid: boolean;
+  /** Scale and offset of each group: fp16 (4 bytes a pair) or fp8 (2 bytes). */
+  meta: "f16" | "e4m3" | "e5m2";
 }
 export type KvSpec = DenseSpec | QuantSpec;
 
@@ -41,6 +44,7 @@ const DEFAULTS: Record<QuantSpec["kind"], Omit<QuantSpec, "kind" | "kBits" | "vB
     recent: 32,
     norm: "max",
     hybrid: true,
+    meta: "f16",
   },
   kivi: {
     kGroup: 32,
@@ -51,12 +55,14 @@ const DEFAULTS: Record<QuantSpec["kind"], Omit<QuantSpec, "kind" | "kBits" | "vB
     recent: 32,
     norm: "off",
     hybrid: false,
+    meta: "f16",
   },
 };
 
 const BITS = [2, 3, 4, 8];
 const ALLOWED = "fp16, fp32, innerq:kKvV or kivi:kKvV (K, V in 2, 3, 4, 8) with options " +
-  "gk=, gv=, g=, sink=, recent=, norm=max|rms|off, hybrid=on|off, kaxis=, vaxis=channels|tokens";
+  "gk=, gv=, g=, sink=, recent=, norm=max|rms|off, hybrid=on|off, kaxis=, vaxis=channels|tokens, " +
+  "meta=f16|e4m3|e5m2";
 
 export function parseKvSpec(text: string): KvSpec {
   const fail = (why: string): never => {
@@ -125,6 +131,9 @@ export function parseKvSpec(text: string): KvSpec {
       case "vaxis":
         spec.vAxis = oneOf(["channels", "tokens"] as const);
         break;
+      case "meta":
+        spec.meta = oneOf(["f16", "e4m3", "e5m2"] as const);
+        break;
       default:
         fail(`unknown option ${JSON.stringify(key)}`);
     }
@@ -142,7 +151,7 @@ export function formatKvSpec(spec: KvSpec): string {
   if (isDense(spec)) return spec.kind;
   return `${spec.kind}:k${spec.kBits}v${spec.vBits},gk=${spec.kGroup},gv=${spec.vGroup},` +
     `kaxis=${spec.kAxis},vaxis=${spec.vAxis},sink=${spec.sink},recent=${spec.recent},` +
-    `norm=${spec.norm},hybrid=${spec.hybrid ? "on" : "off"}`;
+    `norm=${spec.norm},hybrid=${spec.hybrid ? "on" : "off"},meta=${spec.meta}`;
 }
 
 /** The spec as one would write it: bits and family, then only the options that differ from the
@@ -170,15 +179,18 @@ export function checkKvSpec(spec: KvSpec, headDim: number): void {
   }
 }
 
-/** Bytes per cached token, all layers, codes and (scale, offset) pairs included; the sink, the
- * recent window and the key normalization are a fixed cost on top (see KvCache.fixedBytes). */
+/** Bytes per cached token, all layers, codes and (scale, offset) pairs (4 bytes fp16, 2 fp8)
+ * included; the sink, the recent window and the key normalization are a fixed cost on top (see
+ * KvCache.fixedBytes). */
 export function kvBytesPerToken(
   spec: KvSpec,
   shape: Omit<CacheShape, "capacity" | "chunk">,
 ): number {
   if (isDense(spec)) return denseBytesPerToken(spec.kind, shape);
   const d = shape.headDim;
-  const perHead = d * (spec.kBits + spec.vBits) / 8 + 4 * d / spec.kGroup + 4 * d / spec.vGroup;
+  const pair = spec.meta === "f16" ? 4 : 2;
+  const perHead = d * (spec.kBits + spec.vBits) / 8 + pair * d / spec.kGroup +
+    pair * d / spec.vGroup;
   return shape.layers * shape.kvHeads * perHead;
 }
 
@@ -196,7 +208,7 @@ export function kvqOptions(spec: QuantSpec) {
     recent: spec.recent,
     qmode: spec.hybrid ? KvqMode.HYBRID : KvqMode.ASYM,
     norm: { max: KvqNorm.MAX, rms: KvqNorm.RMS, off: KvqNorm.OFF }[spec.norm],
-    meta: 0,
+    meta: { f16: KvqMeta.F16, e4m3: KvqMeta.E4M3, e5m2: KvqMeta.E5M2 }[spec.meta],
   };
 }
 
