@@ -64,6 +64,8 @@ extern "C" int iq_ctx_create(int device, int threads, iq_ctx **out) {
   CREATE_CHECK(cudaSetDevice(device), "iq_ctx_create: cudaSetDevice");
   CREATE_CHECK(cudaDeviceGetAttribute(&ctx->sms, cudaDevAttrMultiProcessorCount, device),
                "iq_ctx_create: cudaDeviceGetAttribute");
+  CREATE_CHECK(cudaDeviceGetAttribute(&ctx->cc_major, cudaDevAttrComputeCapabilityMajor, device),
+               "iq_ctx_create: cudaDeviceGetAttribute");
   CREATE_CHECK(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking),
                "iq_ctx_create: cudaStreamCreate");
   CREATE_CHECK(cudaHostAlloc((void **)&ctx->fault, sizeof *ctx->fault, cudaHostAllocMapped),

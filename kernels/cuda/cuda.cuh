@@ -42,6 +42,7 @@ struct iq_fault {
 struct iq_ctx {
   int device;
   int sms;                  /* multiprocessors: sizes grids */
+  int cc_major;             /* compute capability: 9 and up launch merges early (PDL) */
   cudaStream_t stream;      /* every op of this context runs on it, in order */
   void *scratch;            /* shared by the ops (they run one at a time on the stream) */
   size_t scratch_bytes;

@@ -12,33 +12,38 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-constexpr int MERGE_THREADS = 512;
+constexpr int MERGE_WARPS = 8;
 
-/* One block per row (a query head): out = sum_s acc_s e^(m_s - M) / sum_s
- * l_s e^(m_s - M) over the splits; part_acc[split, rows, d], part_ml[split,
- * rows, {max, sum}]. A split that saw no keys has max -inf and adds nothing.
- * The weights e^(m_s - M) go to shared memory first; then MERGE_THREADS / d
- * groups of d threads take every group-th split, four loads in flight each
- * (a row's partials are read from L2, and with hundreds of splits the
- * latency of one load after another would dominate), and add up in shared
- * memory. */
-static __global__ void __launch_bounds__(MERGE_THREADS)
+/* out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M) over the splits;
+ * part_acc[split, rows, d], part_ml[split, rows, {max, sum}]. A split that saw
+ * no keys has max -inf and adds nothing. grid (rows, ceil(d / 32)): block
+ * (h, x) merges channels 32 x .. 32 x + 31 of row h, so a decode step's few
+ * rows still spread over the GPU. Each block finds the row's M and sum itself
+ * (the (max, sum) pairs are a few KB in L2) with the weights e^(m_s - M) in
+ * shared memory; then warp w takes splits w, w + MERGE_WARPS, .., lane = the
+ * channel, four loads in flight, and the warps add up in shared memory. */
+static __global__ void __launch_bounds__(MERGE_WARPS * 32)
     merge_splits_kernel(float *out, const float *part_acc, const float *part_ml, int rows, int d,
                         int splits) {
-  extern __shared__ float merge_w[]; /* [splits], then [groups][d] */
-  __shared__ float red[MERGE_THREADS / 32];
+  extern __shared__ float merge_w[]; /* [splits] */
+  __shared__ float red[MERGE_WARPS], part[MERGE_WARPS][32];
   const int h = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int c = blockIdx.y * 32 + lane;
+#if __CUDA_ARCH__ >= 900
+  /* launched early (programmatic dependent launch): the partials are complete past this */
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   float mx = -INFINITY;
-  for (int s = tid; s < splits; s += MERGE_THREADS)
+  for (int s = tid; s < splits; s += MERGE_WARPS * 32)
     mx = fmaxf(mx, part_ml[((int64_t)s * rows + h) * 2]);
   mx = warp_max(mx);
   if (lane == 0) red[warp] = mx;
   __syncthreads();
   mx = red[0];
-  for (int w = 1; w < MERGE_THREADS / 32; w++) mx = fmaxf(mx, red[w]);
+  for (int w = 1; w < MERGE_WARPS; w++) mx = fmaxf(mx, red[w]);
   __syncthreads(); /* red is reused below */
   float sum = 0.0f;
-  for (int s = tid; s < splits; s += MERGE_THREADS) {
+  for (int s = tid; s < splits; s += MERGE_WARPS * 32) {
     const int64_t ph = (int64_t)s * rows + h;
     const float m = part_ml[ph * 2];
     const float w = m > -INFINITY ? expf(m - mx) : 0.0f;
@@ -49,39 +54,48 @@ static __global__ void __launch_bounds__(MERGE_THREADS)
   if (lane == 0) red[warp] = sum;
   __syncthreads();
   sum = 0.0f;
-  for (int w = 0; w < MERGE_THREADS / 32; w++) sum += red[w];
+  for (int w = 0; w < MERGE_WARPS; w++) sum += red[w];
 
-  const int groups = MERGE_THREADS / d, g = tid / d, c = tid % d;
-  float *part = merge_w + splits; /* [groups][d] */
-  if (g < groups) {
+  float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (c < d) {
     const float *acc = part_acc + (int64_t)h * d + c;
     const int64_t stride = (int64_t)rows * d;
-    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    int s = g;
-    for (; s + 3 * groups < splits; s += 4 * groups)
+    int s = warp;
+    for (; s + 3 * MERGE_WARPS < splits; s += 4 * MERGE_WARPS)
 #pragma unroll
-      for (int i = 0; i < 4; i++) a[i] += acc[(s + i * groups) * stride] * merge_w[s + i * groups];
-    for (; s < splits; s += groups) a[0] += acc[s * stride] * merge_w[s];
-    part[g * d + c] = (a[0] + a[1]) + (a[2] + a[3]);
+      for (int i = 0; i < 4; i++)
+        a[i] += acc[(s + i * MERGE_WARPS) * stride] * merge_w[s + i * MERGE_WARPS];
+    for (; s < splits; s += MERGE_WARPS) a[0] += acc[s * stride] * merge_w[s];
   }
+  part[warp][lane] = (a[0] + a[1]) + (a[2] + a[3]);
   __syncthreads();
-  if (tid < d) {
+  if (warp == 0 && c < d) {
     float total = 0.0f;
-    for (int i = 0; i < groups; i++) total += part[i * d + tid];
-    out[(int64_t)h * d + tid] = total / sum;
+    for (int w = 0; w < MERGE_WARPS; w++) total += part[w][lane];
+    out[(int64_t)h * d + c] = total / sum;
   }
 }
 
-/* Launches merge_splits_kernel over rows (query heads) of d <= 256 channels. */
+/* Launches merge_splits_kernel over rows (query heads) of d channels. */
 static inline int merge_splits(iq_ctx *ctx, float *out, const float *part_acc,
                                const float *part_ml, int rows, int d, int splits) {
-  const size_t smem = sizeof(float) * ((size_t)splits + (size_t)MERGE_THREADS / d * d);
+  const size_t smem = sizeof(float) * (size_t)splits;
   if (smem > 48 * 1024)
-    return iq_fail(ctx, IQ_ERR_ARG, "merge_splits: %d splits of %d channels exceed shared memory",
-                   splits, d);
-  merge_splits_kernel<<<rows, MERGE_THREADS, smem, ctx->stream>>>(out, part_acc, part_ml, rows, d,
-                                                                  splits);
-  IQ_LAUNCHED(ctx);
+    return iq_fail(ctx, IQ_ERR_ARG, "merge_splits: %d splits exceed shared memory", splits);
+  /* on compute capability 9+ the merge launches while the split kernel drains (its blocks wait
+   * in griddepcontrol.wait), hiding a launch's latency per decode step */
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)rows, (unsigned)((d + 31) / 32));
+  cfg.blockDim = dim3(MERGE_WARPS * 32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = ctx->stream;
+  cudaLaunchAttribute early;
+  early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  early.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &early;
+  cfg.numAttrs = ctx->cc_major >= 9 ? 1 : 0;
+  IQ_CUDA(ctx, cudaLaunchKernelEx(&cfg, merge_splits_kernel, out, part_acc, part_ml, rows, d,
+                                  splits));
   return IQ_OK;
 }
 
