@@ -273,6 +273,10 @@ interface AttnCase {
   n: number;
   pos0: number;
   dt: DTypeCode;
+  /** q in [-qRange, qRange) (default 2): larger makes the softmax peaked */
+  qRange?: number;
+  /** the cache rows past the last position NaN: a kernel reading one past the end shows */
+  poison?: boolean;
 }
 
 function attentionCase(
@@ -282,9 +286,17 @@ function attentionCase(
   a: AttnCase,
 ): [Float32Array, Float32Array] {
   const cap = a.pos0 + a.n + 3;
-  const k = encode(randomFloats(rng, a.kvHeads * cap * a.hd), a.dt);
-  const v = encode(randomFloats(rng, a.kvHeads * cap * a.hd), a.dt);
-  const q = randomFloats(rng, a.n * a.heads * a.hd, -2, 2);
+  const [kf, vf] = [0, 1].map(() => randomFloats(rng, a.kvHeads * cap * a.hd));
+  if (a.poison) {
+    for (let h = 0; h < a.kvHeads; h++) {
+      const from = (h * cap + a.pos0 + a.n) * a.hd, to = (h + 1) * cap * a.hd;
+      kf.fill(NaN, from, to);
+      vf.fill(NaN, from, to);
+    }
+  }
+  const k = encode(kf, a.dt), v = encode(vf, a.dt);
+  const qRange = a.qRange ?? 2;
+  const q = randomFloats(rng, a.n * a.heads * a.hd, -qRange, qRange);
   const [g, c] = onBoth(gpu, cpu, [q, k, v], { bytes: q.byteLength }, (be, [qb, kb, vb], o) => {
     const args = { out: o, q: qb, kCache: kb, vCache: vb, cacheDtype: a.dt, pos0: a.pos0, n: a.n };
     const shape = {
@@ -322,17 +334,92 @@ test("attention prefill: GQA ratios, head_dim 64/128/256/40, fp16 and fp32 cache
   }
 });
 
-// Tolerance 1e-4. Long positions split the keys across blocks; 7 and 16 query heads per KV head
-// take the 8-head kernel (16 in two blocks); head_dim 36 falls back to the prefill kernel.
+/** Whether a decode step runs on tensor cores (decode_mma.cu's decode_mma_supported, behind
+ * iq_attention_decode's fp16 cache and aligned rows). */
+function decodeOnTensorCores(dt: DTypeCode, hd: number, group: number): boolean {
+  return dt === DType.F16 && (hd === 64 || hd === 128) && group <= 8;
+}
+
+// The tensor-core decode rounds q (times scale and log2 e) and the probabilities to fp16 as the
+// MMAs take them: its outputs agree within 3e-3 of each head's largest |output|. Measured on an
+// H100: at most 4e-4 with q in [-2, 2], 1.2e-3 in [-6, 6] and 2e-3 in [-12, 12] (the larger the
+// scores, the more q's rounding moves them). Against the row, not against 1: the outputs of
+// long contexts are averages far below 1, where an absolute 3e-3 would hide a lost chunk.
+const DECODE_MMA_TOL = 3e-3;
+
+// Tolerance 1e-4 for the SIMT kernels. Long positions split the keys across blocks; 16 query heads
+// per KV head take the SIMT 8-head kernel in two blocks, head_dim 256 its fp16 path; head_dim 36
+// and the fp32 cache fall back to the prefill kernel. fp16 caches of head_dim 64/128 with up to 8
+// query heads per KV head take the tensor-core kernel (DECODE_MMA_TOL). Rows past pos are NaN.
 test("attention decode: splits up to 5000 positions, GQA ratios", (gpu, cpu) => {
   const rng = new Rng(9);
   const shapes = [[32, 8, 128], [8, 8, 64], [28, 4, 128], [16, 1, 64], [6, 3, 256], [4, 2, 36]];
   for (const [heads, kvHeads, hd] of shapes) {
     for (const pos of [0, 1, 100, 1000, 4999]) {
       const dt = pos % 2 ? DType.F16 : DType.F32;
-      const [g, c] = attentionCase(gpu, cpu, rng, { heads, kvHeads, hd, n: 1, pos0: pos, dt });
-      assertClose(g, c, 1e-4, `decode ${heads}/${kvHeads}x${hd} pos ${pos} dtype ${dt}`);
+      const [g, c] = attentionCase(gpu, cpu, rng, {
+        heads,
+        kvHeads,
+        hd,
+        n: 1,
+        pos0: pos,
+        dt,
+        poison: true,
+      });
+      const what = `decode ${heads}/${kvHeads}x${hd} pos ${pos} dtype ${dt}`;
+      if (!decodeOnTensorCores(dt, hd, heads / kvHeads)) assertClose(g, c, 1e-4, what);
+      else {
+        const err = maxRowRelError(g, c, hd);
+        assert.ok(err <= DECODE_MMA_TOL, `${what}: ${err} of the row's max`);
+      }
     }
+  }
+});
+
+// The tensor-core decode (decode_mma.cu: warps of 32-token chunks, each warp a split of its own)
+// on every shape it takes: head_dim 64 and 128, 1, 3, 4, 7 and 8 query heads per KV head. Every
+// context of 1 to 40 positions (one chunk and its masked tail, then two splits of one chunk each),
+// 64 +- 1, and thousands of positions split over up to hundreds of warps, none a whole number of
+// chunks; 20000 positions over 8 KV heads give each warp 5 or more chunks on an H100, around its
+// ring of 3 stages and more. Rows past pos are NaN, so a copy or a score past the end shows as
+// NaN; q in [-6, 6] makes the softmax peaked, so a lost or doubled token shows too. Tolerance
+// DECODE_MMA_TOL.
+test("attention decode on tensor cores: head_dim 64/128, GQA 1 to 8, short and long contexts", (
+  gpu,
+  cpu,
+) => {
+  const rng = new Rng(10);
+  const shapes = [
+    [8, 8, 64],
+    [8, 8, 128],
+    [6, 2, 64],
+    [16, 4, 64],
+    [32, 8, 128],
+    [28, 4, 128],
+    [16, 2, 64],
+    [32, 4, 128],
+  ];
+  const positions = [...Array(40).keys(), 63, 64, 65, 1000, 4095, 8999];
+  const cases = shapes.flatMap(([heads, kvHeads, hd]) =>
+    positions.map((pos) => [heads, kvHeads, hd, pos])
+  ).concat([[8, 8, 64, 19999], [32, 8, 128, 19999]]);
+  for (const [heads, kvHeads, hd, pos] of cases) {
+    assert.ok(decodeOnTensorCores(DType.F16, hd, heads / kvHeads));
+    const [g, c] = attentionCase(gpu, cpu, rng, {
+      heads,
+      kvHeads,
+      hd,
+      n: 1,
+      pos0: pos,
+      dt: DType.F16,
+      qRange: 6,
+      poison: true,
+    });
+    const err = maxRowRelError(g, c, hd);
+    assert.ok(
+      err <= DECODE_MMA_TOL,
+      `decode ${heads}/${kvHeads}x${hd} pos ${pos}: ${err} of the row's max`,
+    );
   }
 });
 
@@ -399,13 +486,17 @@ test("sample picks the CPU's token for many settings", (gpu, cpu) => {
   }
 });
 
-test("sample rejects a NaN temperature and an infinite penalty on both backends", (gpu, cpu) => {
+test("sample rejects a NaN or +inf temperature and an infinite penalty on both backends", (
+  gpu,
+  cpu,
+) => {
   const logits = Float32Array.from([1, 2, 3]);
   for (
-    const bad of [{ temperature: NaN, repeatPenalty: 1 }, {
-      temperature: 1,
-      repeatPenalty: Infinity,
-    }]
+    const bad of [
+      { temperature: NaN, repeatPenalty: 1 },
+      { temperature: Infinity, repeatPenalty: 1 },
+      { temperature: 1, repeatPenalty: Infinity },
+    ]
   ) {
     for (const be of [gpu, cpu]) {
       assert.throws(
@@ -429,6 +520,136 @@ test("sample rejects a NaN temperature and an infinite penalty on both backends"
       );
     }
   }
+});
+
+/** One sample call on be with its own buffers: the NativeError's message ("" if none) and the
+ * token left in out_token (which starts at 12345). */
+function sampleOutcome(
+  be: Backend,
+  logits: Float32Array,
+  history: number[],
+  s: { temperature: number; topK: number; topP: number; minP: number; repeatPenalty: number },
+): { message: string; token: number } {
+  const l = be.alloc(logits.byteLength), out = be.alloc(4), h = be.alloc(4 * history.length + 4);
+  try {
+    be.upload(l, logits);
+    be.upload(out, Int32Array.of(12345));
+    be.upload(h, Int32Array.from(history));
+    let message = "";
+    try {
+      be.sample({
+        outToken: out,
+        logits: l,
+        vocab: logits.length,
+        history: h,
+        nHistory: history.length,
+        uniform: 0.5,
+        ...s,
+      });
+    } catch (e) {
+      if (!(e instanceof NativeError)) throw e;
+      message = e.message;
+    }
+    const token = new Int32Array(1);
+    be.download(out, token);
+    return { message, token: token[0] };
+  } finally {
+    [l, out, h].forEach((b) => b.close());
+  }
+}
+
+// Logits it cannot sample (innerq.h): the CPU fails in C; the GPU returns and leaves only the token,
+// the same one, from which TypeScript (sampledToken, and Sampler.sample through it) throws the CPU's
+// message. 5000 ids span several per thread of the arg max and several sort passes; the ids that
+// must be reported sit late, behind finite logits, a NaN of each sign and +inf beside each other.
+test("sample: NaN, a +inf largest and all -inf leave the CPU's failure token and message", (
+  gpu,
+  cpu,
+) => {
+  const vocab = 5000, finite = () => randomFloats(new Rng(12), vocab, -8, 8);
+  const withBits = (logits: Float32Array, at: Record<number, number>) => {
+    const bits = new Uint32Array(logits.buffer);
+    for (const [id, b] of Object.entries(at)) bits[Number(id)] = b;
+    return logits;
+  };
+  const NEG_NAN = 0xffc00000, POS_NAN = 0x7fc00000, POS_INF = 0x7f800000;
+  const cases = [
+    {
+      what: "a negative NaN, then a positive one and +inf",
+      logits: withBits(finite(), { 3001: NEG_NAN, 4500: POS_NAN, 10: POS_INF }),
+      message: "iq_sample: logit 3001 is NaN",
+      token: -(4 * 3001 + 1),
+    },
+    {
+      what: "every logit NaN",
+      logits: new Float32Array(vocab).fill(NaN),
+      message: "iq_sample: logit 0 is NaN",
+      token: -1,
+    },
+    {
+      what: "+inf at 2999 and 4000",
+      logits: withBits(finite(), { 4000: POS_INF, 2999: POS_INF }),
+      message: "iq_sample: the largest logit (id 2999) is +inf",
+      token: -(4 * 2999 + 2),
+    },
+    {
+      what: "+inf among three",
+      logits: Float32Array.from([-Infinity, 1, Infinity]),
+      message: "iq_sample: the largest logit (id 2) is +inf",
+      token: -(4 * 2 + 2),
+    },
+    {
+      what: "every logit -inf",
+      logits: new Float32Array(vocab).fill(-Infinity),
+      message: "iq_sample: every logit is -inf",
+      token: -3,
+    },
+  ];
+  const settings = [
+    { temperature: 0, topK: 0, topP: 1, minP: 0, repeatPenalty: 1 },
+    { temperature: 0, topK: 0, topP: 1, minP: 0, repeatPenalty: 1.5 },
+    { temperature: 1, topK: 0, topP: 1, minP: 0, repeatPenalty: 1 },
+    { temperature: 0.7, topK: 40, topP: 0.9, minP: 0.05, repeatPenalty: 1.3 },
+  ];
+  const history = [2, 3001, 4500, 2999, 1];
+  for (const c of cases) {
+    for (const s of settings) {
+      const at = `${c.what} ${JSON.stringify(s)}`;
+      const g = sampleOutcome(gpu, c.logits, history, s);
+      const want = { message: `cpu sample: ${c.message}`, token: c.token };
+      assert.deepEqual(sampleOutcome(cpu, c.logits, history, s), want, at);
+      assert.deepEqual(g, { message: "", token: c.token }, at);
+      assert.throws(
+        () => gpu.sampledToken(g.token),
+        (e: Error) => e instanceof NativeError && e.message === `cuda sample: ${c.message}`,
+        at,
+      );
+    }
+    // the generate loop's path: Sampler.sample reads the id back and throws
+    const l = gpu.alloc(c.logits.byteLength);
+    try {
+      gpu.upload(l, c.logits);
+      for (const params of [GREEDY, { ...GREEDY, temperature: 0.8, topK: 40, seed: 1 }]) {
+        using sampler = new Sampler(gpu, params, c.logits.length);
+        assert.throws(
+          () => sampler.sample(l),
+          (e: Error) => e instanceof NativeError && e.message === `cuda sample: ${c.message}`,
+          `${c.what} through Sampler, temperature ${params.temperature}`,
+        );
+      }
+    } finally {
+      l.close();
+    }
+  }
+  // finite logits over a tiny temperature: the scaled values overflow to +inf (id 0 the lowest)
+  const tiny = { temperature: 1e-40, topK: 0, topP: 1, minP: 0, repeatPenalty: 1 };
+  const logits = Float32Array.from([1, 2, -1]);
+  const want = { message: "iq_sample: the largest logit (id 0) is +inf", token: -2 };
+  assert.deepEqual(sampleOutcome(cpu, logits, [], tiny), {
+    ...want,
+    message: `cpu sample: ${want.message}`,
+  });
+  assert.deepEqual(sampleOutcome(gpu, logits, [], tiny), { message: "", token: want.token });
 });
 
 // ---- end to end --------------------------------------------------------------------------------

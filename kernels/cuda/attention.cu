@@ -4,11 +4,12 @@
  * - prefill: on tensor cores for an fp16 cache and head_dim 64/128
  *   (prefill_mma.cuh); otherwise one block per (16 queries, head) with key
  *   tiles in shared memory and fp32 SIMT math.
- * - decode (flash-decoding): positions 0..pos are split into chunks across
- *   blocks; one block serves up to 8 query heads of a KV head, so each K/V
- *   element is read once; a thread dots one whole key per tile (no shuffles
- *   per key) and the block walks V rows coalesced; a second kernel merges the
- *   chunks. */
+ * - decode (flash-decoding): on tensor cores for an fp16 cache, head_dim
+ *   64/128 and up to 8 query heads per KV head (decode_mma.cu); otherwise
+ *   positions 0..pos are split into chunks across blocks; one block serves up
+ *   to 8 query heads of a KV head, so each K/V element is read once; a thread
+ *   dots one whole key per tile (no shuffles per key) and the block walks V
+ *   rows coalesced; a second kernel merges the chunks. */
 #include <math.h>
 
 #include "cuda.cuh"
@@ -389,5 +390,8 @@ extern "C" int iq_attention_decode(iq_ctx *ctx, float *out, const float *q, cons
   if (!vec)
     return iq_attention_prefill(ctx, out, q, k_cache, v_cache, cache_dtype, 1, pos, heads, kv_heads,
                                 head_dim, cap, scale);
+  if (decode_mma_supported(head_dim, heads / kv_heads))
+    return decode_mma_attention(ctx, out, q, k_cache, v_cache, pos, heads, kv_heads, head_dim, cap,
+                                scale);
   return decode<__half>(ctx, out, q, k_cache, v_cache, pos, heads, kv_heads, head_dim, cap, scale);
 }

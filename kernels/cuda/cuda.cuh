@@ -69,6 +69,14 @@ int kvq_mma_supported(const iq_kvq_params *p, int group);
 int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
                       const float *q, int n, int pos0, int heads, float scale);
 
+/* decode_mma.cu: one decode step over an fp16 cache (16-byte aligned rows) on tensor cores, for
+ * the head_dim and query heads per KV head it supports; iq_attention_decode checks the arguments
+ * and calls it where it applies. */
+int decode_mma_supported(int head_dim, int group);
+int decode_mma_attention(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
+                         const void *v_cache, int pos, int heads, int kv_heads, int head_dim,
+                         int cap, float scale);
+
 /* Every CUDA call is checked: a failure records "<op>: <call>: <why>" and
  * returns IQ_ERR_DEVICE from the calling ABI function (__func__ is its name). */
 #define IQ_CUDA(ctx, call)                                                                     \

@@ -64,6 +64,12 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
 }
+/* The same for data streamed front to back once: L2 fetches the whole 256-byte block around src
+ * from DRAM (fp16 decode attention on an H100: 2978 GB/s at 1M tokens instead of 2927). */
+__device__ __forceinline__ void cp_async16_stream(void *dst, const void *src) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
 
 /* 2^x for x <= 0 or -inf (-> 0): MUFU.EX2 alone; exp2f adds a fix-up for
  * subnormal results that fp16 probabilities cannot hold anyway. */
