@@ -47,7 +47,7 @@ function tensorCores(p: KvqParams, group: number): boolean {
   const keys = p.kAxis === KvqAxis.CHANNELS ? p.kGroup >= 16 : p.kGroup === 32;
   return [2, 4, 8].includes(p.kBits) && [2, 4, 8].includes(p.vBits) && keys &&
     p.vAxis === KvqAxis.TOKENS && p.vGroup === 32 && (p.headDim === 64 || p.headDim === 128) &&
-    group <= 8 && p.meta === KvqMeta.F16;
+    group <= 8;
 }
 
 /** Fills the same layer on both backends, checks the bytes, then prefill and decode attention. */

@@ -21,6 +21,7 @@
 #include "cuda.cuh"
 #include "checks.h"
 #include "kvq.h"
+#include "mma.cuh"
 #include "split_softmax.cuh"
 
 constexpr int KQ_THREADS = KVQ_TILE; /* one token (scores) or channel (values) per thread */
@@ -58,13 +59,8 @@ __device__ __forceinline__ float dot4(float4 a, float x, float y, float z, float
   return a.x * x + a.y * y + a.z * z + a.w * w;
 }
 
-/* Pair i of staged pairs: fp16 as one word, fp8 (a uint16 each) by kvq.h's decoder. */
-__device__ __forceinline__ float2 pair_at(const uint32_t *pairs, int i, int format) {
-  if (format == IQ_META_F16) return __half22float2(*reinterpret_cast<const __half2 *>(pairs + i));
-  float2 so;
-  kvq_pair(reinterpret_cast<const uint16_t *>(pairs), i, format, &so.x, &so.y);
-  return so;
-}
+/* Pair i of staged pairs, fp16 (fp8 pairs are widened when staged: stage_widen). */
+__device__ __forceinline__ float2 pair_at(const uint32_t *pairs, int i) { return pair_f2(pairs[i]); }
 
 /* Copies words [0, count) of src to dst with cp.async: 16 bytes at a time
  * when padded_row is 0, else rows of row_words words to rows of row_words + 1
@@ -86,15 +82,16 @@ __device__ __forceinline__ void stage_copy(uint32_t *dst, const uint32_t *src, i
   }
 }
 
-/* Words of a tile's pairs of one side: 128 * head_dim / group pairs, a multiple of 32, so a
- * multiple of 4 words (16-byte copies) in either format. */
-__host__ __device__ inline int kq_meta_words(const iq_kvq_params &p, int group) {
-  return KVQ_TILE * p.head_dim / group * kvq_pair_bytes(p.meta) / 4;
+/* A tile's pairs of one side: 128 * head_dim / group, a multiple of 32, so a multiple of 4 words
+ * (16-byte copies) in either format. */
+__host__ __device__ inline int kq_pairs(const iq_kvq_params &p, int group) {
+  return KVQ_TILE * p.head_dim / group;
 }
 
 /* Shared-memory words of one stage (a tile's codes and pairs) and its layout. */
 struct kq_stage {
-  int k_codes, k_meta, v_codes, v_meta; /* word offsets */
+  int k_codes, k_meta, v_codes, v_meta; /* word offsets; pairs as fp16 */
+  int k_meta8, v_meta8;                 /* fp8 pairs as copied (then widened), or 0 */
   int words;
   int k_row, v_row; /* padded row lengths for stage_copy (0: unpadded) */
 };
@@ -112,9 +109,13 @@ __host__ __device__ inline kq_stage kq_stage_of(const iq_kvq_params &p) {
   const int k_words = t * d * p.k_bits / 32, v_words = t * d * p.v_bits / 32;
   s.k_codes = 0;
   s.k_meta = s.k_codes + (k_words + (s.k_row ? k_words / s.k_row : 0) + 3) / 4 * 4;
-  s.v_codes = s.k_meta + kq_meta_words(p, p.k_group);
+  s.v_codes = s.k_meta + kq_pairs(p, p.k_group);
   s.v_meta = s.v_codes + (v_words + (s.v_row ? v_words / s.v_row : 0) + 3) / 4 * 4;
-  s.words = s.v_meta + kq_meta_words(p, p.v_group);
+  s.words = s.v_meta + kq_pairs(p, p.v_group);
+  const bool f8 = p.meta != IQ_META_F16;
+  s.k_meta8 = f8 ? s.words : 0;
+  s.v_meta8 = f8 ? s.k_meta8 + kq_pairs(p, p.k_group) / 2 : 0;
+  s.words += f8 ? (kq_pairs(p, p.k_group) + kq_pairs(p, p.v_group)) / 2 : 0;
   return s;
 }
 
@@ -133,9 +134,22 @@ __device__ __forceinline__ void stage_tile(const kq_args &a, const kq_stage &st,
       a.r.meta_k + kvq_pair_units(tok * d / p.k_group, p.meta));
   const uint32_t *mv = reinterpret_cast<const uint32_t *>(
       a.r.meta_v + kvq_pair_units(tok * d / p.v_group, p.meta));
-  stage_copy(dst + st.k_meta, mk, kq_meta_words(p, p.k_group), 0);
-  stage_copy(dst + st.v_meta, mv, kq_meta_words(p, p.v_group), 0);
+  const bool f8 = p.meta != IQ_META_F16;
+  stage_copy(dst + (f8 ? st.k_meta8 : st.k_meta), mk, kq_pairs(p, p.k_group) / (f8 ? 2 : 1), 0);
+  stage_copy(dst + (f8 ? st.v_meta8 : st.v_meta), mv, kq_pairs(p, p.v_group) / (f8 ? 2 : 1), 0);
   asm volatile("cp.async.commit_group;\n" ::);
+}
+
+/* fp8 pairs of a staged tile to fp16 pairs (exact), once per tile, so the loops read fp16 pairs. */
+__device__ __forceinline__ void stage_widen(const iq_kvq_params &p, const kq_stage &st,
+                                            uint32_t *stage) {
+  const bool e5m2 = p.meta == IQ_META_E5M2;
+  const uint16_t *k8 = reinterpret_cast<const uint16_t *>(stage + st.k_meta8);
+  const uint16_t *v8 = reinterpret_cast<const uint16_t *>(stage + st.v_meta8);
+  for (int i = threadIdx.x; i < kq_pairs(p, p.k_group); i += KQ_THREADS)
+    stage[st.k_meta + i] = fp8x2_to_f16x2(k8[i], e5m2);
+  for (int i = threadIdx.x; i < kq_pairs(p, p.v_group); i += KQ_THREADS)
+    stage[st.v_meta + i] = fp8x2_to_f16x2(v8[i], e5m2);
 }
 
 /* The online-softmax step of a tile: s[g] is this thread's score (-inf for
@@ -283,6 +297,10 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
         asm volatile("cp.async.wait_group 0;\n" ::);
       }
       __syncthreads();
+      if (p.meta != IQ_META_F16) {
+        stage_widen(p, st, cur);
+        __syncthreads();
+      }
       const int n = (int)min((int64_t)KVQ_TILE, nq - tile * KVQ_TILE);
       const uint32_t *kc = cur + st.k_codes, *km = cur + st.k_meta;
       const uint32_t *vc = cur + st.v_codes, *vm = cur + st.v_meta;
@@ -316,7 +334,7 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
                 for (int g = 0; g < G; g++) dot[g] += q_s[g * d + gi * gk + e] * code;
               }
             }
-            const float2 so = pair_at(km, tid * groups + gi, p.meta);
+            const float2 so = pair_at(km, tid * groups + gi);
 #pragma unroll
             for (int g = 0; g < G; g++) s[g] += so.x * dot[g] + so.y * qsum_s[g * groups + gi];
           }
@@ -329,7 +347,7 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
             float k[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-              const float2 so = pair_at(km, blk * d + c + i, p.meta);
+              const float2 so = pair_at(km, blk * d + c + i);
               const int at = korder == KVQ_KEY_TILE
                                  ? (int)kvq_slot_in((blk * d + c + i) * b + e, KB, korder, d)
                                  : (blk * d + c + i) * b + slot;
@@ -382,7 +400,7 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
                 for (int g = 0; g < G; g++) dot[g] += pw[g * KQ_THREADS + e] * code;
               }
             }
-            const float2 so = pair_at(vm, blk * d + c, p.meta);
+            const float2 so = pair_at(vm, blk * d + c);
 #pragma unroll
             for (int g = 0; g < G; g++)
               acc[ci][g] += so.x * dot[g] + so.y * psum_s[g * (KVQ_TILE / b) + blk];
@@ -395,7 +413,7 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
             float v[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-              const float2 so = pair_at(vm, (j + i) * groups + c / p.v_group, p.meta);
+              const float2 so = pair_at(vm, (j + i) * groups + c / p.v_group);
               v[i] = so.x * code_float(code_at<VB>(vc, (j + i) * d + slot)) + so.y;
             }
 #pragma unroll

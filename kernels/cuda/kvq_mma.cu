@@ -1,8 +1,8 @@
 /* kvq_mma.cu: attention over the quantized KV cache on tensor cores (mma.sync
  * m16n8k16, fp16 in, fp32 accumulate) for values in blocks of 32 tokens and
  * keys grouped over channels (groups of 16 or more: InnerQ) or over the same
- * blocks of tokens (the kaxis=tokens mix), 2, 4 or 8 bits, head_dim 64 or 128,
- * up to 8 query heads per KV head. kvq_attention.cu calls it where
+ * blocks of tokens (the kaxis=tokens mix), 2, 4 or 8 bits, fp16 or fp8 pairs,
+ * head_dim 64 or 128, up to 8 query heads per KV head. kvq_attention.cu calls it where
  * kvq_mma_supported says so and runs its SIMT kernel otherwise.
  *
  * grid (kv_heads, 1 + splits, n queries), 4 warps a block. Split 0 walks the
@@ -176,9 +176,12 @@ __device__ __forceinline__ void key_tile_pairs(const uint32_t *codes, int ks, in
 
 /* One warp's stage: a chunk's key codes, key pairs, value codes and value
  * pairs, in words; each region is contiguous in the cache too. */
-template <int D, int KB, int VB, int KG> struct km_stage {
+template <int D, int KB, int VB, int KG, bool F8> struct km_stage {
+  /* words of a chunk's regions as staged: pairs as fp16 (fp8 pairs are widened in place) */
   static constexpr int KC_WORDS = D * KB, KM_WORDS = KG ? KM_CHUNK * D / KG : D,
                        VC_WORDS = D * VB, VM_WORDS = D;
+  /* words of the pairs in the cache, copied to the upper half of their region when fp8 */
+  static constexpr int KM_SRC = KM_WORDS / (F8 ? 2 : 1), VM_SRC = VM_WORDS / (F8 ? 2 : 1);
   static constexpr int KC = 0, KM = KC + KC_WORDS, VC = KM + KM_WORDS, VM = VC + VC_WORDS,
                        WORDS = VM + VM_WORDS;
   /* a warp's shared memory: two stages, or the fp16 tile (16 key and 16 value rows, padded) */
@@ -192,14 +195,15 @@ struct km_source {
 };
 
 /* Issues the copies of quantized chunk `chunk` into the stage dst. */
-template <int D, int KB, int VB, int KG>
+template <int D, int KB, int VB, int KG, bool F8>
 __device__ __forceinline__ void stage_chunk(const km_source &src, uint32_t *dst, int chunk,
                                             int lane) {
-  using st = km_stage<D, KB, VB, KG>;
-  const uint32_t *from[4] = {src.kc + chunk * st::KC_WORDS, src.km + chunk * st::KM_WORDS,
-                             src.vc + chunk * st::VC_WORDS, src.vm + chunk * st::VM_WORDS};
-  constexpr int at[4] = {st::KC, st::KM, st::VC, st::VM};
-  constexpr int words[4] = {st::KC_WORDS, st::KM_WORDS, st::VC_WORDS, st::VM_WORDS};
+  using st = km_stage<D, KB, VB, KG, F8>;
+  const uint32_t *from[4] = {src.kc + chunk * st::KC_WORDS, src.km + chunk * st::KM_SRC,
+                             src.vc + chunk * st::VC_WORDS, src.vm + chunk * st::VM_SRC};
+  constexpr int words[4] = {st::KC_WORDS, st::KM_SRC, st::VC_WORDS, st::VM_SRC};
+  constexpr int at[4] = {st::KC, st::KM + st::KM_WORDS - st::KM_SRC, st::VC,
+                         st::VM + st::VM_WORDS - st::VM_SRC};
   uint32_t *to = dst + lane * 4;
 #pragma unroll
   for (int i = 0; i < 4; i++)
@@ -207,6 +211,24 @@ __device__ __forceinline__ void stage_chunk(const km_source &src, uint32_t *dst,
     for (int e = 0; e < words[i]; e += 128)
       if (words[i] % 128 == 0 || e + lane * 4 < words[i]) cp_async16(to + at[i] + e, from[i] + e);
   asm volatile("cp.async.commit_group;\n" ::);
+}
+
+/* fp8 pairs: a chunk's P pairs arrive as 2-byte pairs in the upper half of
+ * their region; the lanes widen them in place to fp16 pairs (each once, where
+ * reading them as fp8 would convert each in 8 lanes), so the rest of the
+ * kernel reads fp16 pairs. */
+template <int P>
+__device__ __forceinline__ void widen_pairs(uint32_t *region, int lane, bool e5m2) {
+  constexpr int N = (P + 31) / 32;
+  const uint16_t *in = reinterpret_cast<const uint16_t *>(region + P / 2);
+  uint32_t x[N];
+#pragma unroll
+  for (int n = 0; n < N; n++) x[n] = lane + 32 * n < P ? in[lane + 32 * n] : 0u;
+  __syncwarp(); /* every input read before any output overwrites it */
+#pragma unroll
+  for (int n = 0; n < N; n++)
+    if (lane + 32 * n < P) region[lane + 32 * n] = fp8x2_to_f16x2(x[n], e5m2);
+  __syncwarp();
 }
 
 /* A warp's running softmax and output for its 8 heads: this thread holds
@@ -268,7 +290,7 @@ __device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][
 /* The value MMAs of channel tile CM over a chunk: A from the lane's words vw in
  * tile order (kvq_value_tile_slot), unpacked raw (1024 + f code, f = 2^(VB j)
  * for the row's code place j), B = Pᵀ; then per channel c (rows gid, gid + 8),
- * with (scale, offset) pair so and 1024 Σ p = ps,
+ * with its (scale, offset) pair in vm and 1024 Σ p = ps,
  *   out += scale · Σ p code + offset · Σ p = scale / f · tmp + (offset / 1024 - scale / f) · ps. */
 template <int D, int VB, int CM>
 __device__ __forceinline__ void value_tile(km_state<D> &st, const uint32_t *vw, const uint32_t *vm,
@@ -311,9 +333,10 @@ __device__ __forceinline__ void value_tiles(std::integer_sequence<int, CM...>, k
   (value_tile<D, VB, CM>(st, vw, vm, pb, ps, gid, h), ...);
 }
 
-template <int D, int KB, int VB, int KG>
+template <int D, int KB, int VB, int KG, bool F8>
 __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
-  using st = km_stage<D, KB, VB, KG>;
+  using st = km_stage<D, KB, VB, KG, F8>;
+  const bool e5m2 = a.p.meta == IQ_META_E5M2;
   extern __shared__ __align__(16) uint32_t km_smem[];
   __shared__ float q_s[KM_HEADS][D];
   const iq_kvq_params &p = a.p;
@@ -328,13 +351,13 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   uint32_t *stage = km_smem + warp * st::WARP_WORDS;
   const int64_t head = (int64_t)kvh * kvq_quant_cap(&p) / KM_CHUNK; /* the head's chunk 0 */
   const km_source src = {a.r.codes_k + head * st::KC_WORDS + lane * 4,
-                         reinterpret_cast<const uint32_t *>(a.r.meta_k) + head * st::KM_WORDS + lane * 4,
+                         reinterpret_cast<const uint32_t *>(a.r.meta_k) + head * st::KM_SRC + lane * 4,
                          a.r.codes_v + head * st::VC_WORDS + lane * 4,
-                         reinterpret_cast<const uint32_t *>(a.r.meta_v) + head * st::VM_WORDS + lane * 4};
+                         reinterpret_cast<const uint32_t *>(a.r.meta_v) + head * st::VM_SRC + lane * 4};
   const int chunks = (int)(nq / KM_CHUNK);
   const int first = blockIdx.y ? (blockIdx.y - 1) * a.chunks_per_split + warp : 0;
   const int last = blockIdx.y ? min(chunks, (int)blockIdx.y * a.chunks_per_split) : 0;
-  if (first < last) stage_chunk<D, KB, VB, KG>(src, stage, first, lane);
+  if (first < last) stage_chunk<D, KB, VB, KG, F8>(src, stage, first, lane);
 
   /* the fp16 split's warps copy their first piece of positions instead: 16 key rows then 16
    * value rows of padded length FP16_S, rows past the end zero */
@@ -442,14 +465,18 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   } else {
     /* quantized chunks first + warp, + 4, ... of this split */
     for (int chunk = first, i = 0; chunk < last; chunk += KM_WARPS, i++) {
-      const uint32_t *cur = stage + (i & 1) * st::WORDS;
+      uint32_t *cur = stage + (i & 1) * st::WORDS;
       if (chunk + KM_WARPS < last) {
-        stage_chunk<D, KB, VB, KG>(src, stage + ((i + 1) & 1) * st::WORDS, chunk + KM_WARPS, lane);
+        stage_chunk<D, KB, VB, KG, F8>(src, stage + ((i + 1) & 1) * st::WORDS, chunk + KM_WARPS, lane);
         asm volatile("cp.async.wait_group 1;\n" ::);
       } else {
         asm volatile("cp.async.wait_group 0;\n" ::);
       }
       __syncwarp();
+      if constexpr (F8) { /* fp8 pairs to fp16, in place */
+        widen_pairs<st::KM_WORDS>(cur + st::KM, lane, e5m2);
+        widen_pairs<st::VM_WORDS>(cur + st::VM, lane, e5m2);
+      }
 
       float s[2][4];
       if constexpr (KG) {
@@ -461,7 +488,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
       for (int mt = 0; mt < 2; mt++) {
         const int t0 = 16 * mt + gid;
         const uint32_t *r0 = cur + st::KC + t0 * KROW, *r1 = r0 + 8 * KROW;
-        const uint32_t *m0 = cur + st::KM + t0 * KGW, *m1 = m0 + 8 * KGW;
+        const int m0 = t0 * KGW, m1 = m0 + 8 * KGW; /* the rows' first pairs */
         float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int i = 0; i < 4; i++) s[mt][i] = 0.0f;
@@ -479,7 +506,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
             const uint32_t fr[4] = {x0[2 * kk], x1[2 * kk], x0[2 * kk + 1], x1[2 * kk + 1]};
             mma_16816(tmp, fr, qb[ks][0], qb[ks][1]);
             if ((ks + 1) % KPG == 0) { /* the group ends: fold its pairs */
-              const float2 so0 = pair_f2(m0[ks / KPG]), so1 = pair_f2(m1[ks / KPG]);
+              const float2 so0 = pair_f2(cur[st::KM + m0 + ks / KPG]);
+              const float2 so1 = pair_f2(cur[st::KM + m1 + ks / KPG]);
               s[mt][0] = fmaf(so0.x, tmp[0], fmaf(so0.y, qg[ks][0], s[mt][0]));
               s[mt][1] = fmaf(so0.x, tmp[1], fmaf(so0.y, qg[ks][1], s[mt][1]));
               s[mt][2] = fmaf(so1.x, tmp[2], fmaf(so1.y, qg[ks][0], s[mt][2]));
@@ -590,7 +618,7 @@ int kvq_mma_supported(const iq_kvq_params *p, int group) {
   const int v2 = p->v_bits == 2 || p->v_bits == 4 || p->v_bits == 8;
   const int keys = p->k_axis == IQ_AXIS_CHANNELS ? p->k_group >= 16 : p->k_group == KM_CHUNK;
   return b2 && v2 && keys && kvq_order(p, 1) == KVQ_VALUE_TILE && p->v_group == KM_CHUNK &&
-         (p->head_dim == 64 || p->head_dim == 128) && group <= KM_HEADS && p->meta == IQ_META_F16;
+         (p->head_dim == 64 || p->head_dim == 128) && group <= KM_HEADS;
 }
 
 /* A kernel, its shared memory and how many of its blocks a multiprocessor holds. */
@@ -601,11 +629,11 @@ struct km_kernel {
 };
 
 /* The kernel for D, KB, VB, KG; its attributes are set at the first call. */
-template <int D, int KB, int VB, int KG> static int km_kernel_of(iq_ctx *ctx, km_kernel *k) {
+template <int D, int KB, int VB, int KG, bool F8> static int km_kernel_of(iq_ctx *ctx, km_kernel *k) {
   static int blocks = 0;
-  const size_t warps = sizeof(uint32_t) * KM_WARPS * km_stage<D, KB, VB, KG>::WARP_WORDS;
+  const size_t warps = sizeof(uint32_t) * KM_WARPS * km_stage<D, KB, VB, KG, F8>::WARP_WORDS;
   const size_t merge = sizeof(float) * KM_WARPS * KM_HEADS * D;
-  k->fn = kvq_mma_kernel<D, KB, VB, KG>;
+  k->fn = kvq_mma_kernel<D, KB, VB, KG, F8>;
   k->smem = warps > merge ? warps : merge;
   if (!blocks) {
     IQ_CUDA(ctx, cudaFuncSetAttribute(k->fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -618,22 +646,28 @@ template <int D, int KB, int VB, int KG> static int km_kernel_of(iq_ctx *ctx, km
   return IQ_OK;
 }
 
-template <int D, int KB, int VB>
+template <int D, int KB, int VB, bool F8>
 static int km_kernel_g(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
-  if (p->k_axis == IQ_AXIS_TOKENS) return km_kernel_of<D, KB, VB, 0>(ctx, k); /* KG 0: over tokens */
+  if (p->k_axis == IQ_AXIS_TOKENS) return km_kernel_of<D, KB, VB, 0, F8>(ctx, k); /* over tokens */
   switch (p->k_group) {
-  case 16: return km_kernel_of<D, KB, VB, 16>(ctx, k);
-  case 32: return km_kernel_of<D, KB, VB, 32>(ctx, k);
-  case 64: return km_kernel_of<D, KB, VB, 64>(ctx, k);
-  default: return km_kernel_of<D, KB, VB, (D < 128 ? D : 128)>(ctx, k);
+  case 16: return km_kernel_of<D, KB, VB, 16, F8>(ctx, k);
+  case 32: return km_kernel_of<D, KB, VB, 32, F8>(ctx, k);
+  case 64: return km_kernel_of<D, KB, VB, 64, F8>(ctx, k);
+  default: return km_kernel_of<D, KB, VB, (D < 128 ? D : 128), F8>(ctx, k);
   }
+}
+
+template <int D, int KB, int VB>
+static int km_kernel_m(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
+  return p->meta == IQ_META_F16 ? km_kernel_g<D, KB, VB, false>(ctx, p, k)
+                                : km_kernel_g<D, KB, VB, true>(ctx, p, k);
 }
 
 template <int D, int KB> static int km_kernel_v(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
   switch (p->v_bits) {
-  case 2: return km_kernel_g<D, KB, 2>(ctx, p, k);
-  case 4: return km_kernel_g<D, KB, 4>(ctx, p, k);
-  default: return km_kernel_g<D, KB, 8>(ctx, p, k);
+  case 2: return km_kernel_m<D, KB, 2>(ctx, p, k);
+  case 4: return km_kernel_m<D, KB, 4>(ctx, p, k);
+  default: return km_kernel_m<D, KB, 8>(ctx, p, k);
   }
 }
 

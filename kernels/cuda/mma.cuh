@@ -78,3 +78,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+/* Two fp8 bytes (scale low, offset high) as an fp16 pair, exactly: e5m2 is
+ * fp16's top byte; e4m3 (bias 7) goes by cvt on sm_89+, else its bits moved
+ * under fp16's exponent and scaled by 2^8. */
+__device__ __forceinline__ uint32_t fp8x2_to_f16x2(uint32_t x, bool e5m2) {
+  if (e5m2) return __byte_perm(x, 0, 0x1404);
+#if __CUDA_ARCH__ >= 890
+  uint32_t d;
+  asm("{\n.reg .b16 t;\ncvt.u16.u32 t, %1;\ncvt.rn.f16x2.e4m3x2 %0, t;\n}\n" : "=r"(d) : "r"(x));
+  return d;
+#else
+  const uint32_t y = __byte_perm(x, 0, 0x4140); /* bytes 0, 1 in the halves' low bytes */
+  return hmul2(((y & 0x007F007Fu) << 7) | ((y & 0x00800080u) << 8), 0x5C005C00u /* 256 */);
+#endif
+}
