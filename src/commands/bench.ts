@@ -9,6 +9,7 @@ import { GREEDY, Sampler } from "../engine/sampler.ts";
 import { loadConfig } from "../model/config.ts";
 import { parseKvSpec, shortKvSpec } from "../kv/spec.ts";
 import { AttentionCase, fillRows } from "./attention_case.ts";
+import { OpProfile, type OpTime } from "../engine/op_profile.ts";
 import {
   defaultModel,
   deviceFlag,
@@ -38,6 +39,9 @@ Usage: innerq bench [options]
       --kernels         time the decode attention (32 heads, 8 KV heads, head_dim 128, fp16
                         cache, 1k to 1M tokens, or the --depth list) and GEMV kernels
                         instead of a model
+      --profile         time every kernel call on its own (the device waited for before and
+                        after each) and print where each test spent its time, per op; the
+                        waits make a profiled run slower than a plain one
       --json            one JSON object per row instead of the table
   -h, --help            this help
 
@@ -59,6 +63,7 @@ const OPTIONS = {
   device: { type: "string" },
   threads: { type: "string", short: "t" },
   kernels: { type: "boolean" },
+  profile: { type: "boolean" },
   json: { type: "boolean" },
   help: { type: "boolean", short: "h" },
 } as const;
@@ -78,6 +83,8 @@ interface Row {
   depth: number;
   tokensPerSecond: number[];
   gbPerSecond?: number;
+  /** with --profile: seconds per op over the row's repeats */
+  profile?: OpTime[];
 }
 
 function mean(xs: number[]): number {
@@ -140,8 +147,10 @@ async function benchModel(
     intFlag("threads", v.threads, 1),
     v.json ?? false,
   );
-  using model = await Transformer.load(backend, dir, config, { ctx, kv, chunk });
-  using sampler = new Sampler(backend, GREEDY, config.vocabSize);
+  const profile = v.profile ? new OpProfile(backend) : null;
+  const be = profile?.backend ?? backend;
+  using model = await Transformer.load(be, dir, config, { ctx, kv, chunk });
+  using sampler = new Sampler(be, GREEDY, config.vocabSize);
   const tokens = (n: number) =>
     Int32Array.from({ length: n }, (_, i) => (i * 7919 + 13) % config.vocabSize);
   const title =
@@ -158,14 +167,16 @@ async function benchModel(
       const ids = tokens(p); // made outside the timed region
       prefillAt(model, ids, depth); // warm-up
       const rates = [];
+      profile?.reset();
       for (let r = 0; r < repeats; r++) {
         rates.push(p / timed(backend, () => prefillAt(model, ids, depth)));
       }
-      emit({ test: `pp${p}`, depth, tokensPerSecond: rates });
+      emit({ test: `pp${p}`, depth, tokensPerSecond: rates, profile: profile?.times() });
     }
     if (gen > 0) {
       const rates = [];
       sampler.sample(model.forward(model.stageTokens(tokens(1)), depth, 1)); // warm-up; the first input
+      profile?.reset();
       for (let r = 0; r < repeats; r++) {
         rates.push(
           gen / timed(backend, () => {
@@ -181,6 +192,7 @@ async function benchModel(
         depth,
         tokensPerSecond: rates,
         gbPerSecond: (bytes * mean(rates)) / 1e9,
+        profile: profile?.times(),
       });
     }
   }
@@ -273,6 +285,23 @@ function parse(args: string[]) {
   }
 }
 
+/** Where a profiled test spent its time: ms per repeat and share, per op. */
+function printProfile(r: Row): void {
+  const ops = r.profile!, total = ops.reduce((a, t) => a + t.seconds, 0);
+  const repeats = r.tokensPerSecond.length;
+  console.log(`\n${r.test} at depth ${r.depth}, per repeat (kernel calls timed one by one):\n`);
+  console.log(`| ${"op".padEnd(24)} | ${"calls".padStart(7)} | ${"ms".padStart(9)} | share |`);
+  console.log(`| ${"-".repeat(24)} | ${"-".repeat(7)}:| ${"-".repeat(9)}:| -----:|`);
+  for (const t of ops) {
+    const ms = (t.seconds / repeats * 1e3).toFixed(3), share = (100 * t.seconds / total).toFixed(1);
+    console.log(
+      `| ${t.op.padEnd(24)} | ${String(t.calls / repeats).padStart(7)} | ${ms.padStart(9)} | ${
+        share.padStart(5)
+      } |`,
+    );
+  }
+}
+
 export async function runBench(args: string[]): Promise<number> {
   const { values: v } = parse(args);
   if (v.help) {
@@ -315,6 +344,7 @@ export async function runBench(args: string[]): Promise<number> {
         } |`,
       );
     }
+    for (const r of rows.filter((r) => r.profile)) printProfile(r);
   }
   return EXIT.ok;
 }
