@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define IQ_ABI_VERSION 3
+#define IQ_ABI_VERSION 4
 
 typedef enum {
   IQ_OK = 0,
