@@ -41,6 +41,9 @@ Deno.test("bad command lines exit 2 with a one-line error naming the flag", asyn
     [["generate", ...base, "--temp", "-1", "hi"], /--temp/],
     [["generate", ...base, "--top-p", "1.5", "hi"], /--top-p/],
     [["generate", ...base, "--kv", "q3", "hi"], /--kv|fp16/],
+    [["bench", "--model", model, "--device", "cpu", "--kv", "q3"], /--kv/],
+    [["bench", "--kernels", "--device", "cpu", "--kv", "innerq:k5v2"], /--kv/],
+    [["info", "--model", model, "--kv", "kivi:k2v2,meta=e3m4"], /--kv/],
     [["generate", ...base, "--device", "tpu", "hi"], /--device/],
     [["generate", ...base, "-n", "zero", "hi"], /max-tokens/],
   ];

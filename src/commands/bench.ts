@@ -16,6 +16,7 @@ import {
   EXIT,
   formatCount,
   intFlag,
+  kvSpecFlag,
   openBackend,
   UsageError,
 } from "./common.ts";
@@ -137,7 +138,7 @@ async function benchModel(
   const gen = intFlag("gen", v.gen, 0) ?? 128;
   const depths = listFlag("depth", v.depth, [0], 0);
   const repeats = intFlag("repeats", v.repeats, 1) ?? 3;
-  const kv = parseKvSpec(v.kv ?? "fp16");
+  const kv = kvSpecFlag(v.kv ?? "fp16");
   const dir = v.model ?? await defaultModel(v.json ?? false);
   const config = await loadConfig(dir);
   const ctx = Math.max(...depths) + Math.max(...prompts, gen) + 1;
@@ -212,7 +213,7 @@ const KERNEL_SPECS = [
 
 function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => void): string {
   const repeats = intFlag("repeats", v.repeats, 1) ?? 3;
-  const specs = (v.kv ? [v.kv] : KERNEL_SPECS).map(parseKvSpec);
+  const specs = (v.kv ? [v.kv] : KERNEL_SPECS).map(kvSpecFlag);
   using backend = openBackend(
     deviceFlag(v.device),
     intFlag("threads", v.threads, 1),

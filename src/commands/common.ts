@@ -2,6 +2,7 @@
 // default model, the load progress bar and byte formatting.
 import { Backend, type BackendKind } from "../../ffi/backend.ts";
 import { libraryPath } from "../../ffi/library.ts";
+import { type KvSpec, parseKvSpec } from "../kv/spec.ts";
 import { writeRandomModel } from "../model/random_model.ts";
 
 /** A mistake in the command line: exit code 2. */
@@ -134,6 +135,41 @@ export function progressBar(
       Deno.stderr.writeSync(
         encoder.encode(`\r${label} [${bar}] ${formatBytes(done)} / ${formatBytes(total)}`),
       );
+    },
+    end() {
+      if (shown) Deno.stderr.writeSync(encoder.encode("\r\x1b[K"));
+    },
+  };
+}
+
+/** A --kv value parsed; a bad one is a usage error (exit 2) listing what is allowed. */
+export function kvSpecFlag(text: string): KvSpec {
+  try {
+    return parseKvSpec(text);
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+}
+
+/** Progress of a long run on stderr, with elapsed time and ETA: a line redrawn in place on a
+ * terminal, else one line every 10 s. `what` says what is done, e.g. "ppl 512/8192 tokens". */
+export function etaProgress(
+  quiet: boolean,
+  what: (done: number, total: number) => string,
+): { update(done: number, total: number): void; end(): void } {
+  const start = performance.now(), terminal = Deno.stderr.isTerminal(), encoder = new TextEncoder();
+  let last = start, shown = false;
+  const secs = (ms: number) =>
+    ms < 60e3 ? `${(ms / 1000).toFixed(0)} s` : `${(ms / 60e3).toFixed(1)} min`;
+  return {
+    update(done, total) {
+      const now = performance.now();
+      if (quiet || now - last < (terminal ? 250 : 10_000) || done === 0) return;
+      last = now;
+      const eta = (now - start) / done * (total - done);
+      const line = `innerq: ${what(done, total)}, ${secs(now - start)}, ETA ${secs(eta)}`;
+      shown = terminal;
+      Deno.stderr.writeSync(encoder.encode(terminal ? `\r${line}\x1b[K` : `${line}\n`));
     },
     end() {
       if (shown) Deno.stderr.writeSync(encoder.encode("\r\x1b[K"));

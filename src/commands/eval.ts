@@ -21,12 +21,20 @@ import {
   kvCacheBytes,
   type KvSpec,
   makeKvCache,
-  parseKvSpec,
 } from "../kv/spec.ts";
 import { loadConfig } from "../model/config.ts";
 import { gib } from "../model/weights.ts";
 import { TextTokenizer } from "../tokenizer.ts";
-import { deviceFlag, EXIT, intFlag, openBackend, progressBar, UsageError } from "./common.ts";
+import {
+  deviceFlag,
+  etaProgress,
+  EXIT,
+  intFlag,
+  kvSpecFlag,
+  openBackend,
+  progressBar,
+  UsageError,
+} from "./common.ts";
 
 const TASKS = ["gsm8k"];
 
@@ -93,37 +101,7 @@ interface Row {
 }
 
 function specRows(given: string[]): Row[] {
-  return (given.length ? given : ["fp16"]).map((text) => {
-    try {
-      return { text, spec: parseKvSpec(text) };
-    } catch (e) {
-      throw new UsageError((e as Error).message);
-    }
-  });
-}
-
-const secs = (ms: number) =>
-  ms < 60e3 ? `${(ms / 1000).toFixed(0)} s` : `${(ms / 60e3).toFixed(1)} min`;
-
-/** Progress on stderr: a line redrawn in place on a terminal, else one line every 10 s. */
-function progressReporter(quiet: boolean, specs: number) {
-  const start = performance.now(), terminal = Deno.stderr.isTerminal(), encoder = new TextEncoder();
-  let last = start, shown = false;
-  return {
-    update(done: number, total: number) {
-      const now = performance.now();
-      if (quiet || now - last < (terminal ? 250 : 10_000) || done === 0) return;
-      last = now;
-      const eta = (now - start) / done * (total - done);
-      const line = `innerq: gsm8k ${done}/${total} items x ${specs} spec${specs > 1 ? "s" : ""}, ` +
-        `${secs(now - start)}, ETA ${secs(eta)}`;
-      shown = terminal;
-      Deno.stderr.writeSync(encoder.encode(terminal ? `\r${line}\x1b[K` : `${line}\n`));
-    },
-    end() {
-      if (shown) Deno.stderr.writeSync(encoder.encode("\r\x1b[K"));
-    },
-  };
+  return (given.length ? given : ["fp16"]).map((text) => ({ text, spec: kvSpecFlag(text) }));
 }
 
 /** What one spec scored. */
@@ -293,7 +271,8 @@ async function evaluate(o: {
   });
   const abort = new AbortController();
   const onInterrupt = () => abort.abort();
-  const progress = progressReporter(quiet, rows.length);
+  const many = `${rows.length} spec${rows.length > 1 ? "s" : ""}`;
+  const progress = etaProgress(quiet, (done, total) => `gsm8k ${done}/${total} items x ${many}`);
   const tallies: Tally[] = rows.map(() => ({ items: 0, correct: 0, generated: 0, sameAsFp16: 0 }));
   const fp16 = rows.findIndex((r) => formatKvSpec(r.spec) === "fp16");
   const encoder = new TextEncoder();

@@ -4,7 +4,6 @@ import { Transformer } from "../engine/forward.ts";
 import { loadConfig } from "../model/config.ts";
 import { generate, GenerationStats } from "../engine/generate.ts";
 import { DEFAULT_SAMPLING, Sampler, type SamplingParams } from "../engine/sampler.ts";
-import { parseKvSpec } from "../kv/spec.ts";
 import { StopMatcher, StreamDecoder, TextTokenizer } from "../tokenizer.ts";
 import {
   defaultModel,
@@ -13,6 +12,7 @@ import {
   formatBytes,
   formatCount,
   intFlag,
+  kvSpecFlag,
   numberFlag,
   openBackend,
   progressBar,
@@ -141,14 +141,6 @@ function chatMessages(prompt: string, system: string | undefined) {
   return [...messages, { role: "user", content: prompt }];
 }
 
-function parseKvSpecFlag(value: string | undefined) {
-  try {
-    return parseKvSpec(value ?? "fp16");
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-}
-
 const round = (x: number) => Math.round(x * 100) / 100;
 
 /** Bytes one decode step reads: the weights it uses plus the KV cache at the mean decode position. */
@@ -168,7 +160,7 @@ export async function runGenerate(args: string[]): Promise<number> {
   const maxTokens = intFlag("max-tokens", v["max-tokens"], 1) ?? 256;
   const ctxFlag = intFlag("ctx", v.ctx, 2);
   const threads = intFlag("threads", v.threads, 1);
-  const kv = parseKvSpecFlag(v.kv);
+  const kv = kvSpecFlag(v.kv ?? "fp16");
   const device = deviceFlag(v.device);
   if (v.system !== undefined && !v.chat) throw new UsageError("--system needs --chat");
   const prompt = await readPrompt(positionals, v.file);

@@ -4,13 +4,14 @@ import { planBytes } from "../engine/forward.ts";
 import { loadConfig } from "../model/config.ts";
 import { openModelWeights } from "../model/safetensors.ts";
 import { deviceWeightBytes, matchTensors } from "../model/weights.ts";
-import { checkKvSpec, kvBytesPerToken, parseKvSpec } from "../kv/spec.ts";
+import { checkKvSpec, kvBytesPerToken } from "../kv/spec.ts";
 import {
   defaultModel,
   deviceFlag,
   EXIT,
   formatBytes,
   formatCount,
+  kvSpecFlag,
   openBackend,
   UsageError,
 } from "./common.ts";
@@ -62,12 +63,7 @@ export async function runInfo(args: string[]): Promise<number> {
     console.log(INFO_HELP);
     return EXIT.ok;
   }
-  let specs;
-  try {
-    specs = (v.kv ?? DEFAULT_SPECS).map((text) => ({ text, spec: parseKvSpec(text) }));
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
+  const specs = (v.kv ?? DEFAULT_SPECS).map((text) => ({ text, spec: kvSpecFlag(text) }));
   const device = deviceFlag(v.device);
   const dir = v.model ?? await defaultModel(v.json ?? false);
   const c = await loadConfig(dir);

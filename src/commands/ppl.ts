@@ -4,19 +4,15 @@ import { parseArgs } from "node:util";
 import { Transformer } from "../engine/forward.ts";
 import { evaluatePerplexity, type SpecScore } from "../engine/perplexity.ts";
 import { loadConfig } from "../model/config.ts";
-import {
-  checkKvSpec,
-  formatKvSpec,
-  kvBytesPerToken,
-  type KvSpec,
-  parseKvSpec,
-} from "../kv/spec.ts";
+import { checkKvSpec, formatKvSpec, kvBytesPerToken, type KvSpec } from "../kv/spec.ts";
 import { TextTokenizer } from "../tokenizer.ts";
 import {
   deviceFlag,
+  etaProgress,
   EXIT,
   formatBytes,
   intFlag,
+  kvSpecFlag,
   openBackend,
   progressBar,
   UsageError,
@@ -88,37 +84,10 @@ interface Row {
 function specRows(given: string[]): Row[] {
   const rows: Row[] = [{ text: "fp16", spec: { kind: "fp16" } }];
   for (const text of given) {
-    let spec;
-    try {
-      spec = parseKvSpec(text);
-    } catch (e) {
-      throw new UsageError((e as Error).message);
-    }
+    const spec = kvSpecFlag(text);
     if (formatKvSpec(spec) !== "fp16") rows.push({ text, spec });
   }
   return rows;
-}
-
-/** Progress on stderr: a line redrawn in place on a terminal, else one line every 10 s. */
-function progressReporter(quiet: boolean) {
-  const start = performance.now(), terminal = Deno.stderr.isTerminal(), encoder = new TextEncoder();
-  let last = start, shown = false;
-  const secs = (ms: number) =>
-    ms < 60e3 ? `${(ms / 1000).toFixed(0)} s` : `${(ms / 60e3).toFixed(1)} min`;
-  return {
-    update(done: number, total: number) {
-      const now = performance.now();
-      if (quiet || now - last < (terminal ? 250 : 10_000) || done === 0) return;
-      last = now;
-      const eta = (now - start) / done * (total - done);
-      const line = `innerq: ppl ${done}/${total} tokens, ${secs(now - start)}, ETA ${secs(eta)}`;
-      shown = terminal;
-      Deno.stderr.writeSync(encoder.encode(terminal ? `\r${line}\x1b[K` : `${line}\n`));
-    },
-    end() {
-      if (shown) Deno.stderr.writeSync(encoder.encode("\r\x1b[K"));
-    },
-  };
 }
 
 function formatKl(x: number): string {
@@ -196,7 +165,7 @@ export async function runPpl(args: string[]): Promise<number> {
 
   const abort = new AbortController();
   const onInterrupt = () => abort.abort();
-  const progress = progressReporter(quiet);
+  const progress = etaProgress(quiet, (done, total) => `ppl ${done}/${total} tokens`);
   const start = performance.now();
   Deno.addSignalListener("SIGINT", onInterrupt);
   let result;
