@@ -1,25 +1,7 @@
 // The command line as users run it: exit codes, one-line errors, --json, stdin prompts, seeds.
 import { deepStrictEqual as assertEquals, match as assertMatch, ok as assert } from "node:assert";
 import { writeRandomModel } from "../src/model/random_model.ts";
-
-const CLI = new URL("../cli.ts", import.meta.url).pathname;
-
-async function innerq(args: string[], stdin?: string) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--quiet", CLI, ...args],
-    stdin: stdin === undefined ? "null" : "piped",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  if (stdin !== undefined) {
-    const writer = child.stdin.getWriter();
-    await writer.write(new TextEncoder().encode(stdin));
-    await writer.close();
-  }
-  const { code, stdout, stderr } = await child.output();
-  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
-  return { code, stdout: decode(stdout), stderr: decode(stderr) };
-}
+import { innerq } from "./cli.ts";
 
 const model = await Deno.makeTempDir({ prefix: "innerq-cli-" });
 await writeRandomModel(model, "tiny", { seed: 9 });

@@ -28,8 +28,7 @@ import { makeKvCache, parseKvSpec } from "../src/kv/spec.ts";
 import { loadConfig } from "../src/model/config.ts";
 import { writeRandomModel } from "../src/model/random_model.ts";
 import { TextTokenizer } from "../src/tokenizer.ts";
-
-const CLI = new URL("../cli.ts", import.meta.url).pathname;
+import { CLI, innerq } from "./cli.ts";
 
 // a tiny random-weight model with head_dim 64, so every quantized spec applies
 const model = await Deno.makeTempDir({ prefix: "innerq-eval-" });
@@ -351,15 +350,6 @@ Deno.test("generation stops at a stop string, cut from the text, or at end of se
 });
 
 // ---- the command line --------------------------------------------------------------------------
-
-async function innerq(args: string[]) {
-  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--quiet", CLI, ...args],
-    stdin: "null",
-  }).output();
-  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
-  return { code, stdout: decode(stdout), stderr: decode(stderr) };
-}
 
 const data = `${model}/items.jsonl`;
 await Deno.writeTextFile(

@@ -9,8 +9,7 @@ import { loadConfig } from "../src/model/config.ts";
 import { writeRandomModel } from "../src/model/random_model.ts";
 import { parseKvSpec } from "../src/kv/spec.ts";
 import { TextTokenizer } from "../src/tokenizer.ts";
-
-const CLI = new URL("../cli.ts", import.meta.url).pathname;
+import { CLI, innerq } from "./cli.ts";
 
 // a tiny random-weight model with head_dim 64, so every quantized spec applies
 const model = await Deno.makeTempDir({ prefix: "innerq-ppl-" });
@@ -137,15 +136,6 @@ Deno.test("KL from fp16: exactly 0 against itself, and growing as bits fall", as
   assert(k2.klP99 >= k2.meanKl && k2.top1 < 1, `k2v2: ${JSON.stringify(k2)}`);
   for (const s of r.scores) assert(Number.isFinite(s.ppl) && s.ppl > 1);
 });
-
-async function innerq(args: string[]) {
-  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--allow-all", "--quiet", CLI, ...args],
-    stdin: "null",
-  }).output();
-  const decode = (b: Uint8Array) => new TextDecoder().decode(b);
-  return { code, stdout: decode(stdout), stderr: decode(stderr) };
-}
 
 const base = ["ppl", "--model", model, "--file", textFile, "--device", "cpu", "--ctx", "96"];
 
