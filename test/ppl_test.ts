@@ -9,7 +9,7 @@ import { loadConfig } from "../src/model/config.ts";
 import { writeRandomModel } from "../src/model/random_model.ts";
 import { parseKvSpec } from "../src/kv/spec.ts";
 import { TextTokenizer } from "../src/tokenizer.ts";
-import { CLI, innerq } from "./cli.ts";
+import { innerq } from "./cli.ts";
 
 // a tiny random-weight model with head_dim 64, so every quantized spec applies
 const model = await Deno.makeTempDir({ prefix: "innerq-ppl-" });
