@@ -352,7 +352,14 @@ static int launch_prefill_mma(iq_ctx *ctx, float *out, const float *q, const voi
                               const void *v_cache, int n, int pos0, int heads, int kv_heads, int cap,
                               float scale) {
   dim3 grid((unsigned)((n + MMA_Q - 1) / MMA_Q), (unsigned)heads);
-  prefill_mma_kernel<D><<<grid, MMA_WARPS * 32, 0, ctx->stream>>>(
+  constexpr size_t smem = prefill_mma_smem<D>();
+  static bool smem_set = false; /* per instantiation, at the first call */
+  if (!smem_set) {
+    IQ_CUDA(ctx, cudaFuncSetAttribute(prefill_mma_kernel<D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    smem_set = true;
+  }
+  prefill_mma_kernel<D><<<grid, MMA_WARPS * 32, smem, ctx->stream>>>(
       out, q, (const __half *)k_cache, (const __half *)v_cache, n, pos0, heads, heads / kv_heads, cap,
       scale);
   IQ_LAUNCHED(ctx);
