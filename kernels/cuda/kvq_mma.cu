@@ -111,31 +111,26 @@ template <int BITS> __device__ __forceinline__ constexpr float raw_factor_inv(in
   return BITS == 2 ? 1.0f / (float)(1 << (2 * i)) : BITS == 4 && i % 2 ? 1.0f / 16.0f : 1.0f;
 }
 
-/* A quad's codes of a permuted row of R runs (kvq_slot_of): its chunks are
- * contiguous, R * BITS / 4 words (a 2-bit row of one run: half a word),
- * loaded at once so that the 8 lanes of a quarter warp read distinct banks. */
+/* A quad's codes of a token's key row of R runs in fragment order (kvq_slot_of,
+ * keys over channels): its chunks are contiguous, R * BITS / 4 words, loaded
+ * at once so that the 8 lanes of a quarter warp read distinct banks. */
 template <int BITS, int R> struct quad_share {
-  static constexpr int WORDS = R * BITS / 4 > 0 ? R * BITS / 4 : 1;
+  static constexpr int WORDS = R * BITS / 4;
+  static_assert(WORDS >= 1, "a head_dim of 64 or more: two runs at least");
   uint32_t w[WORDS];
-  int half; /* a 2-bit row of one run: which half of w[0] is the quad's */
   __device__ __forceinline__ void load(const uint32_t *row, int tig) {
-    if constexpr (R * BITS / 4 == 0) {
-      w[0] = row[tig / 2];
-      half = tig % 2;
-    } else {
-      const uint32_t *src = row + tig * WORDS;
+    const uint32_t *src = row + tig * WORDS;
+    if constexpr (WORDS % 4 == 0) {
 #pragma unroll
       for (int i = 0; i < WORDS; i += 4) {
-        if constexpr (WORDS % 4 == 0) {
-          const uint4 v = *reinterpret_cast<const uint4 *>(src + i);
-          w[i] = v.x, w[i + 1] = v.y, w[i + 2] = v.z, w[i + 3] = v.w;
-        } else if constexpr (WORDS == 2) {
-          const uint2 v = *reinterpret_cast<const uint2 *>(src);
-          w[0] = v.x, w[1] = v.y;
-        } else {
-          w[i] = src[i];
-        }
+        const uint4 v = *reinterpret_cast<const uint4 *>(src + i);
+        w[i] = v.x, w[i + 1] = v.y, w[i + 2] = v.z, w[i + 3] = v.w;
       }
+    } else if constexpr (WORDS == 2) {
+      const uint2 v = *reinterpret_cast<const uint2 *>(src);
+      w[0] = v.x, w[1] = v.y;
+    } else {
+      w[0] = src[0];
     }
   }
   /* Run r as 4 fp16 pairs. */
@@ -144,8 +139,6 @@ template <int BITS, int R> struct quad_share {
       unpack_4bit<false>(w[r], h, pr);
     } else if constexpr (BITS == 8) {
       unpack_8bit<false>(w[2 * r], w[2 * r + 1], h, pr);
-    } else if constexpr (R * BITS / 4 == 0) {
-      unpack_2bit<false>(__byte_perm(w[0], 0, half ? 0x4342 : 0x4140), h, pr);
     } else {
       unpack_2bit<false>(__byte_perm(w[r / 2], 0, r % 2 ? 0x4342 : 0x4140), h, pr);
     }
