@@ -98,7 +98,7 @@ static KVQ_HD inline int kvq_block(const iq_kvq_params *p) {
 static KVQ_HD inline int64_t kvq_quantized(const iq_kvq_params *p, int64_t len) {
   int64_t over = len - p->sink - p->recent;
   int b = kvq_block(p);
-  return over > 0 ? over / b * b : 0;
+  return over > 0 ? (int32_t)over / b * b : 0; /* len <= cap: 32 bits, a short division */
 }
 
 /* Stream tokens each KV head has room for in the quantized region. */
@@ -414,7 +414,8 @@ static KVQ_HD inline void kvq_group_entry(int axis, int group, int head_dim, int
  * when x < sink, else in the ring. */
 static KVQ_HD inline int64_t kvq_fp16_row(const iq_kvq_params *p, int h, int64_t x) {
   if (x < p->sink) return ((int64_t)h * p->sink + x) * p->head_dim;
-  return ((int64_t)h * p->ring + (x - p->sink) % p->ring) * p->head_dim;
+  /* x < cap fits 32 bits: a 32-bit modulo, where a 64-bit one is a long GPU subroutine */
+  return ((int64_t)h * p->ring + (int32_t)(x - p->sink) % p->ring) * p->head_dim;
 }
 
 /* The dequantized entry (stream token u, channel c) of one side of one KV

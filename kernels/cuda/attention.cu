@@ -397,7 +397,7 @@ extern "C" int iq_attention_decode(iq_ctx *ctx, float *out, const float *q, cons
   if (!vec)
     return iq_attention_prefill(ctx, out, q, k_cache, v_cache, cache_dtype, 1, pos, heads, kv_heads,
                                 head_dim, cap, scale);
-  if (decode_mma_supported(head_dim, heads / kv_heads))
+  if (decode_mma_supported(head_dim, heads / kv_heads) && ((uintptr_t)q & 7) == 0) /* float2 q */
     return decode_mma_attention(ctx, out, q, k_cache, v_cache, pos, heads, kv_heads, head_dim, cap,
                                 scale);
   return decode<__half>(ctx, out, q, k_cache, v_cache, pos, heads, kv_heads, head_dim, cap, scale);

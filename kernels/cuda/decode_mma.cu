@@ -83,17 +83,20 @@ __global__ void __launch_bounds__(DM_WARPS * 32, 1) decode_mma_kernel(dm_args a)
   for (int j = 0; j < DM_STAGES - 1; j++) load(j);
 
   /* q as the B operand of each 16-channel k-step: head gid, channels 2 tig, + 1 and + 8, + 9
-   * (zero for heads past the group), read while the first chunks are on their way */
+   * (zero for heads past the group), read while the first chunks are on their way; every load
+   * unconditional (heads past the group read head 0's row), so all are in flight at once */
   uint32_t qb[D / 16][2];
+  const float *qr = a.q + (int64_t)(h0 + (gid < a.group ? gid : 0)) * D + 2 * tig;
+  float2 qv[D / 16][2];
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ks++) {
-    qb[ks][0] = qb[ks][1] = 0u;
-    if (gid < a.group) {
-      const float *qr = a.q + (int64_t)(h0 + gid) * D + 16 * ks + 2 * tig;
-      qb[ks][0] = pack_half2(qr[0] * a.qscale, qr[1] * a.qscale);
-      qb[ks][1] = pack_half2(qr[8] * a.qscale, qr[9] * a.qscale);
-    }
-  }
+  for (int ks = 0; ks < D / 16; ks++)
+#pragma unroll
+    for (int j = 0; j < 2; j++) qv[ks][j] = *reinterpret_cast<const float2 *>(qr + 16 * ks + 8 * j);
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ks++)
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+      qb[ks][j] = gid < a.group ? pack_half2(qv[ks][j].x * a.qscale, qv[ks][j].y * a.qscale) : 0u;
 
   /* This thread's share of the running softmax and output: heads 2 tig, + 1 and, per 16-channel
    * tile cm, channels 16 cm + gid and + 8 (acc[cm] = {(gid, h0), (gid, h1), (gid + 8, h0),

@@ -331,7 +331,6 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   using st = km_stage<D, KB, VB, KG, F8>;
   const bool e5m2 = a.p.meta == IQ_META_E5M2;
   extern __shared__ __align__(16) uint32_t km_smem[];
-  __shared__ float q_s[KM_HEADS][D];
   const iq_kvq_params &p = a.p;
   const uint32_t h = a.h1024;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
@@ -352,55 +351,68 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   const int last = blockIdx.y ? min(chunks, (int)blockIdx.y * a.chunks_per_split) : 0;
   if (first < last) stage_chunk<D, KB, VB, KG, F8>(src, stage, first, lane);
 
-  /* the fp16 split's warps copy their first piece of positions instead: 16 key rows then 16
-   * value rows of padded length FP16_S, rows past the end zero */
+  /* the fp16 split's warps copy their first piece of positions instead: a lane a row, lanes
+   * 0-15 the piece's 16 key rows and 16-31 its value rows, of padded length FP16_S (the row
+   * address found once, not per 16 bytes), rows past the end zero */
   constexpr int FP16_PIECE = 16, FP16_S = D + 8;
   __half *tile = reinterpret_cast<__half *>(stage);
   auto load_piece = [&](int base) {
-    constexpr int PIECES = D / 8;
-    for (int e = lane; e < 2 * FP16_PIECE * PIECES; e += 32) {
-      const int side = e / (FP16_PIECE * PIECES), r = e / PIECES % FP16_PIECE, c = e % PIECES * 8;
-      const int64_t i = base + r;
-      __half *dst = tile + (side * FP16_PIECE + r) * FP16_S + c;
-      if (i < fp16n) {
-        const int64_t x = i < sinkn ? i : p.sink + nq + (i - sinkn);
-        const uint16_t *b = x < p.sink ? (side ? a.r.sink_v : a.r.sink_k)
-                                       : (side ? a.r.ring_v : a.r.ring_k);
-        cp_async16(dst, b + kvq_fp16_row(&p, kvh, x) + c);
-      } else {
-        *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
-      }
+    const int side = lane / FP16_PIECE, i = base + lane % FP16_PIECE;
+    __half *dst = tile + lane * FP16_S;
+    if (i < fp16n) {
+      const int64_t x = i < sinkn ? i : p.sink + nq + (i - sinkn);
+      const uint16_t *b = x < p.sink ? (side ? a.r.sink_v : a.r.sink_k)
+                                     : (side ? a.r.ring_v : a.r.ring_k);
+      b += kvq_fp16_row(&p, kvh, x);
+#pragma unroll
+      for (int c = 0; c < D; c += 8) cp_async16(dst + c, b + c);
+    } else {
+#pragma unroll
+      for (int c = 0; c < D; c += 8) *reinterpret_cast<uint4 *>(dst + c) = make_uint4(0, 0, 0, 0);
     }
     asm volatile("cp.async.commit_group;\n" ::);
   };
   if (blockIdx.y == 0 && warp * FP16_PIECE < fp16n) load_piece(warp * FP16_PIECE);
 
   /* q times the softmax scale and log2(e) (scores in log2 units: the softmax uses exp2),
-   * rounded to fp16; the B operand of each k-step, and the sums of q over each key group for
-   * heads 2 tig, + 1, at each k-step of the group */
-  __shared__ float qsum_s[KM_HEADS][D / 16];
-  for (int i = threadIdx.x; i < KM_HEADS * D; i += blockDim.x) {
-    const int g = i / D;
-    const float x = g < nh ? a.q[((int64_t)t * a.heads + h0 + g) * D + i % D] * a.scale : 0.0f;
-    q_s[g][i % D] = __half2float(__float2half_rn(x * 1.44269504f));
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; KG && i < KM_HEADS * (D / KPG / 16); i += blockDim.x) {
-    const int g = i / (D / KPG / 16), gi = i % (D / KPG / 16);
-    float sum = 0.0f;
-    for (int c = gi * KPG * 16; c < (gi + 1) * KPG * 16; c++) sum += q_s[g][c];
-    qsum_s[g][gi] = sum;
-  }
-  __syncthreads();
+   * rounded to fp16, read straight into the B operand of each k-step (head gid, channels
+   * 16 ks + 2 tig, + 1, + 8, + 9; zero past the group), all loads issued at once and no block
+   * barrier, while the first chunk is on its way; and, keys over channels, the sums of those
+   * q over each key group for heads 2 tig and + 1 (a quad's sum, then its head's lane) */
   uint32_t qb[D / 16][2];
   float qg[D / 16][2];
+  const float *qrow = a.q + ((int64_t)t * a.heads + h0 + (gid < nh ? gid : 0)) * D + 2 * tig;
+  float2 qv[D / 16][2]; /* loaded unconditionally (heads past the group read head 0, then zero) */
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ks++)
+#pragma unroll
+    for (int j = 0; j < 2; j++) qv[ks][j] = *reinterpret_cast<const float2 *>(qrow + 16 * ks + 8 * j);
+  const float qscale = a.scale, log2e = 1.44269504f;
+  auto q_half = [&](float x) {
+    return gid < nh ? __half2float(__float2half_rn(x * qscale * log2e)) : 0.0f;
+  };
+  float gsum = 0.0f;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ks++) {
-    const float *qr = q_s[gid] + 16 * ks + 2 * tig;
-    qb[ks][0] = pack_half2(qr[0], qr[1]);
-    qb[ks][1] = pack_half2(qr[8], qr[9]);
-    qg[ks][0] = KG ? qsum_s[2 * tig][ks / KPG] : 0.0f;
-    qg[ks][1] = KG ? qsum_s[2 * tig + 1][ks / KPG] : 0.0f;
+    const float x[4] = {q_half(qv[ks][0].x), q_half(qv[ks][0].y), q_half(qv[ks][1].x),
+                        q_half(qv[ks][1].y)};
+    qb[ks][0] = pack_half2(x[0], x[1]);
+    qb[ks][1] = pack_half2(x[2], x[3]);
+    if constexpr (KG != 0) {
+      float part = (x[0] + x[1]) + (x[2] + x[3]);
+      part += __shfl_xor_sync(0xffffffffu, part, 1);
+      part += __shfl_xor_sync(0xffffffffu, part, 2);
+      gsum += part;
+      if ((ks + 1) % KPG == 0) { /* the group ends: heads 2 tig, + 1 are lanes 8 tig, + 4 */
+        const float g0 = __shfl_sync(0xffffffffu, gsum, 8 * tig);
+        const float g1 = __shfl_sync(0xffffffffu, gsum, 8 * tig + 4);
+#pragma unroll
+        for (int k = ks + 1 - KPG; k <= ks; k++) qg[k][0] = g0, qg[k][1] = g1;
+        gsum = 0.0f;
+      }
+    } else {
+      qg[ks][0] = qg[ks][1] = 0.0f;
+    }
   }
 
   km_state<D> state;
@@ -414,20 +426,21 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   if (blockIdx.y == 0) {
     /* the fp16 positions, 16 at a time per warp (the first 16 copied before q was set up):
      * their key rows and value rows in one tile of padded rows in the warp's shared memory
-     * (stride D + 8: the 8 rows a fragment load touches lie in distinct banks) */
+     * (stride D + 8: the 8 rows an ldmatrix reads lie in distinct banks). ldmatrix row
+     * addresses as in decode_mma.cu: keys (A = the 16x16 tile as stored) matrices (tokens
+     * 0-7, channels 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15); values (A = Vᵀ, loaded
+     * transposed) (0-7, 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15) */
+    const int k_lane = (lane % 8 + lane / 8 % 2 * 8) * FP16_S + lane / 16 * 8;
+    const int v_lane = (lane % 8 + lane / 16 * 8) * FP16_S + lane / 8 % 2 * 8;
     for (int base = warp * FP16_PIECE; base < fp16n; base += KM_WARPS * FP16_PIECE) {
       asm volatile("cp.async.wait_group 0;\n" ::);
       __syncwarp();
       float s[2][4];
-      const __half *k0 = tile + gid * FP16_S, *k1 = k0 + 8 * FP16_S;
       float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int ks = 0; ks < D / 16; ks++) {
-        const int c = 16 * ks + 2 * tig;
-        const uint32_t fr[4] = {*reinterpret_cast<const uint32_t *>(k0 + c),
-                                *reinterpret_cast<const uint32_t *>(k1 + c),
-                                *reinterpret_cast<const uint32_t *>(k0 + c + 8),
-                                *reinterpret_cast<const uint32_t *>(k1 + c + 8)};
+        uint32_t fr[4];
+        ldmatrix_x4(fr, tile + 16 * ks + k_lane);
         mma_16816(sc, fr, qb[ks][0], qb[ks][1]);
       }
       const bool in0 = base + gid < fp16n, in1 = base + gid + 8 < fp16n;
@@ -444,12 +457,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
 #pragma unroll
       for (int cm = 0; cm < D / 16; cm++) {
         uint32_t fr[4];
-#pragma unroll
-        for (int r = 0; r < 4; r++) { /* channels {gid, gid + 8} x tokens {2 tig, 2 tig + 8} */
-          const __half *v = vt + (2 * tig + r / 2 * 8) * FP16_S + 16 * cm + gid + r % 2 * 8;
-          __half2 h = __halves2half2(v[0], v[FP16_S]);
-          fr[r] = *reinterpret_cast<uint32_t *>(&h);
-        }
+        ldmatrix_x4_trans(fr, vt + 16 * cm + v_lane);
         mma_16816(state.acc[cm], fr, pb[0][0], pb[0][1]);
       }
       __syncwarp(); /* the tile takes the next piece */
