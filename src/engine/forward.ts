@@ -1,7 +1,13 @@
 // The forward pass of a Llama-family decoder, as kernel-library calls in forward order.
 // Every device buffer is planned at load time: the activations for one chunk of tokens and the
 // KV cache for the whole context; nothing is allocated per token.
-import type { Backend, DeviceBuffer, Slice } from "../../ffi/backend.ts";
+import {
+  type Backend,
+  type DeviceBuffer,
+  DType,
+  type DTypeCode,
+  type Slice,
+} from "../../ffi/backend.ts";
 import { type ModelConfig, ropeInvFreq } from "../model/config.ts";
 import {
   freeWeights,
@@ -213,31 +219,31 @@ export class Transformer {
     for (let l = 0; l < c.numLayers; l++) {
       const L = w.layers[l];
       // attention block
-      be.rmsnorm(s.xb, s.x, L.attnNorm.buf, n, dim, eps); // xb = rmsnorm(x)
-      linear(be, s.q, s.xb, L.wq, L.bq, n); // q = xb Wqᵀ (n, heads * head_dim)
-      linear(be, s.k, s.xb, L.wk, L.bk, n); // k = xb Wkᵀ (n, kv_heads * head_dim)
-      linear(be, s.v, s.xb, L.wv, L.bv, n); // v = xb Wvᵀ
+      be.rmsnorm(s.xb, DType.F32, s.x, L.attnNorm.buf, n, dim, eps); // xb = rmsnorm(x)
+      linear(be, s.q, s.xb, DType.F32, L.wq, L.bq, n); // q = xb Wqᵀ (n, heads * head_dim)
+      linear(be, s.k, s.xb, DType.F32, L.wk, L.bk, n); // k = xb Wkᵀ (n, kv_heads * head_dim)
+      linear(be, s.v, s.xb, DType.F32, L.wv, L.bv, n); // v = xb Wvᵀ
       be.rope(s.k, positions, s.invFreq, n, c.numKvHeads, c.headDim); // rotate k
       this.cache.store(l, s.k, s.v, pos0, n); // cache k, v at pos0 ..
       const qScale = this.cache.queryScale(l); // the keys' normalization, folded into q
       const scale = qScale && { pairs: qScale, heads: c.numKvHeads };
       be.rope(s.q, positions, s.invFreq, n, c.numHeads, c.headDim, scale); // rotate (and scale) q
       this.cache.attend(l, s.q, s.att, pos0, n); // att = softmax(q kᵀ / sqrt(d)) v, causal, GQA
-      linear(be, s.xb, s.att, L.wo, L.bo, n); // xb = att Woᵀ (n, dim)
+      linear(be, s.xb, s.att, DType.F32, L.wo, L.bo, n); // xb = att Woᵀ (n, dim)
       be.add(s.x, s.x, s.xb, n * dim); // x += xb
       // feed-forward block
-      be.rmsnorm(s.xb, s.x, L.ffnNorm.buf, n, dim, eps); // xb = rmsnorm(x)
-      linear(be, s.hb, s.xb, L.wGate, null, n); // hb = xb Wgateᵀ (n, hidden)
-      linear(be, s.hb2, s.xb, L.wUp, null, n); // hb2 = xb Wupᵀ
-      be.swiglu(s.hb, s.hb, s.hb2, n * hidden); // hb = silu(hb) * hb2
-      linear(be, s.xb, s.hb, L.wDown, null, n); // xb = hb Wdownᵀ (n, dim)
+      be.rmsnorm(s.xb, DType.F32, s.x, L.ffnNorm.buf, n, dim, eps); // xb = rmsnorm(x)
+      linear(be, s.hb, s.xb, DType.F32, L.wGate, null, n); // hb = xb Wgateᵀ (n, hidden)
+      linear(be, s.hb2, s.xb, DType.F32, L.wUp, null, n); // hb2 = xb Wupᵀ
+      be.swiglu(s.hb, DType.F32, s.hb, s.hb2, n * hidden); // hb = silu(hb) * hb2
+      linear(be, s.xb, s.hb, DType.F32, L.wDown, null, n); // xb = hb Wdownᵀ (n, dim)
       be.add(s.x, s.x, s.xb, n * dim); // x += xb
     }
     // final norm and classifier, for the last token only unless every row's logits are wanted
     const rows = this.allLogits ? n : 1;
     const first = s.x.slice((n - rows) * dim * 4, rows * dim * 4);
-    be.rmsnorm(s.xb, first, w.norm.buf, rows, dim, eps); // xb = rmsnorm(x)
-    linear(be, s.logits, s.xb, w.lmHead, null, rows); // logits = xb Wheadᵀ (rows, vocab)
+    be.rmsnorm(s.xb, DType.F32, first, w.norm.buf, rows, dim, eps); // xb = rmsnorm(x)
+    linear(be, s.logits, s.xb, DType.F32, w.lmHead, null, rows); // logits = xb Wheadᵀ (rows, vocab)
     return s.logits.slice(0, rows * c.vocabSize * 4);
   }
 
@@ -267,14 +273,15 @@ export class Transformer {
   }
 }
 
-/** out(n, out_features) = x(n, in_features) Wᵀ + bias. */
+/** out(n, out_features) = x(n, in_features) Wᵀ + bias; x is F32 or of W's dtype. */
 function linear(
   be: Backend,
   out: Slice,
   x: Slice,
+  xDtype: DTypeCode,
   w: Weight,
   bias: Weight | null,
   n: number,
 ): void {
-  be.matmul(out, x, w.buf, w.dtype, bias?.buf ?? null, n, w.shape[1], w.shape[0]);
+  be.matmul(out, x, xDtype, w.buf, w.dtype, bias?.buf ?? null, n, w.shape[1], w.shape[0]);
 }
