@@ -804,8 +804,9 @@ async function runModel(
   return [logits, tokens];
 }
 
-// BF16 weights, prompt in one chunk: cuBLAS rounds x to bf16 in every prefill matmul, so the logits
-// agree to 3e-2 of the largest |logit| (greedy tokens may then differ where two are that close).
+// BF16 weights, prompt in one chunk: every prefill GEMM reads x in bf16 (rmsnorm and swiglu write
+// it so; o's input is rounded in matmul), so the logits agree to 3e-2 of the largest |logit|
+// (greedy tokens may then differ where two are that close).
 test("tiny bf16 model: prefill logits match the CPU's", async (gpu, cpu) => {
   await withModel("BF16", async (dir) => {
     const [g] = await runModel(gpu, dir, 64);
@@ -813,6 +814,31 @@ test("tiny bf16 model: prefill logits match the CPU's", async (gpu, cpu) => {
     const err = maxRowRelError(g, c, c.length);
     assert.ok(err <= 3e-2, `logits differ by ${err} of the largest`);
   });
+});
+
+/** The GPU backend reporting itself as the CPU, so the forward pass keeps every GEMM input in
+ * fp32 (gemmInputDtype), as it did before rmsnorm and swiglu wrote the weights' type. */
+function reportingCpu(be: Backend): Backend {
+  return new Proxy(be, {
+    get: (t, prop) => {
+      if (prop === "kind") return "cpu";
+      const value = Reflect.get(t, prop, t);
+      return typeof value === "function" ? value.bind(t) : value;
+    },
+  });
+}
+
+// Prefill's GEMMs reading rmsnorm's and swiglu's bf16/fp16 outputs see the operands the rounding
+// pass made of fp32 ones: the same logits and tokens, bit for bit.
+test("tiny bf16 and f16 models: narrow GEMM inputs give the logits of fp32 ones exactly", async (gpu) => {
+  for (const dtype of ["BF16", "F16"] as const) {
+    await withModel(dtype, async (dir) => {
+      const [nl, nt] = await runModel(gpu, dir, 64);
+      const [wl, wt] = await runModel(reportingCpu(gpu), dir, 64);
+      assert.deepEqual(nl, wl, dtype);
+      assert.deepEqual(nt, wt, dtype);
+    });
+  }
 });
 
 // One token per forward call: only the GEMV, which reads bf16 weights exactly: logits to 1e-3 of
