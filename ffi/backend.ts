@@ -5,13 +5,14 @@ import { type BackendKind, type KernelLibrary, openLibrary } from "./library.ts"
 export type { BackendKind } from "./library.ts";
 
 /** IQ_ABI_VERSION in kernels/innerq.h: the symbol table below matches it. */
-const ABI_VERSION = 4;
+const ABI_VERSION = 5;
 
 /** iq_dtype in kernels/innerq.h. */
 export const DType = { F32: 0, F16: 1, BF16: 2 } as const;
 export type DTypeCode = typeof DType[keyof typeof DType];
 const dtypeBytes: Record<DTypeCode, number> = { 0: 4, 1: 2, 2: 2 };
 export const DTYPE_BYTES = dtypeBytes;
+const dtypeNames: Record<DTypeCode, string> = { 0: "F32", 1: "F16", 2: "BF16" };
 
 /** A byte range of device memory. */
 export interface Slice {
@@ -168,6 +169,30 @@ function need(slice: Slice, bytes: number, name: string): void {
   }
 }
 
+/** Whether the first aBytes of a and the first bBytes of b share a byte. */
+function overlaps(a: Slice, aBytes: number, b: Slice, bBytes: number): boolean {
+  const x = BigInt(Deno.UnsafePointer.value(a.ptr)), y = BigInt(Deno.UnsafePointer.value(b.ptr));
+  return x < y + BigInt(bBytes) && y < x + BigInt(aBytes);
+}
+
+/** An fp16/bf16 out of `count` elements must not overlap the fp32 inputs it is computed from
+ * (the kernels write it while other threads still read them); an fp32 out may alias one. */
+function checkNarrowOut(
+  op: string,
+  out: Slice,
+  outDtype: DTypeCode,
+  count: number,
+  inputs: Slice[],
+) {
+  if (outDtype === DType.F32) return;
+  const outBytes = count * elementBytes(outDtype);
+  if (inputs.some((input) => overlaps(out, outBytes, input, count * 4))) {
+    throw new RangeError(
+      `${op}: out (${dtypeNames[outDtype]}) overlaps an input; only an F32 out may alias one`,
+    );
+  }
+}
+
 export class Backend {
   readonly kind: BackendKind;
   #lib: KernelLibrary;
@@ -292,18 +317,31 @@ export class Backend {
     this.#check(s, "embed");
   }
 
-  rmsnorm(out: Slice, x: Slice, weight: Slice, n: number, dim: number, eps: number): void {
+  /** out[n, dim] of outDtype = rmsnorm(x[n, dim]) * weight, computed in fp32 (a narrow out holds
+   * it rounded). out may be x only when outDtype is F32. */
+  rmsnorm(
+    out: Slice,
+    outDtype: DTypeCode,
+    x: Slice,
+    weight: Slice,
+    n: number,
+    dim: number,
+    eps: number,
+  ): void {
     positiveInts({ n, dim });
-    need(out, n * dim * 4, "rmsnorm out");
+    need(out, n * dim * elementBytes(outDtype), "rmsnorm out");
     need(x, n * dim * 4, "rmsnorm x");
     need(weight, dim * 4, "rmsnorm weight");
-    this.#check(this.#sym.iq_rmsnorm(this.#c, out.ptr, x.ptr, weight.ptr, n, dim, eps), "rmsnorm");
+    checkNarrowOut("rmsnorm", out, outDtype, n * dim, [x]);
+    const s = this.#sym.iq_rmsnorm(this.#c, out.ptr, outDtype, x.ptr, weight.ptr, n, dim, eps);
+    this.#check(s, "rmsnorm");
   }
 
-  /** out[n, m] = x[n, k] · w[m, k]ᵀ + bias[m]. */
+  /** out[n, m] = x[n, k] · w[m, k]ᵀ + bias[m] in fp32; x is F32 or of the weights' dtype. */
   matmul(
     out: Slice,
     x: Slice,
+    xDtype: DTypeCode,
     w: Slice,
     wDtype: DTypeCode,
     bias: Slice | null,
@@ -312,14 +350,23 @@ export class Backend {
     m: number,
   ): void {
     positiveInts({ n, k, m });
+    const xBytes = elementBytes(xDtype), wBytes = elementBytes(wDtype);
+    if (xDtype !== DType.F32 && xDtype !== wDtype) {
+      throw new RangeError(
+        `matmul: x dtype ${dtypeNames[xDtype]} must be F32 or the weights' dtype (${
+          dtypeNames[wDtype]
+        })`,
+      );
+    }
     need(out, n * m * 4, "matmul out");
-    need(x, n * k * 4, "matmul x");
-    need(w, m * k * elementBytes(wDtype), "matmul w");
+    need(x, n * k * xBytes, "matmul x");
+    need(w, m * k * wBytes, "matmul w");
     if (bias) need(bias, m * 4, "matmul bias");
     const s = this.#sym.iq_matmul(
       this.#c,
       out.ptr,
       x.ptr,
+      xDtype,
       w.ptr,
       wDtype,
       bias?.ptr ?? null,
@@ -367,12 +414,16 @@ export class Backend {
     this.#check(s, "rope");
   }
 
-  swiglu(out: Slice, gate: Slice, up: Slice, count: number): void {
+  /** out[count] of outDtype = silu(gate) * up, computed in fp32 (a narrow out holds it rounded).
+   * out may alias gate or up only when outDtype is F32. */
+  swiglu(out: Slice, outDtype: DTypeCode, gate: Slice, up: Slice, count: number): void {
     positiveInts({ count });
-    for (const [s, name] of [[out, "out"], [gate, "gate"], [up, "up"]] as const) {
-      need(s, count * 4, `swiglu ${name}`);
-    }
-    this.#check(this.#sym.iq_swiglu(this.#c, out.ptr, gate.ptr, up.ptr, BigInt(count)), "swiglu");
+    need(out, count * elementBytes(outDtype), "swiglu out");
+    need(gate, count * 4, "swiglu gate");
+    need(up, count * 4, "swiglu up");
+    checkNarrowOut("swiglu", out, outDtype, count, [gate, up]);
+    const s = this.#sym.iq_swiglu(this.#c, out.ptr, outDtype, gate.ptr, up.ptr, BigInt(count));
+    this.#check(s, "swiglu");
   }
 
   add(out: Slice, a: Slice, b: Slice, count: number): void {

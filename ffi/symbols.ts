@@ -69,7 +69,8 @@ export const symbols = {
   iq_rmsnorm: {
     parameters: [
       "pointer", // iq_ctx *ctx
-      "pointer", // float *out
+      "pointer", // void *out
+      "i32", // int out_dtype
       "pointer", // const float *x
       "pointer", // const float *weight
       "i32", // int n
@@ -82,7 +83,8 @@ export const symbols = {
     parameters: [
       "pointer", // iq_ctx *ctx
       "pointer", // float *out
-      "pointer", // const float *x
+      "pointer", // const void *x
+      "i32", // int x_dtype
       "pointer", // const void *w
       "i32", // int w_dtype
       "pointer", // const float *bias (NULL: none)
@@ -109,7 +111,8 @@ export const symbols = {
   iq_swiglu: {
     parameters: [
       "pointer", // iq_ctx *ctx
-      "pointer", // float *out
+      "pointer", // void *out
+      "i32", // int out_dtype
       "pointer", // const float *gate
       "pointer", // const float *up
       "i64", // int64_t count

@@ -12,6 +12,48 @@
 /* iq_sample's failure token -(4 * id + reason) must fit an int32 */
 #define IQ_SAMPLE_MAX_VOCAB (1 << 29)
 
+static inline const char *iq_dtype_name(int dtype) {
+  return dtype == IQ_F32 ? "F32" : dtype == IQ_F16 ? "F16" : dtype == IQ_BF16 ? "BF16" : "unknown";
+}
+
+/* Whether byte ranges [a, a + a_bytes) and [b, b + b_bytes) share a byte. */
+static inline int iq_overlap(const void *a, uint64_t a_bytes, const void *b, uint64_t b_bytes) {
+  uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+  return x < y + b_bytes && y < x + a_bytes;
+}
+
+/* An op's output of out_dtype over count elements computed from the fp32 inputs a and b (b may
+ * be NULL): the dtype is valid, and a narrow out overlaps neither input (it is written while
+ * other threads still read the inputs, at other offsets). */
+static inline int iq_check_out(iq_ctx *ctx, const char *op, const void *out, int out_dtype,
+                               const float *a, const float *b, int64_t count) {
+  if (!iq_valid_dtype(out_dtype))
+    return iq_fail(ctx, IQ_ERR_ARG, "%s: bad out dtype %d", op, out_dtype);
+  if (out_dtype == IQ_F32) return IQ_OK;
+  uint64_t in = (uint64_t)count * 4, narrow = (uint64_t)count * 2;
+  if (iq_overlap(out, narrow, a, in) || (b && iq_overlap(out, narrow, b, in)))
+    return iq_fail(ctx, IQ_ERR_ARG,
+                   "%s: out (%s) overlaps an input; only an F32 out may alias one", op,
+                   iq_dtype_name(out_dtype));
+  return IQ_OK;
+}
+
+static inline int iq_check_matmul(iq_ctx *ctx, const float *out, const void *x, int x_dtype,
+                                  const void *w, int w_dtype, int n, int k, int m) {
+  if (!ctx || !out || !x || !w) return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: NULL argument");
+  if (!iq_valid_dtype(w_dtype))
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: bad w dtype %d", w_dtype);
+  if (!iq_valid_dtype(x_dtype))
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: bad x dtype %d", x_dtype);
+  if (x_dtype != IQ_F32 && x_dtype != w_dtype)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: x dtype %s must be F32 or the weights' dtype (%s)",
+                   iq_dtype_name(x_dtype), iq_dtype_name(w_dtype));
+  if (n <= 0 || k <= 0 || m <= 0)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: n %d, k %d and m %d must be positive", n, k, m);
+  if ((const void *)out == x) return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: out is x");
+  return IQ_OK;
+}
+
 static inline int iq_check_attention(iq_ctx *ctx, const char *op, const void *out, const void *q,
                                      const void *k, const void *v, int dtype, int n, int pos0,
                                      int heads, int kv_heads, int head_dim, int cap) {

@@ -7,8 +7,12 @@
  * - Every call returns an iq_status; on failure iq_last_error(ctx) says why.
  * - Buffers are device pointers from iq_alloc (host memory on the CPU backend).
  *   Ops never allocate per call; scratch lives in the context.
- * - Activations are fp32, row-major. Weights may be fp32, fp16 or bf16 and are
- *   read as stored (fp32 accumulate). Token ids and positions are int32.
+ * - Activations are fp32, row-major, except where an op takes their dtype
+ *   (rmsnorm's and swiglu's out, matmul's x): there fp16 or bf16 may stand in,
+ *   so a GEMM reads its input in the weights' type with no rounding pass.
+ *   Writing fp16/bf16 rounds to nearest even (fp16 overflows to inf; NaN stays
+ *   NaN). Weights may be fp32, fp16 or bf16 and are read as stored (fp32
+ *   accumulate). Token ids and positions are int32.
  * - Linear layers use the Hugging Face layout: W[out_features, in_features].
  * - Calls on one context are ordered; iq_download returns once data has arrived.
  */
@@ -21,7 +25,7 @@
 extern "C" {
 #endif
 
-#define IQ_ABI_VERSION 4
+#define IQ_ABI_VERSION 5
 
 typedef enum {
   IQ_OK = 0,
@@ -70,13 +74,22 @@ int iq_download(iq_ctx *ctx, void *host_dst, const void *src, uint64_t bytes);
 int iq_embed(iq_ctx *ctx, float *out, const void *table, int table_dtype,
              const int32_t *tokens, int n, int dim, int vocab);
 
-/* out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight; out may be x. */
-int iq_rmsnorm(iq_ctx *ctx, float *out, const float *x, const float *weight,
-               int n, int dim, float eps);
+/* out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight, computed in
+ * fp32 and stored as out_dtype (IQ_F32, IQ_F16 or IQ_BF16): a narrow out holds
+ * exactly the fp32 result rounded. out may be x when out_dtype is IQ_F32; a
+ * narrower out must not overlap x. */
+int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, const float *x,
+               const float *weight, int n, int dim, float eps);
 
-/* out[n, m] = x[n, k] · w[m, k]ᵀ + bias[m]; bias may be NULL. out != x. */
-int iq_matmul(iq_ctx *ctx, float *out, const float *x, const void *w,
-              int w_dtype, const float *bias, int n, int k, int m);
+/* out[n, m] = x[n, k] · w[m, k]ᵀ + bias[m], fp32; bias may be NULL. out != x.
+ * x_dtype is IQ_F32, or w_dtype when that is IQ_F16 or IQ_BF16 (else
+ * IQ_ERR_ARG). A narrow x gives the bits an fp32 x holding the same values
+ * gives: on the CPU, which widens it; on CUDA for n > 1, where cuBLAS reads x
+ * in the weights' type, an fp32 x being rounded to it first (a narrow x skips
+ * that pass). */
+int iq_matmul(iq_ctx *ctx, float *out, const void *x, int x_dtype,
+              const void *w, int w_dtype, const float *bias, int n, int k,
+              int m);
 
 /* Rotary embedding in place on x[n, heads, head_dim], Hugging Face layout:
  * channel i < head_dim/2 pairs with i + head_dim/2 and both turn by the angle
@@ -91,9 +104,12 @@ int iq_rope(iq_ctx *ctx, float *x, const int32_t *pos, const float *inv_freq,
             const float *pair_scale, int n, int heads, int head_dim,
             int scale_heads);
 
-/* out[i] = silu(gate[i]) * up[i]; out may alias either input. */
-int iq_swiglu(iq_ctx *ctx, float *out, const float *gate, const float *up,
-              int64_t count);
+/* out[i] = silu(gate[i]) * up[i], computed in fp32 and stored as out_dtype
+ * (IQ_F32, IQ_F16 or IQ_BF16; a narrow out holds the fp32 result rounded).
+ * out may alias either input when out_dtype is IQ_F32; a narrower out must
+ * overlap neither. */
+int iq_swiglu(iq_ctx *ctx, void *out, int out_dtype, const float *gate,
+              const float *up, int64_t count);
 
 /* out[i] = a[i] + b[i]; out may alias either input. */
 int iq_add(iq_ctx *ctx, float *out, const float *a, const float *b,

@@ -2,12 +2,25 @@
 // compared within the tolerance stated beside each test, then a tiny random model end to end.
 // Where no GPU answers (no library, no driver, no device) every test is registered as ignored.
 import assert from "node:assert/strict";
-import { Backend, type DeviceBuffer, DType, type DTypeCode, NativeError } from "../ffi/backend.ts";
+import {
+  Backend,
+  type DeviceBuffer,
+  DType,
+  type DTypeCode,
+  NativeError,
+  type Slice,
+} from "../ffi/backend.ts";
 import { GREEDY, Rng, Sampler } from "../src/engine/sampler.ts";
 import { generate } from "../src/engine/generate.ts";
 import { Transformer } from "../src/engine/forward.ts";
 import { loadConfig } from "../src/model/config.ts";
-import { type DType as ModelDType, f32ToBf16, f32ToF16 } from "../src/model/dtype.ts";
+import {
+  bf16ToF32,
+  type DType as ModelDType,
+  f16ToF32,
+  f32ToBf16,
+  f32ToF16,
+} from "../src/model/dtype.ts";
 import { writeRandomModel } from "../src/model/random_model.ts";
 import { maxRelError, randomFloats, randomInts } from "./random.ts";
 
@@ -139,11 +152,11 @@ test("rmsnorm, also in place", (gpu, cpu) => {
   for (const [n, dim] of [[5, 4096], [3, 100], [1, 7]]) {
     const x = randomFloats(rng, n * dim, -3, 3), w = randomFloats(rng, dim, 0.5, 1.5);
     const [g, c] = onBoth(gpu, cpu, [x, w], { bytes: n * dim * 4 }, (be, [xb, wb], o) => {
-      be.rmsnorm(o, xb, wb, n, dim, 1e-5);
+      be.rmsnorm(o, DType.F32, xb, wb, n, dim, 1e-5);
     });
     assertClose(f32(g), f32(c), 1e-5, `rmsnorm ${n}x${dim}`);
     const [gi] = onBoth(gpu, cpu, [w], { bytes: n * dim * 4, init: x }, (be, [wb], o) => {
-      be.rmsnorm(o, o, wb, n, dim, 1e-5);
+      be.rmsnorm(o, DType.F32, o, wb, n, dim, 1e-5);
     });
     assertClose(f32(gi), f32(c), 1e-5, `rmsnorm in place ${n}x${dim}`);
   }
@@ -187,9 +200,13 @@ test("swiglu and add, aligned and not, in place", (gpu, cpu) => {
   for (const [count, offset] of [[10001, 0], [4096, 0], [999, 1]]) {
     const a = randomFloats(rng, count + 1, -6, 6), b = randomFloats(rng, count + 1, -2, 2);
     const bytes = (count + 1) * 4, at = offset * 4, len = count * 4;
+    const ops = {
+      swiglu: (be: Backend, o: Slice, a: Slice, b: Slice) => be.swiglu(o, DType.F32, a, b, count),
+      add: (be: Backend, o: Slice, a: Slice, b: Slice) => be.add(o, a, b, count),
+    };
     for (const op of ["swiglu", "add"] as const) {
       const [g, c] = onBoth(gpu, cpu, [a, b], { bytes }, (be, [ab, bb], o) => {
-        be[op](o.slice(at, len), ab.slice(at, len), bb.slice(at, len), count);
+        ops[op](be, o.slice(at, len), ab.slice(at, len), bb.slice(at, len));
       });
       assertClose(
         f32(g).subarray(offset, offset + count),
@@ -198,7 +215,7 @@ test("swiglu and add, aligned and not, in place", (gpu, cpu) => {
         `${op} ${count}+${offset}`,
       );
       const [gi] = onBoth(gpu, cpu, [b], { bytes, init: a }, (be, [bb], o) => {
-        be[op](o.slice(at, len), o.slice(at, len), bb.slice(at, len), count);
+        ops[op](be, o.slice(at, len), o.slice(at, len), bb.slice(at, len));
       });
       assertClose(
         f32(gi).subarray(offset, offset + count),
@@ -222,7 +239,7 @@ function matmulCase(
   const x = randomFloats(rng, n * k), w = encode(randomFloats(rng, m * k, -0.1, 0.1), dt);
   const bias = randomFloats(rng, m);
   return onBoth(gpu, cpu, [x, w, bias], { bytes: n * m * 4 }, (be, [xb, wb, bb], o) => {
-    be.matmul(o, xb, wb, dt, bb, n, k, m);
+    be.matmul(o, xb, DType.F32, wb, dt, bb, n, k, m);
   }).map(f32);
 }
 
@@ -249,6 +266,107 @@ test("matmul n>1 (cuBLAS), every weight dtype, with bias", (gpu, cpu) => {
       else {
         const err = maxRowRelError(g, c, m);
         assert.ok(err <= 1e-2, `gemm ${name} ${n}x${k}x${m}: ${err} of the row's max`);
+      }
+    }
+  }
+});
+
+const NARROW: [string, typeof DType.F16 | typeof DType.BF16][] = [["f16", DType.F16], [
+  "bf16",
+  DType.BF16,
+]];
+const u16 = (b: ArrayBuffer) => new Uint16Array(b);
+const rounded = (values: Float32Array, dt: typeof DType.F16 | typeof DType.BF16) =>
+  dt === DType.F16 ? f32ToF16(values) : f32ToBf16(values);
+
+/** Largest distance in units in the last place between fp16 (or bf16) bit patterns a and b. */
+function maxUlps(a: Uint16Array, b: Uint16Array): number {
+  const ordered = (h: number) => (h & 0x8000 ? -(h & 0x7fff) : h);
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) {
+    worst = Math.max(worst, Math.abs(ordered(a[i]) - ordered(b[i])));
+  }
+  return worst;
+}
+
+// F16/BF16 outs for the GEMM that reads them. Against the GPU's own F32 out rounded by the reference
+// converter (what the prefill matmul's rounding pass gave before): bit for bit. Against the CPU's
+// narrow out: within 1 ulp of the narrow type, as the fp32 values differ by an ulp or two (sum order,
+// expf) and may fall either side of a rounding boundary. swiglu takes unaligned outs (2-byte
+// offsets) beside aligned inputs too, so the scalar path and the 8-byte stores both run; its
+// range up to 300 * 300 overflows fp16 to inf.
+test("rmsnorm and swiglu write F16/BF16: the GPU's F32 out rounded exactly, the CPU's to 1 ulp", (
+  gpu,
+  cpu,
+) => {
+  const rng = new Rng(21);
+  for (const [n, dim] of [[5, 4096], [3, 100], [1, 7]]) {
+    const x = randomFloats(rng, n * dim, -3, 3), w = randomFloats(rng, dim, 0.5, 1.5);
+    const [f] = onBoth(gpu, cpu, [x, w], { bytes: n * dim * 4 }, (be, [xb, wb], o) => {
+      be.rmsnorm(o, DType.F32, xb, wb, n, dim, 1e-5);
+    });
+    for (const [name, dt] of NARROW) {
+      const [g, c] = onBoth(gpu, cpu, [x, w], { bytes: n * dim * 2 }, (be, [xb, wb], o) => {
+        be.rmsnorm(o, dt, xb, wb, n, dim, 1e-5);
+      });
+      assert.deepEqual(u16(g), rounded(f32(f), dt), `rmsnorm ${name} ${n}x${dim} vs the GPU's F32`);
+      assert.ok(maxUlps(u16(g), u16(c)) <= 1, `rmsnorm ${name} ${n}x${dim} vs the CPU`);
+    }
+  }
+  const cases = [[10001, 0, 0, 6], [4096, 0, 0, 300], [999, 1, 1, 6], [1000, 0, 1, 6]];
+  for (const [count, inAt, outAt, range] of cases) {
+    const a = randomFloats(rng, count + 1, -range, range), b = randomFloats(rng, count + 1, -2, 2);
+    if (range > 100) b.set(randomFloats(rng, count + 1, -range, range));
+    const ins = (ab: DeviceBuffer, bb: DeviceBuffer) =>
+      [ab.slice(inAt * 4, count * 4), bb.slice(inAt * 4, count * 4)] as const;
+    const [f] = onBoth(gpu, cpu, [a, b], { bytes: (count + 1) * 4 }, (be, [ab, bb], o) => {
+      be.swiglu(o.slice(outAt * 4, count * 4), DType.F32, ...ins(ab, bb), count);
+    });
+    const want = f32(f).subarray(outAt, outAt + count);
+    for (const [name, dt] of NARROW) {
+      const [g, c] = onBoth(gpu, cpu, [a, b], { bytes: (count + 1) * 2 }, (be, [ab, bb], o) => {
+        be.swiglu(o.slice(outAt * 2, count * 2), dt, ...ins(ab, bb), count);
+      });
+      const [gn, cn] = [
+        u16(g).subarray(outAt, outAt + count),
+        u16(c).subarray(outAt, outAt + count),
+      ];
+      const what = `swiglu ${name} ${count} in +${inAt} out +${outAt}`;
+      assert.deepEqual(gn, rounded(want, dt), `${what} vs the GPU's F32`);
+      assert.ok(maxUlps(gn, cn) <= 1, `${what} vs the CPU`);
+    }
+  }
+});
+
+// x in the weights' F16/BF16 (what rmsnorm and swiglu now write for prefill). Against the CPU,
+// which widens the same x: n = 1 (the GEMV, 16-byte loads at k 4096 and element loads at k 300)
+// 1e-4 relative as for an F32 x; n > 1 (cuBLAS with no rounding pass) 1e-4 of each row's largest
+// |value|: the products are exact in fp32 on both, only the order and the tensor cores' fp32
+// accumulation differ. Against the GPU's own matmul of the same values as an F32 x, which its
+// rounding pass turns into the same operand for the same cuBLAS call: bit for bit, so prefill's
+// logits do not change.
+test("matmul with an F16/BF16 x, n=1 and n>1: the CPU's to 1e-4, the GPU's F32 x exactly", (
+  gpu,
+  cpu,
+) => {
+  const rng = new Rng(22);
+  const shapes = [[1, 4096, 520], [1, 300, 77], [7, 1024, 520], [64, 256, 300], [2, 40, 3]];
+  for (const [name, dt] of NARROW) {
+    for (const [n, k, m] of shapes) {
+      const x = rounded(randomFloats(rng, n * k), dt);
+      const wide = dt === DType.F16 ? f16ToF32(x) : bf16ToF32(x);
+      const w = encode(randomFloats(rng, m * k, -0.1, 0.1), dt), bias = randomFloats(rng, m);
+      const product = (be: Backend, xs: ArrayBufferView, xDt: DTypeCode) =>
+        f32(runOn(be, [xs, w, bias], { bytes: n * m * 4 }, ([xb, wb, bb], o) => {
+          be.matmul(o, xb, xDt, wb, dt, bb, n, k, m);
+        }));
+      const g = product(gpu, x, dt), c = product(cpu, x, dt);
+      const what = `matmul ${name} x ${n}x${k}x${m}`;
+      if (n === 1) assertClose(g, c, 1e-4, what);
+      else {
+        const err = maxRowRelError(g, c, m);
+        assert.ok(err <= 1e-4, `${what}: ${err} of the row's max vs the CPU`);
+        assert.deepEqual(g, product(gpu, wide, DType.F32), `${what} vs the GPU's F32 x`);
       }
     }
   }
@@ -686,8 +804,9 @@ async function runModel(
   return [logits, tokens];
 }
 
-// BF16 weights, prompt in one chunk: cuBLAS rounds x to bf16 in every prefill matmul, so the logits
-// agree to 3e-2 of the largest |logit| (greedy tokens may then differ where two are that close).
+// BF16 weights, prompt in one chunk: every prefill GEMM reads x in bf16 (rmsnorm and swiglu write
+// it so; o's input is rounded in matmul), so the logits agree to 3e-2 of the largest |logit|
+// (greedy tokens may then differ where two are that close).
 test("tiny bf16 model: prefill logits match the CPU's", async (gpu, cpu) => {
   await withModel("BF16", async (dir) => {
     const [g] = await runModel(gpu, dir, 64);
@@ -695,6 +814,31 @@ test("tiny bf16 model: prefill logits match the CPU's", async (gpu, cpu) => {
     const err = maxRowRelError(g, c, c.length);
     assert.ok(err <= 3e-2, `logits differ by ${err} of the largest`);
   });
+});
+
+/** The GPU backend reporting itself as the CPU, so the forward pass keeps every GEMM input in
+ * fp32 (gemmInputDtype), as it did before rmsnorm and swiglu wrote the weights' type. */
+function reportingCpu(be: Backend): Backend {
+  return new Proxy(be, {
+    get: (t, prop) => {
+      if (prop === "kind") return "cpu";
+      const value = Reflect.get(t, prop, t);
+      return typeof value === "function" ? value.bind(t) : value;
+    },
+  });
+}
+
+// Prefill's GEMMs reading rmsnorm's and swiglu's bf16/fp16 outputs see the operands the rounding
+// pass made of fp32 ones: the same logits and tokens, bit for bit.
+test("tiny bf16 and f16 models: narrow GEMM inputs give the logits of fp32 ones exactly", async (gpu) => {
+  for (const dtype of ["BF16", "F16"] as const) {
+    await withModel(dtype, async (dir) => {
+      const [nl, nt] = await runModel(gpu, dir, 64);
+      const [wl, wt] = await runModel(reportingCpu(gpu), dir, 64);
+      assert.deepEqual(nl, wl, dtype);
+      assert.deepEqual(nt, wt, dtype);
+    });
+  }
 });
 
 // One token per forward call: only the GEMV, which reads bf16 weights exactly: logits to 1e-3 of

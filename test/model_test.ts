@@ -3,8 +3,8 @@
 // logits of Hugging Face transformers (test/fixtures/hf_reference.json, made by make_hf_reference.py).
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert";
 import { parseArgs } from "node:util";
-import { Backend } from "../ffi/backend.ts";
-import { Transformer } from "../src/engine/forward.ts";
+import { Backend, DType } from "../ffi/backend.ts";
+import { gemmInputDtype, planBytes, Transformer } from "../src/engine/forward.ts";
 import { generate } from "../src/engine/generate.ts";
 import { GREEDY, Rng, Sampler } from "../src/engine/sampler.ts";
 import { type Architecture, loadConfig } from "../src/model/config.ts";
@@ -14,6 +14,8 @@ import {
   type ShapeName,
   writeRandomModel,
 } from "../src/model/random_model.ts";
+import { layerMatrixDtype, readTensors } from "../src/model/weights.ts";
+import { parseKvSpec } from "../src/kv/spec.ts";
 import { randomInts } from "./random.ts";
 
 const SHARED_MODELS = new URL("../../shared/models/", import.meta.url).pathname;
@@ -41,14 +43,28 @@ async function withModel<T>(
   }
 }
 
+/** The CPU backend reporting itself as CUDA, so the forward pass plans and runs what it runs on a
+ * GPU: prefill's GEMM inputs in fp16/bf16 for such weights (gemmInputDtype), which the CPU's
+ * kernels serve too. */
+function reportingCuda(be: Backend): Backend {
+  return new Proxy(be, {
+    get: (t, prop) => {
+      if (prop === "kind") return "cuda";
+      const value = Reflect.get(t, prop, t);
+      return typeof value === "function" ? value.bind(t) : value;
+    },
+  });
+}
+
 /** Logits (rows, vocab) for `tokens` fed in chunks of `chunk`. */
 async function logitsOf(
   dir: string,
   tokens: Int32Array,
-  opts: { chunk: number; kv?: string; threads?: number },
+  opts: { chunk: number; kv?: string; threads?: number; asCuda?: boolean },
 ): Promise<Float32Array> {
   const config = await loadConfig(dir);
-  using backend = Backend.open("cpu", { threads: opts.threads ?? 2 });
+  using cpu = Backend.open("cpu", { threads: opts.threads ?? 2 });
+  const backend = opts.asCuda ? reportingCuda(cpu) : cpu;
   using model = await Transformer.load(backend, dir, config, {
     ctx: 256,
     kv: opts.kv ?? "fp32",
@@ -100,6 +116,60 @@ Deno.test("both config generations and sharded weights give the same logits", as
     (dir) => logitsOf(dir, tokens, { chunk: 6 }),
   );
   assertEquals(v4, v5);
+});
+
+// Prefill on CUDA with fp16/bf16 layers: rmsnorm and swiglu write the weights' type for the GEMMs
+// (on a GPU the bits of fp32 activations, cuda_test.ts checks the ops; here the CPU's kernels keep
+// x in fp32 otherwise, so the logits move by the rounding, as the GPU's did against the CPU's).
+Deno.test("fp16/bf16 GEMM inputs where the backend is CUDA: planned, prefill only, near fp32", async () => {
+  for (const dtype of ["BF16", "F16"] as const) {
+    await withModel({ seed: 6, dtype }, async (dir) => {
+      const config = await loadConfig(dir);
+      const tokens = randomInts(new Rng(6), 20, config.vocabSize);
+      const fp32 = await logitsOf(dir, tokens, { chunk: 8, kv: "fp16" });
+      const narrow = await logitsOf(dir, tokens, { chunk: 8, kv: "fp16", asCuda: true });
+      const err = scaledError(narrow, fp32);
+      assert(err > 0 && err < 3e-2, `${dtype}: prefill differs by ${err} of the largest logit`);
+      // decode (one token per call) keeps fp32 activations: the same bits
+      assertEquals(
+        await logitsOf(dir, tokens, { chunk: 1, kv: "fp16", asCuda: true }),
+        await logitsOf(dir, tokens, { chunk: 1, kv: "fp16" }),
+      );
+      // the state holds what planBytes counts: the two narrow buffers on CUDA only
+      using cpu = Backend.open("cpu", { threads: 1 });
+      const kv = parseKvSpec("fp16"), ctx = 40, chunk = 8;
+      for (const be of [cpu, reportingCuda(cpu)]) {
+        using model = await Transformer.load(be, dir, config, { ctx, chunk, kv });
+        const gemmDtype = be.kind === "cuda" ? DType[dtype] : DType.F32;
+        assertEquals(model.gemmDtype, gemmDtype);
+        const allocated = model.state.buffers.reduce((sum, b) => sum + b.bytes, 0);
+        assertEquals(allocated, planBytes(be, config, kv, ctx, { chunk, gemmDtype }).stateBytes);
+      }
+      const extra = planBytes(cpu, config, kv, ctx, { chunk, gemmDtype: DType[dtype] }).stateBytes -
+        planBytes(cpu, config, kv, ctx, { chunk }).stateBytes;
+      assertEquals(extra, 2 * chunk * (config.hiddenSize + config.intermediateSize));
+    });
+  }
+});
+
+Deno.test("gemmInputDtype: the layers' fp16/bf16 on CUDA only, fp32 for mixed or fp32 layers", async () => {
+  await withModel({ seed: 7, dtype: "BF16" }, async (dir) => {
+    const config = await loadConfig(dir);
+    const tensors = await readTensors(dir, config);
+    assertEquals(layerMatrixDtype(tensors), DType.BF16);
+    const retyped = (name: string, to: "F16" | "F32") =>
+      tensors.map(([e, t]) => [e, e.name === name ? { ...t, dtype: to } : t] as typeof tensors[0]);
+    // the embedding (and lm head) are not layer matrices; one down projection in fp16 is
+    assertEquals(layerMatrixDtype(retyped("model.embed_tokens.weight", "F32")), DType.BF16);
+    assertEquals(layerMatrixDtype(retyped("model.layers.1.mlp.down_proj.weight", "F16")), null);
+    using cpu = Backend.open("cpu", { threads: 1 });
+    const cuda = reportingCuda(cpu);
+    assertEquals(gemmInputDtype(cpu, DType.BF16), DType.F32);
+    assertEquals(gemmInputDtype(cuda, DType.BF16), DType.BF16);
+    assertEquals(gemmInputDtype(cuda, DType.F16), DType.F16);
+    assertEquals(gemmInputDtype(cuda, DType.F32), DType.F32);
+    assertEquals(gemmInputDtype(cuda, null), DType.F32);
+  });
 });
 
 interface ReferenceCase {

@@ -6,6 +6,7 @@
 // be bit-identical, and a matmul row must not depend on n.
 import { deepStrictEqual as assertEquals, ok as assert, throws as assertThrows } from "node:assert";
 import { Backend, type DeviceBuffer, DType, type DTypeCode, NativeError } from "../ffi/backend.ts";
+import { openLibrary } from "../ffi/library.ts";
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from "../src/model/dtype.ts";
 import { Rng } from "../src/engine/sampler.ts";
 import { maxRelError, randomFloats, randomInts } from "./random.ts";
@@ -28,16 +29,27 @@ function run(
   op: (out: DeviceBuffer, ...inputs: DeviceBuffer[]) => void,
   init?: Float32Array,
 ): Float32Array {
+  return new Float32Array(runBytes(be, inputs, outFloats * 4, op, init).buffer);
+}
+
+/** run, for an output of any type: its `outBytes` bytes. */
+function runBytes(
+  be: Backend,
+  inputs: ArrayBufferView[],
+  outBytes: number,
+  op: (out: DeviceBuffer, ...inputs: DeviceBuffer[]) => void,
+  init?: ArrayBufferView,
+): Uint8Array {
   const bufs = inputs.map((a) => {
     const b = be.alloc(Math.max(4, a.byteLength));
     be.upload(b, a);
     return b;
   });
-  const out = be.alloc(outFloats * 4);
+  const out = be.alloc(outBytes);
   try {
     if (init) be.upload(out, init);
     op(out, ...bufs);
-    const host = new Float32Array(outFloats);
+    const host = new Uint8Array(outBytes);
     be.download(out, host);
     return host;
   } finally {
@@ -105,11 +117,17 @@ Deno.test("rmsnorm, also in place", () => {
     const x = randomFloats(rng, n * dim, -size, size), w = randomFloats(rng, dim, 0.5, 1.5);
     const want = ref.rmsnorm(x, w, dim, 1e-5);
     const results = backends.map((be) =>
-      run(be, [x, w], n * dim, (o, xb, wb) => be.rmsnorm(o, xb, wb, n, dim, 1e-5))
+      run(be, [x, w], n * dim, (o, xb, wb) => be.rmsnorm(o, DType.F32, xb, wb, n, dim, 1e-5))
     );
     assertClose(results[0], want, 1e-6, "rmsnorm");
     for (const be of backends) {
-      const inPlace = run(be, [w], n * dim, (o, wb) => be.rmsnorm(o, o, wb, n, dim, 1e-5), x);
+      const inPlace = run(
+        be,
+        [w],
+        n * dim,
+        (o, wb) => be.rmsnorm(o, DType.F32, o, wb, n, dim, 1e-5),
+        x,
+      );
       assertEquals(inPlace, results[0]);
     }
     assertEquals(results[1], results[0]);
@@ -117,11 +135,11 @@ Deno.test("rmsnorm, also in place", () => {
   }
   const [x, w] = [new Float32Array(8), new Float32Array(4)];
   assertThrows(
-    () => run(cpu, [x, w], 8, (o, xb, wb) => cpu.rmsnorm(o, xb, wb, 1, 8, 1e-5)),
+    () => run(cpu, [x, w], 8, (o, xb, wb) => cpu.rmsnorm(o, DType.F32, xb, wb, 1, 8, 1e-5)),
     (e: Error) => e instanceof RangeError && /rmsnorm weight: needs 32 bytes/.test(e.message),
   );
   assertThrows(
-    () => run(cpu, [x, x], 8, (o, xb, wb) => cpu.rmsnorm(o, xb, wb, 1, 8, -1)),
+    () => run(cpu, [x, x], 8, (o, xb, wb) => cpu.rmsnorm(o, DType.F32, xb, wb, 1, 8, -1)),
     (e: Error) => e instanceof NativeError && /eps -1 must be >= 0/.test(e.message),
   );
 });
@@ -143,7 +161,7 @@ Deno.test("matmul: every weight dtype, GEMV and tiled paths, bias or none, any t
           be,
           bias ? [x, w, bias] : [x, w],
           n * m,
-          (o, xb, wb, bb) => be.matmul(o, xb, wb, dtype, bb ?? null, n, k, m),
+          (o, xb, wb, bb) => be.matmul(o, xb, DType.F32, wb, dtype, bb ?? null, n, k, m),
         )
       );
       // sums of k products of |values| < 1: fp32 rounding grows like sqrt(k)
@@ -156,7 +174,7 @@ Deno.test("matmul: every weight dtype, GEMV and tiled paths, bias or none, any t
           cpu,
           bias ? [row, w, bias] : [row, w],
           m,
-          (o, xb, wb, bb) => cpu.matmul(o, xb, wb, dtype, bb ?? null, 1, k, m),
+          (o, xb, wb, bb) => cpu.matmul(o, xb, DType.F32, wb, dtype, bb ?? null, 1, k, m),
         );
         assertEquals(one, results[0].subarray(t * m, (t + 1) * m));
       }
@@ -168,18 +186,18 @@ Deno.test("matmul: every weight dtype, GEMV and tiled paths, bias or none, any t
         cpu,
         [new Float32Array(4)],
         4,
-        (o, xb) => cpu.matmul(o, xb, xb, DType.F32, null, 3, 2, 1),
+        (o, xb) => cpu.matmul(o, xb, DType.F32, xb, DType.F32, null, 3, 2, 1),
       ),
     (e: Error) => e instanceof RangeError && /matmul x: needs 24 bytes/.test(e.message),
   );
   const buf = cpu.alloc(64), other = cpu.alloc(64);
   try {
     assertThrows(
-      () => cpu.matmul(buf, other, other, 7 as DTypeCode, null, 1, 2, 2),
+      () => cpu.matmul(buf, other, DType.F32, other, 7 as DTypeCode, null, 1, 2, 2),
       (e: Error) => e instanceof RangeError && /unknown dtype code 7/.test(e.message),
     );
     assertThrows(
-      () => cpu.matmul(buf, buf, other, DType.F32, null, 1, 2, 2),
+      () => cpu.matmul(buf, buf, DType.F32, other, DType.F32, null, 1, 2, 2),
       (e: Error) => e instanceof NativeError && /out is x/.test(e.message),
     );
   } finally {
@@ -234,15 +252,185 @@ Deno.test("swiglu and add, in place too", () => {
   for (const count of [1, 1000, 40001]) {
     const a = randomFloats(rng, count, -8, 8), b = randomFloats(rng, count, -2, 2);
     const swiglu = ref.swiglu(a, b), sum = ref.add(a, b);
-    const first = run(cpu, [a, b], count, (o, ab, bb) => cpu.swiglu(o, ab, bb, count));
+    const first = run(cpu, [a, b], count, (o, ab, bb) => cpu.swiglu(o, DType.F32, ab, bb, count));
     assertClose(first, swiglu, 1e-6, "swiglu");
     for (const be of backends) {
-      assertEquals(run(be, [a, b], count, (o, ab, bb) => be.swiglu(o, ab, bb, count)), first);
-      assertEquals(run(be, [b], count, (o, bb) => be.swiglu(o, o, bb, count), a), first);
-      assertEquals(run(be, [a], count, (o, ab) => be.swiglu(o, ab, o, count), b), first);
+      assertEquals(
+        run(be, [a, b], count, (o, ab, bb) => be.swiglu(o, DType.F32, ab, bb, count)),
+        first,
+      );
+      assertEquals(run(be, [b], count, (o, bb) => be.swiglu(o, DType.F32, o, bb, count), a), first);
+      assertEquals(run(be, [a], count, (o, ab) => be.swiglu(o, DType.F32, ab, o, count), b), first);
       assertEquals(run(be, [a, b], count, (o, ab, bb) => be.add(o, ab, bb, count)), sum);
       assertEquals(run(be, [b], count, (o, bb) => be.add(o, o, bb, count), a), sum);
     }
+  }
+});
+
+/** fp32 values rounded to a narrow dtype, as its bits (the reference converters). */
+function rounded(values: Float32Array, dtype: typeof DType.F16 | typeof DType.BF16): Uint16Array {
+  return dtype === DType.F16 ? f32ToF16(values) : f32ToBf16(values);
+}
+const NARROW = [DType.F16, DType.BF16] as const;
+
+Deno.test("rmsnorm and swiglu with an F16/BF16 out: the F32 out rounded, bit for bit", () => {
+  const rng = new Rng(9);
+  for (const [n, dim] of [[1, 64], [5, 384], [3, 1001]]) {
+    const x = randomFloats(rng, n * dim, -3, 3), w = randomFloats(rng, dim, 0.5, 1.5);
+    const f32 = run(
+      cpu,
+      [x, w],
+      n * dim,
+      (o, xb, wb) => cpu.rmsnorm(o, DType.F32, xb, wb, n, dim, 1e-5),
+    );
+    for (const dtype of NARROW) {
+      for (const be of backends) {
+        const got = runBytes(
+          be,
+          [x, w],
+          n * dim * 2,
+          (o, xb, wb) => be.rmsnorm(o, dtype, xb, wb, n, dim, 1e-5),
+        );
+        assertEquals(
+          new Uint16Array(got.buffer),
+          rounded(f32, dtype),
+          `rmsnorm ${n}x${dim} ${dtype}`,
+        );
+      }
+    }
+  }
+  // up to 300 * 300: past fp16's 65504, so fp16 outs overflow to inf as the converter's do
+  for (const [count, range] of [[1, 8], [1000, 8], [40001, 8], [4096, 300]]) {
+    const a = randomFloats(rng, count, -range, range), b = randomFloats(rng, count, -range, range);
+    const f32 = run(cpu, [a, b], count, (o, ab, bb) => cpu.swiglu(o, DType.F32, ab, bb, count));
+    for (const dtype of NARROW) {
+      for (const be of backends) {
+        const got = runBytes(
+          be,
+          [a, b],
+          count * 2,
+          (o, ab, bb) => be.swiglu(o, dtype, ab, bb, count),
+        );
+        assertEquals(new Uint16Array(got.buffer), rounded(f32, dtype), `swiglu ${count} ${dtype}`);
+      }
+    }
+  }
+});
+
+Deno.test("matmul with an F16/BF16 x: the bits of the F32 x holding the same values", () => {
+  const rng = new Rng(10);
+  // GEMV and tiled paths, k past a 1024-wide chunk, odd n
+  for (const [n, k, m] of [[1, 384, 100], [1, 37, 3], [37, 384, 70], [5, 2500, 9], [2, 13, 3]]) {
+    for (const dtype of NARROW) {
+      const [xNarrow, xWide] = weightsOf(randomFloats(rng, n * k), dtype);
+      const [w] = weightsOf(randomFloats(rng, m * k), dtype);
+      const bias = m % 2 ? randomFloats(rng, m) : null;
+      const withBias = (x: ArrayBufferView) => bias ? [x, w, bias] : [x, w];
+      const want = run(
+        cpu,
+        withBias(xWide),
+        n * m,
+        (o, xb, wb, bb) => cpu.matmul(o, xb, DType.F32, wb, dtype, bb ?? null, n, k, m),
+      );
+      for (const be of backends) {
+        const got = run(
+          be,
+          withBias(xNarrow),
+          n * m,
+          (o, xb, wb, bb) => be.matmul(o, xb, dtype, wb, dtype, bb ?? null, n, k, m),
+        );
+        assertEquals(got, want, `matmul ${n}x${k}x${m} dtype ${dtype}`);
+      }
+    }
+  }
+});
+
+Deno.test("F16/BF16 operands: dtype rule, aliasing and sizes checked before C", () => {
+  const buf = cpu.alloc(256), other = cpu.alloc(256);
+  try {
+    const xRule = /matmul: x dtype BF16 must be F32 or the weights' dtype \((F16|F32)\)/;
+    for (const wDtype of [DType.F16, DType.F32]) {
+      assertThrows(
+        () => cpu.matmul(buf, other, DType.BF16, other, wDtype, null, 2, 4, 4),
+        (e: Error) => e instanceof RangeError && xRule.test(e.message),
+      );
+    }
+    assertThrows( // 2 x 40 bf16 x is 160 bytes; a 128-byte slice is short
+      () => cpu.matmul(buf, other.slice(0, 128), DType.BF16, other, DType.BF16, null, 2, 40, 1),
+      (e: Error) => e instanceof RangeError && /matmul x: needs 160 bytes/.test(e.message),
+    );
+    assertThrows(
+      () => cpu.rmsnorm(buf.slice(0, 30), DType.F16, other, other, 2, 8, 1e-5),
+      (e: Error) => e instanceof RangeError && /rmsnorm out: needs 32 bytes/.test(e.message),
+    );
+    assertThrows(
+      () => cpu.swiglu(buf.slice(0, 14), DType.BF16, other, other, 8),
+      (e: Error) => e instanceof RangeError && /swiglu out: needs 16 bytes/.test(e.message),
+    );
+    assertThrows(
+      () => cpu.rmsnorm(buf, 7 as DTypeCode, other, other, 2, 8, 1e-5),
+      (e: Error) => e instanceof RangeError && /unknown dtype code 7/.test(e.message),
+    );
+    // a narrow out on its input, exactly or in part; an F32 out may alias (tested above)
+    const overlap = /out \((F16|BF16)\) overlaps an input; only an F32 out may alias one/;
+    for (const dtype of NARROW) {
+      for (const out of [buf, buf.slice(60)]) {
+        assertThrows(
+          () => cpu.rmsnorm(out, dtype, buf, other, 2, 8, 1e-5),
+          (e: Error) =>
+            e instanceof RangeError && /^rmsnorm: /.test(e.message) &&
+            overlap.test(e.message),
+        );
+        assertThrows(
+          () => cpu.swiglu(out, dtype, other, buf, 16),
+          (e: Error) =>
+            e instanceof RangeError && /^swiglu: /.test(e.message) &&
+            overlap.test(e.message),
+        );
+      }
+      // right after the input is not an overlap
+      cpu.rmsnorm(buf.slice(64), dtype, buf, other, 2, 8, 1e-5);
+    }
+  } finally {
+    buf.close();
+    other.close();
+  }
+});
+
+// The same rules in C (kernels/checks.h, shared by both backends), called past the TypeScript
+// checks through the symbol table.
+Deno.test("C rejects a bad x dtype, a narrow out on an input and an unknown out dtype", () => {
+  const lib = openLibrary("cpu");
+  const handle = new BigUint64Array(1);
+  assertEquals(lib.symbols.iq_ctx_create(0, 1, handle), 0);
+  const ctx = Deno.UnsafePointer.create(handle[0])!;
+  const mem = new Float32Array(64), out = new Float32Array(64);
+  const p = Deno.UnsafePointer.of(mem)!, q = Deno.UnsafePointer.of(out)!;
+  const fails = (status: number, message: RegExp) => {
+    assertEquals(status, 1); // IQ_ERR_ARG
+    const text = new Deno.UnsafePointerView(lib.symbols.iq_last_error(ctx)!).getCString();
+    assert(message.test(text), text);
+  };
+  try {
+    const { iq_matmul, iq_rmsnorm, iq_swiglu } = lib.symbols;
+    fails(
+      iq_matmul(ctx, q, p, DType.BF16, p, DType.F16, null, 2, 4, 4),
+      /^iq_matmul: x dtype BF16 must be F32 or the weights' dtype \(F16\)$/,
+    );
+    fails(iq_matmul(ctx, q, p, 5, p, DType.F32, null, 2, 4, 4), /^iq_matmul: bad x dtype 5$/);
+    fails(
+      iq_rmsnorm(ctx, Deno.UnsafePointer.offset(p, 60)!, DType.BF16, p, p, 2, 8, 1e-5),
+      /^iq_rmsnorm: out \(BF16\) overlaps an input; only an F32 out may alias one$/,
+    );
+    fails(
+      iq_swiglu(ctx, p, DType.F16, q, p, 16n),
+      /^iq_swiglu: out \(F16\) overlaps an input; only an F32 out may alias one$/,
+    );
+    fails(iq_swiglu(ctx, q, 3, p, p, 16n), /^iq_swiglu: bad out dtype 3$/);
+    assertEquals(iq_rmsnorm(ctx, p, DType.F32, p, p, 2, 8, 1e-5), 0); // fp32 in place is fine
+  } finally {
+    lib.symbols.iq_ctx_destroy(ctx);
+    lib.close();
   }
 });
 

@@ -46,6 +46,14 @@ uint16_t iq_f32_to_f16(float f) {
   return (uint16_t)(sign | h);
 }
 
+uint16_t iq_f32_to_bf16(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  /* truncating a NaN whose payload lies in the low half would give inf: keep it a quiet NaN */
+  if ((x & 0x7fffffff) > 0x7f800000) return (uint16_t)((x >> 16) | 0x40);
+  return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
 float iq_bf16_to_f32(uint16_t b) {
   uint32_t bits = (uint32_t)b << 16;
   float f;

@@ -35,15 +35,25 @@ void iq_parallel_for(iq_ctx *ctx, int64_t count, int64_t min_chunk,
 iq_pool *iq_pool_create(int threads);
 void iq_pool_destroy(iq_pool *pool);
 
-/* Element i of a buffer of dtype (IQ_F32, IQ_F16 or IQ_BF16) as float. */
+/* fp16/bf16 to fp32 (exact) and back (round to nearest even). */
 float iq_f16_to_f32(uint16_t h);
 uint16_t iq_f32_to_f16(float f);
 float iq_bf16_to_f32(uint16_t b);
+uint16_t iq_f32_to_bf16(float f);
+/* Element i of a buffer of dtype (IQ_F32, IQ_F16 or IQ_BF16) as float. */
 static inline float iq_load(const void *p, int dtype, int64_t i) {
   switch (dtype) {
   case IQ_F16: return iq_f16_to_f32(((const uint16_t *)p)[i]);
   case IQ_BF16: return iq_bf16_to_f32(((const uint16_t *)p)[i]);
   default: return ((const float *)p)[i];
+  }
+}
+/* Stores v as element i of a buffer of dtype, rounded to nearest even where narrower. */
+static inline void iq_store(void *p, int dtype, int64_t i, float v) {
+  switch (dtype) {
+  case IQ_F16: ((uint16_t *)p)[i] = iq_f32_to_f16(v); break;
+  case IQ_BF16: ((uint16_t *)p)[i] = iq_f32_to_bf16(v); break;
+  default: ((float *)p)[i] = v;
   }
 }
 /* Converts count elements of src (dtype) to floats in dst. */

@@ -6,10 +6,13 @@
  * every x row, two at a time, so weights are read once per call, not n times.
  * No -march=native: AVX2+FMA+F16C kernels are picked at run time where the CPU
  * has them, with portable C (vectorized by the compiler) elsewhere. A row's
- * result does not depend on how rows are split among threads. */
+ * result does not depend on how rows are split among threads.
+ * An fp16/bf16 x is widened to fp32 in scratch first (exact), so it gives the
+ * bits an fp32 x holding the same values gives. */
 #include <immintrin.h>
 
 #include "cpu.h"
+#include "../checks.h"
 
 typedef struct {
   float *out;
@@ -202,14 +205,31 @@ static void gemm_range(void *arg, int64_t begin, int64_t end, int worker) {
   }
 }
 
-int iq_matmul(iq_ctx *ctx, float *out, const float *x, const void *w, int w_dtype,
+typedef struct {
+  float *dst;
+  const uint16_t *src;
+  int dtype;
+} widen_job;
+
+static void widen_range(void *arg, int64_t begin, int64_t end, int worker) {
+  (void)worker;
+  const widen_job *j = arg;
+  iq_to_f32(j->dst + begin, j->src + begin, j->dtype, end - begin);
+}
+
+int iq_matmul(iq_ctx *ctx, float *out, const void *x, int x_dtype, const void *w, int w_dtype,
               const float *bias, int n, int k, int m) {
-  if (!ctx || !out || !x || !w) return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: NULL argument");
-  if (!iq_valid_dtype(w_dtype))
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: bad w dtype %d", w_dtype);
-  if (n <= 0 || k <= 0 || m <= 0)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: n %d, k %d and m %d must be positive", n, k, m);
-  if ((const void *)out == (const void *)x) return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: out is x");
+  int s = iq_check_matmul(ctx, out, x, x_dtype, w, w_dtype, n, k, m);
+  if (s != IQ_OK) return s;
+  if (x_dtype != IQ_F32) { /* widened once; the kernels below read fp32 x */
+    int64_t count = (int64_t)n * k;
+    void *wide;
+    s = iq_scratch(ctx, (size_t)count * sizeof(float), &wide);
+    if (s != IQ_OK) return s;
+    widen_job widen = {wide, x, x_dtype};
+    iq_parallel_for(ctx, count, 65536, widen_range, &widen);
+    x = wide;
+  }
   int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("f16c");
   matmul_job job = {out, x, bias, w, w_dtype, n, k, m, avx2};

@@ -1,13 +1,16 @@
 /* rmsnorm.c: out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight.
  * The sum of squares is kept in double, in independent lanes the compiler can
- * vectorize, so long rows lose no precision. out may be x: each row is read
- * in full before it is written. */
+ * vectorize, so long rows lose no precision. out may be x (fp32 out only):
+ * each row is read in full before it is written. A narrow out holds the fp32
+ * results rounded, so it equals the fp32 out converted. */
 #include <math.h>
 
 #include "cpu.h"
+#include "../checks.h"
 
 typedef struct {
-  float *out;
+  void *out;
+  int out_dtype;
   const float *x, *weight;
   int dim;
   float eps;
@@ -18,7 +21,6 @@ static void rmsnorm_rows(void *arg, int64_t begin, int64_t end, int worker) {
   const rmsnorm_job *j = arg;
   for (int64_t r = begin; r < end; r++) {
     const float *x = j->x + r * j->dim;
-    float *out = j->out + r * j->dim;
     double lanes[8] = {0}, ss = 0.0;
     int i = 0;
     for (; i + 8 <= j->dim; i += 8)
@@ -26,17 +28,20 @@ static void rmsnorm_rows(void *arg, int64_t begin, int64_t end, int worker) {
     for (; i < j->dim; i++) ss += (double)x[i] * x[i];
     for (int l = 0; l < 8; l++) ss += lanes[l];
     float scale = (float)(1.0 / sqrt(ss / j->dim + j->eps));
-    for (i = 0; i < j->dim; i++) out[i] = x[i] * scale * j->weight[i];
+    for (i = 0; i < j->dim; i++)
+      iq_store(j->out, j->out_dtype, r * j->dim + i, x[i] * scale * j->weight[i]);
   }
 }
 
-int iq_rmsnorm(iq_ctx *ctx, float *out, const float *x, const float *weight, int n, int dim,
-               float eps) {
+int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, const float *x, const float *weight, int n,
+               int dim, float eps) {
   if (!ctx || !out || !x || !weight) return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: NULL argument");
   if (n <= 0 || dim <= 0)
     return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: n %d and dim %d must be positive", n, dim);
   if (!(eps >= 0.0f)) return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: eps %g must be >= 0", eps);
-  rmsnorm_job job = {out, x, weight, dim, eps};
+  int s = iq_check_out(ctx, "iq_rmsnorm", out, out_dtype, x, NULL, (int64_t)n * dim);
+  if (s != IQ_OK) return s;
+  rmsnorm_job job = {out, out_dtype, x, weight, dim, eps};
   iq_parallel_for(ctx, n, 4, rmsnorm_rows, &job);
   return IQ_OK;
 }

@@ -1,7 +1,9 @@
 /* elementwise.cu: SwiGLU and residual add (the twin of kernels/cpu/elementwise.c).
- * Grid-stride loops, float4 when every pointer is 16-byte aligned; out may
- * alias an input since each element is read before it is written. */
+ * Grid-stride loops over fp32 inputs, float4 loads when they allow it; out
+ * (fp32, or fp16/bf16 for SwiGLU's, rounded from the fp32 result) may alias an
+ * input when fp32, since each element is read before it is written. */
 #include "cuda.cuh"
+#include "checks.h"
 
 struct SiluMul {
   __device__ float operator()(float g, float u) const { return g / (1.0f + expf(-g)) * u; }
@@ -10,9 +12,23 @@ struct Add {
   __device__ float operator()(float a, float b) const { return a + b; }
 };
 
-/* out[i] = op(a[i], b[i]); float4 loads when vec (every pointer 16-byte aligned). */
-template <typename Op>
-__global__ void pairwise_kernel(float *out, const float *a, const float *b, int64_t count, bool vec) {
+/* Four results stored at out: one 16-byte store of fp32, one 8-byte store of fp16/bf16. */
+template <typename T> __device__ __forceinline__ void store4(T *out, float4 v) {
+  uint2 raw;
+  T *h = reinterpret_cast<T *>(&raw);
+  h[0] = iq_from_f32<T>(v.x);
+  h[1] = iq_from_f32<T>(v.y);
+  h[2] = iq_from_f32<T>(v.z);
+  h[3] = iq_from_f32<T>(v.w);
+  *reinterpret_cast<uint2 *>(out) = raw;
+}
+template <> __device__ __forceinline__ void store4<float>(float *out, float4 v) {
+  *reinterpret_cast<float4 *>(out) = v;
+}
+
+/* out[i] = op(a[i], b[i]) as T; float4 loads when vec (a, b 16-byte aligned, out 4 * sizeof(T)). */
+template <typename Op, typename T>
+__global__ void pairwise_kernel(T *out, const float *a, const float *b, int64_t count, bool vec) {
   const Op op;
   int64_t stride = (int64_t)gridDim.x * blockDim.x, t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   int64_t done = 0;
@@ -20,24 +36,29 @@ __global__ void pairwise_kernel(float *out, const float *a, const float *b, int6
     int64_t n4 = count / 4;
     for (int64_t i = t; i < n4; i += stride) {
       float4 x = ((const float4 *)a)[i], y = ((const float4 *)b)[i];
-      ((float4 *)out)[i] = make_float4(op(x.x, y.x), op(x.y, y.y), op(x.z, y.z), op(x.w, y.w));
+      store4<T>(out + 4 * i, make_float4(op(x.x, y.x), op(x.y, y.y), op(x.z, y.z), op(x.w, y.w)));
     }
     done = n4 * 4;
   }
-  for (int64_t i = done + t; i < count; i += stride) out[i] = op(a[i], b[i]);
+  for (int64_t i = done + t; i < count; i += stride) out[i] = iq_from_f32<T>(op(a[i], b[i]));
 }
 
-static bool aligned16(const void *a, const void *b, const void *c) {
-  return (((uintptr_t)a | (uintptr_t)b | (uintptr_t)c) & 15) == 0;
+template <typename Op, typename T>
+static void launch_pairwise(iq_ctx *ctx, void *out, const float *a, const float *b, int64_t count) {
+  bool vec = (((uintptr_t)a | (uintptr_t)b) & 15) == 0 &&
+             ((uintptr_t)out & (4 * sizeof(T) - 1)) == 0;
+  pairwise_kernel<Op, T><<<iq_blocks(ctx, vec ? count / 4 : count, 256), 256, 0, ctx->stream>>>(
+      static_cast<T *>(out), a, b, count, vec);
 }
 
-extern "C" int iq_swiglu(iq_ctx *ctx, float *out, const float *gate, const float *up,
-                         int64_t count) {
+extern "C" int iq_swiglu(iq_ctx *ctx, void *out, int out_dtype, const float *gate,
+                         const float *up, int64_t count) {
   if (!ctx || !out || !gate || !up) return iq_fail(ctx, IQ_ERR_ARG, "iq_swiglu: NULL argument");
   if (count <= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_swiglu: count %lld must be positive", (long long)count);
-  bool vec = aligned16(out, gate, up);
-  pairwise_kernel<SiluMul><<<iq_blocks(ctx, vec ? count / 4 : count, 256), 256, 0, ctx->stream>>>(
-      out, gate, up, count, vec);
+  IQ_TRY(iq_check_out(ctx, "iq_swiglu", out, out_dtype, gate, up, count));
+  if (out_dtype == IQ_F16) launch_pairwise<SiluMul, __half>(ctx, out, gate, up, count);
+  else if (out_dtype == IQ_BF16) launch_pairwise<SiluMul, __nv_bfloat16>(ctx, out, gate, up, count);
+  else launch_pairwise<SiluMul, float>(ctx, out, gate, up, count);
   IQ_LAUNCHED(ctx);
   return IQ_OK;
 }
@@ -45,9 +66,7 @@ extern "C" int iq_swiglu(iq_ctx *ctx, float *out, const float *gate, const float
 extern "C" int iq_add(iq_ctx *ctx, float *out, const float *a, const float *b, int64_t count) {
   if (!ctx || !out || !a || !b) return iq_fail(ctx, IQ_ERR_ARG, "iq_add: NULL argument");
   if (count <= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_add: count %lld must be positive", (long long)count);
-  bool vec = aligned16(out, a, b);
-  pairwise_kernel<Add><<<iq_blocks(ctx, vec ? count / 4 : count, 256), 256, 0, ctx->stream>>>(
-      out, a, b, count, vec);
+  launch_pairwise<Add, float>(ctx, out, a, b, count);
   IQ_LAUNCHED(ctx);
   return IQ_OK;
 }

@@ -260,13 +260,13 @@ function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => v
     using xv = backend.alloc(kIn * 4);
     using y = backend.alloc(mOut * 4);
     backend.upload(xv, new Float32Array(kIn).fill(0.01));
-    backend.matmul(y, xv, w, DType.BF16, null, 1, kIn, mOut);
+    backend.matmul(y, xv, DType.F32, w, DType.BF16, null, 1, kIn, mOut);
     const seconds = [];
     for (let r = 0; r < repeats; r++) {
       seconds.push(
         timed(backend, () => {
           for (let i = 0; i < iterations; i++) {
-            backend.matmul(y, xv, w, DType.BF16, null, 1, kIn, mOut);
+            backend.matmul(y, xv, DType.F32, w, DType.BF16, null, 1, kIn, mOut);
           }
         }) / iterations,
       );

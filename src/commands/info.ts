@@ -1,9 +1,8 @@
 // `innerq info`: what a model directory holds and what its KV cache costs, without loading weights.
 import { parseArgs } from "node:util";
-import { planBytes } from "../engine/forward.ts";
+import { gemmInputDtype, planBytes } from "../engine/forward.ts";
 import { loadConfig } from "../model/config.ts";
-import { openModelWeights } from "../model/safetensors.ts";
-import { deviceWeightBytes, matchTensors } from "../model/weights.ts";
+import { deviceWeightBytes, layerMatrixDtype, readTensors } from "../model/weights.ts";
 import { checkKvSpec, kvBytesPerToken } from "../kv/spec.ts";
 import {
   defaultModel,
@@ -67,7 +66,7 @@ export async function runInfo(args: string[]): Promise<number> {
   const device = deviceFlag(v.device);
   const dir = v.model ?? await defaultModel(v.json ?? false);
   const c = await loadConfig(dir);
-  const tensors = matchTensors(dir, c, await openModelWeights(dir));
+  const tensors = await readTensors(dir, c);
   const params = tensors.reduce((sum, [, t]) => sum + t.shape.reduce((a, b) => a * b, 1), 0);
   const bytes = tensors.reduce((sum, [, t]) => sum + t.bytes, 0);
   const dtypes = [...new Set(tensors.map(([, t]) => t.dtype))].join(", ");
@@ -96,8 +95,9 @@ export async function runInfo(args: string[]): Promise<number> {
     if (backend.kind === "cuda") {
       const { name, freeBytes } = backend.deviceInfo();
       const weights = deviceWeightBytes(tensors);
+      const gemmDtype = gemmInputDtype(backend, layerMatrixDtype(tensors));
       const fits = (spec: (typeof usable)[number]["spec"]) => (ctx: number) => {
-        const { cacheBytes, stateBytes } = planBytes(backend, c, spec, ctx);
+        const { cacheBytes, stateBytes } = planBytes(backend, c, spec, ctx, { gemmDtype });
         return weights + cacheBytes + stateBytes <= freeBytes;
       };
       gpu = {

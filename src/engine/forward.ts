@@ -1,14 +1,23 @@
 // The forward pass of a Llama-family decoder, as kernel-library calls in forward order.
 // Every device buffer is planned at load time: the activations for one chunk of tokens and the
 // KV cache for the whole context; nothing is allocated per token.
-import type { Backend, DeviceBuffer, Slice } from "../../ffi/backend.ts";
+import {
+  type Backend,
+  type DeviceBuffer,
+  DType,
+  DTYPE_BYTES,
+  type DTypeCode,
+  type Slice,
+} from "../../ffi/backend.ts";
 import { type ModelConfig, ropeInvFreq } from "../model/config.ts";
 import {
   freeWeights,
   gib,
+  layerMatrixDtype,
   type LoadProgress,
   loadWeights,
   type ModelWeights,
+  readTensors,
   type Weight,
 } from "../model/weights.ts";
 import type { KvCache } from "../kv/cache.ts";
@@ -26,6 +35,15 @@ export interface LoadOptions {
   onProgress?: LoadProgress;
 }
 
+/** The dtype prefill's GEMMs read the normed and SwiGLU activations in: on CUDA, with every layer
+ * matrix in fp16 (or bf16), that type, so rmsnorm and swiglu write what cuBLAS reads and no
+ * matmul runs a rounding pass first; else fp32 (the CPU keeps exact fp32 activations). The bits
+ * are those of fp32 activations: matmul rounded the same fp32 values to the same type before. */
+export function gemmInputDtype(backend: Backend, layerMatrices: DTypeCode | null): DTypeCode {
+  const narrow = layerMatrices === DType.F16 || layerMatrices === DType.BF16;
+  return backend.kind === "cuda" && narrow ? layerMatrices : DType.F32;
+}
+
 /** Activation buffers for one chunk of up to `chunk` tokens. */
 class RunState {
   readonly buffers: DeviceBuffer[] = [];
@@ -37,24 +55,46 @@ class RunState {
   readonly att: DeviceBuffer; // (chunk, heads * head_dim) attention output
   readonly hb: DeviceBuffer; // (chunk, hidden) gate, then SwiGLU
   readonly hb2: DeviceBuffer; // (chunk, hidden) up
+  // only where prefill's GEMM inputs are fp16/bf16 (gemmInputDtype), in that type:
+  readonly xb16: DeviceBuffer | null; // (chunk, dim) normed input of q/k/v and of gate/up
+  readonly hb16: DeviceBuffer | null; // (chunk, hidden) SwiGLU, the input of down
   readonly logits: DeviceBuffer; // (logit rows, vocab)
   readonly tokens: DeviceBuffer; // (chunk) int32
   readonly positions: DeviceBuffer; // (ctx) int32: 0 .. ctx - 1, so a call's positions are a slice
   readonly invFreq: DeviceBuffer; // (head_dim / 2)
 
   /** Device bytes the buffers below take. */
-  static bytes(c: ModelConfig, chunk: number, logitRows: number, ctx: number): number {
+  static bytes(
+    c: ModelConfig,
+    chunk: number,
+    logitRows: number,
+    ctx: number,
+    gemmDtype: DTypeCode,
+  ): number {
     const rows = 2 * c.hiddenSize + 2 * c.numHeads * c.headDim + 2 * c.numKvHeads * c.headDim +
       2 * c.intermediateSize + 1;
-    return 4 * (chunk * rows + logitRows * c.vocabSize + ctx + c.headDim / 2);
+    const narrow = gemmDtype === DType.F32
+      ? 0
+      : DTYPE_BYTES[gemmDtype] * chunk * (c.hiddenSize + c.intermediateSize);
+    return 4 * (chunk * rows + logitRows * c.vocabSize + ctx + c.headDim / 2) + narrow;
   }
 
-  constructor(backend: Backend, c: ModelConfig, chunk: number, logitRows: number, ctx: number) {
-    const f32 = (n: number) => {
-      const b = backend.alloc(n * 4);
+  constructor(
+    backend: Backend,
+    c: ModelConfig,
+    chunk: number,
+    logitRows: number,
+    ctx: number,
+    gemmDtype: DTypeCode,
+  ) {
+    const alloc = (bytes: number) => {
+      const b = backend.alloc(bytes);
       this.buffers.push(b);
       return b;
     };
+    const f32 = (n: number) => alloc(n * 4);
+    const narrow = (n: number) =>
+      gemmDtype === DType.F32 ? null : alloc(n * DTYPE_BYTES[gemmDtype]);
     try {
       this.x = f32(chunk * c.hiddenSize);
       this.xb = f32(chunk * c.hiddenSize);
@@ -64,6 +104,8 @@ class RunState {
       this.att = f32(chunk * c.numHeads * c.headDim);
       this.hb = f32(chunk * c.intermediateSize);
       this.hb2 = f32(chunk * c.intermediateSize);
+      this.xb16 = narrow(chunk * c.hiddenSize);
+      this.hb16 = narrow(chunk * c.intermediateSize);
       this.logits = f32(logitRows * c.vocabSize);
       this.tokens = f32(chunk);
       this.positions = f32(ctx);
@@ -91,6 +133,15 @@ function cacheShape(config: ModelConfig, ctx: number, chunk: number) {
   };
 }
 
+/** What `Transformer.load` plans with beside the context: tokens per forward call (default
+ * min(256, ctx)), logits for every token of a chunk or the last only, and the dtype of prefill's
+ * GEMM inputs (gemmInputDtype; default fp32). */
+export interface PlanOptions {
+  chunk?: number;
+  allLogits?: boolean;
+  gemmDtype?: DTypeCode;
+}
+
 /** The device bytes `Transformer.load` plans beside the weights for `ctx` tokens: the KV cache
  * and the activations (`innerq info` finds the longest context that fits with it). */
 export function planBytes(
@@ -98,19 +149,21 @@ export function planBytes(
   config: ModelConfig,
   kv: KvSpec,
   ctx: number,
-  chunk = Math.min(256, ctx),
-  allLogits = false,
+  opts: PlanOptions = {},
 ): { cacheBytes: number; stateBytes: number } {
+  const chunk = opts.chunk ?? Math.min(256, ctx), logitRows = opts.allLogits ? chunk : 1;
   const shape = cacheShape(config, ctx, chunk);
   return {
     cacheBytes: kvCacheBytes(backend, kv, shape),
-    stateBytes: RunState.bytes(config, chunk, allLogits ? chunk : 1, ctx),
+    stateBytes: RunState.bytes(config, chunk, logitRows, ctx, opts.gemmDtype ?? DType.F32),
   };
 }
 
 export class Transformer {
   readonly chunk: number;
   readonly allLogits: boolean;
+  /** The dtype prefill's (n > 1) GEMMs read the normed and SwiGLU activations in (gemmInputDtype). */
+  readonly gemmDtype: DTypeCode;
   #cache: KvCache;
 
   private constructor(
@@ -120,11 +173,12 @@ export class Transformer {
     readonly weights: ModelWeights,
     cache: KvCache,
     readonly state: RunState,
-    opts: Required<Pick<LoadOptions, "chunk" | "allLogits">>,
+    opts: Required<Pick<LoadOptions, "chunk" | "allLogits">> & { gemmDtype: DTypeCode },
   ) {
     this.#cache = cache;
     this.chunk = opts.chunk;
     this.allLogits = opts.allLogits;
+    this.gemmDtype = opts.gemmDtype;
     backend.upload(state.invFreq, ropeInvFreq(config));
     // every position once, so no forward call (above all no decode step) uploads any
     backend.upload(state.positions, Int32Array.from({ length: cache.shape.capacity }, (_, i) => i));
@@ -145,19 +199,22 @@ export class Transformer {
     const allLogits = opts.allLogits ?? false;
     const shape = cacheShape(config, ctx, chunk);
     const kv = typeof opts.kv === "string" ? parseKvSpec(opts.kv) : opts.kv ?? { kind: "fp16" };
-    const { cacheBytes, stateBytes } = planBytes(backend, config, kv, ctx, chunk, allLogits);
+    const tensors = await readTensors(dir, config);
+    const gemmDtype = gemmInputDtype(backend, layerMatrixDtype(tensors));
+    const plan = { chunk, allLogits, gemmDtype };
+    const { cacheBytes, stateBytes } = planBytes(backend, config, kv, ctx, plan);
     const reserve = {
       bytes: cacheBytes + stateBytes,
       what: `${formatKvSpec(kv)} KV cache for ${ctx} tokens ${gib(cacheBytes)}, activations ${
         gib(stateBytes)
       }`,
     };
-    const weights = await loadWeights(backend, dir, config, opts.onProgress, reserve);
+    const weights = await loadWeights(backend, dir, config, tensors, opts.onProgress, reserve);
     let cache: KvCache | null = null;
     try {
       cache = makeKvCache(backend, shape, kv);
-      const state = new RunState(backend, config, chunk, allLogits ? chunk : 1, ctx);
-      return new Transformer(backend, dir, config, weights, cache, state, { chunk, allLogits });
+      const state = new RunState(backend, config, chunk, allLogits ? chunk : 1, ctx, gemmDtype);
+      return new Transformer(backend, dir, config, weights, cache, state, plan);
     } catch (err) {
       cache?.close();
       freeWeights(weights);
@@ -209,35 +266,40 @@ export class Transformer {
     const dim = c.hiddenSize, hidden = c.intermediateSize, eps = c.rmsNormEps;
     const positions = s.positions.slice(pos0 * 4, n * 4); // pos0 .. pos0 + n - 1
 
+    // the GEMM inputs rmsnorm and swiglu write: fp16/bf16 for prefill where gemmDtype says so
+    // (xb16, hb16), else fp32 (xb, hb), as decode's GEMVs read x exactly
+    const gd = n > 1 ? this.gemmDtype : DType.F32;
+    const xg = gd === DType.F32 ? s.xb : s.xb16!, hg = gd === DType.F32 ? s.hb : s.hb16!;
+
     be.embed(s.x, w.embed.buf, w.embed.dtype, tokens, n, dim, c.vocabSize); // x = embed[tokens]
     for (let l = 0; l < c.numLayers; l++) {
       const L = w.layers[l];
       // attention block
-      be.rmsnorm(s.xb, s.x, L.attnNorm.buf, n, dim, eps); // xb = rmsnorm(x)
-      linear(be, s.q, s.xb, L.wq, L.bq, n); // q = xb Wqᵀ (n, heads * head_dim)
-      linear(be, s.k, s.xb, L.wk, L.bk, n); // k = xb Wkᵀ (n, kv_heads * head_dim)
-      linear(be, s.v, s.xb, L.wv, L.bv, n); // v = xb Wvᵀ
+      be.rmsnorm(xg, gd, s.x, L.attnNorm.buf, n, dim, eps); // xg = rmsnorm(x)
+      linear(be, s.q, xg, gd, L.wq, L.bq, n); // q = xg Wqᵀ (n, heads * head_dim)
+      linear(be, s.k, xg, gd, L.wk, L.bk, n); // k = xg Wkᵀ (n, kv_heads * head_dim)
+      linear(be, s.v, xg, gd, L.wv, L.bv, n); // v = xg Wvᵀ
       be.rope(s.k, positions, s.invFreq, n, c.numKvHeads, c.headDim); // rotate k
       this.cache.store(l, s.k, s.v, pos0, n); // cache k, v at pos0 ..
       const qScale = this.cache.queryScale(l); // the keys' normalization, folded into q
       const scale = qScale && { pairs: qScale, heads: c.numKvHeads };
       be.rope(s.q, positions, s.invFreq, n, c.numHeads, c.headDim, scale); // rotate (and scale) q
       this.cache.attend(l, s.q, s.att, pos0, n); // att = softmax(q kᵀ / sqrt(d)) v, causal, GQA
-      linear(be, s.xb, s.att, L.wo, L.bo, n); // xb = att Woᵀ (n, dim)
+      linear(be, s.xb, s.att, DType.F32, L.wo, L.bo, n); // xb = att Woᵀ (n, dim), att in fp32
       be.add(s.x, s.x, s.xb, n * dim); // x += xb
       // feed-forward block
-      be.rmsnorm(s.xb, s.x, L.ffnNorm.buf, n, dim, eps); // xb = rmsnorm(x)
-      linear(be, s.hb, s.xb, L.wGate, null, n); // hb = xb Wgateᵀ (n, hidden)
-      linear(be, s.hb2, s.xb, L.wUp, null, n); // hb2 = xb Wupᵀ
-      be.swiglu(s.hb, s.hb, s.hb2, n * hidden); // hb = silu(hb) * hb2
-      linear(be, s.xb, s.hb, L.wDown, null, n); // xb = hb Wdownᵀ (n, dim)
+      be.rmsnorm(xg, gd, s.x, L.ffnNorm.buf, n, dim, eps); // xg = rmsnorm(x)
+      linear(be, s.hb, xg, gd, L.wGate, null, n); // hb = xg Wgateᵀ (n, hidden)
+      linear(be, s.hb2, xg, gd, L.wUp, null, n); // hb2 = xg Wupᵀ
+      be.swiglu(hg, gd, s.hb, s.hb2, n * hidden); // hg = silu(hb) * hb2
+      linear(be, s.xb, hg, gd, L.wDown, null, n); // xb = hg Wdownᵀ (n, dim)
       be.add(s.x, s.x, s.xb, n * dim); // x += xb
     }
     // final norm and classifier, for the last token only unless every row's logits are wanted
     const rows = this.allLogits ? n : 1;
     const first = s.x.slice((n - rows) * dim * 4, rows * dim * 4);
-    be.rmsnorm(s.xb, first, w.norm.buf, rows, dim, eps); // xb = rmsnorm(x)
-    linear(be, s.logits, s.xb, w.lmHead, null, rows); // logits = xb Wheadᵀ (rows, vocab)
+    be.rmsnorm(s.xb, DType.F32, first, w.norm.buf, rows, dim, eps); // xb = rmsnorm(x), fp32
+    linear(be, s.logits, s.xb, DType.F32, w.lmHead, null, rows); // logits = xb Wheadᵀ (rows, vocab)
     return s.logits.slice(0, rows * c.vocabSize * 4);
   }
 
@@ -267,14 +329,15 @@ export class Transformer {
   }
 }
 
-/** out(n, out_features) = x(n, in_features) Wᵀ + bias. */
+/** out(n, out_features) = x(n, in_features) Wᵀ + bias; x is F32 or of W's dtype. */
 function linear(
   be: Backend,
   out: Slice,
   x: Slice,
+  xDtype: DTypeCode,
   w: Weight,
   bias: Weight | null,
   n: number,
 ): void {
-  be.matmul(out, x, w.buf, w.dtype, bias?.buf ?? null, n, w.shape[1], w.shape[0]);
+  be.matmul(out, x, xDtype, w.buf, w.dtype, bias?.buf ?? null, n, w.shape[1], w.shape[0]);
 }

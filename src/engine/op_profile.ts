@@ -68,7 +68,7 @@ export class OpProfile {
   }
 }
 
-/** matmul(out, x, w, dtype, bias, n, k, m): k -> m tells the projections apart. */
+/** matmul(out, x, xDtype, w, wDtype, bias, n, k, m): k -> m tells the projections apart. */
 function label(op: string, args: unknown[]): string {
-  return op === "matmul" ? `matmul ${args[6]}->${args[7]}` : op;
+  return op === "matmul" ? `matmul ${args[7]}->${args[8]}` : op;
 }

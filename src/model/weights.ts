@@ -139,6 +139,16 @@ export interface Reserve {
 /** Bytes as GiB with two decimals, for memory messages. */
 export const gib = (bytes: number): string => `${(bytes / 2 ** 30).toFixed(2)} GiB`;
 
+/** The dtype every decoder layer's linear weight (q, k, v, o, gate, up, down) is stored in, or
+ * null when they differ. */
+export function layerMatrixDtype(tensors: ReturnType<typeof matchTensors>): DTypeCode | null {
+  const dtypes = new Set(
+    tensors.filter(([e]) => e.kind === "matrix" && e.name.startsWith("model.layers."))
+      .map(([, t]) => FILE_DTYPES[t.dtype]),
+  );
+  return dtypes.size === 1 ? [...dtypes][0] : null;
+}
+
 /** Bytes the matched tensors take on the device: matrices as stored, vectors widened to fp32. */
 export function deviceWeightBytes(tensors: ReturnType<typeof matchTensors>): number {
   return tensors.reduce(
@@ -147,17 +157,25 @@ export function deviceWeightBytes(tensors: ReturnType<typeof matchTensors>): num
   );
 }
 
-/** Loads DIR's weights onto the backend. On failure every buffer made so far is freed. On a GPU,
- * weights plus `reserve` are checked against free memory first, so a model that cannot fit fails
- * at once with the numbers, not after minutes of loading. */
+/** DIR's tensors, checked against the config (matchTensors), in load order. */
+export async function readTensors(
+  dir: string,
+  c: ModelConfig,
+): Promise<ReturnType<typeof matchTensors>> {
+  return matchTensors(dir, c, await openModelWeights(dir));
+}
+
+/** Loads DIR's weights (its `tensors`, from readTensors) onto the backend. On failure every buffer
+ * made so far is freed. On a GPU, weights plus `reserve` are checked against free memory first, so
+ * a model that cannot fit fails at once with the numbers, not after minutes of loading. */
 export async function loadWeights(
   backend: Backend,
   dir: string,
   c: ModelConfig,
+  tensors: ReturnType<typeof matchTensors>,
   onProgress: LoadProgress = () => {},
   reserve: Reserve = { bytes: 0, what: "nothing else" },
 ): Promise<ModelWeights> {
-  const tensors = matchTensors(dir, c, await openModelWeights(dir));
   const totalBytes = tensors.reduce((sum, [, t]) => sum + t.bytes, 0);
   const deviceBytes = deviceWeightBytes(tensors);
   if (backend.kind === "cuda") { // host memory is paged and overcommitted: no such check on the CPU
