@@ -29,7 +29,8 @@ Usage: innerq bench [options]
   -n, --gen N           tokens to generate per tg test (default 128)
   -d, --depth LIST      context depths the tests start at (default 0)
   -r, --repeats N       repetitions of each test (default 3)
-      --chunk N         most tokens per forward call in prompt processing (default 512)
+      --chunk N         most tokens per forward call in prompt processing (default: the
+                        longest prompt or depth to prefill, at most 4096)
       --kv SPEC         KV cache (default fp16)
       --fill MODE       how the context at each depth is made: prefill (default: the model runs
                         over depth tokens) or direct (every layer's cache is stored synthetic
@@ -142,7 +143,9 @@ async function benchModel(
   const dir = v.model ?? await defaultModel(v.json ?? false);
   const config = await loadConfig(dir);
   const ctx = Math.max(...depths) + Math.max(...prompts, gen) + 1;
-  const chunk = intFlag("chunk", v.chunk, 1) ?? Math.min(512, Math.max(...prompts, 1));
+  // the longest prompt (or depth to prefill) in one call up to 4096 tokens: big GEMMs run fastest
+  const longest = Math.max(...prompts, ...(direct ? [] : depths), 1);
+  const chunk = intFlag("chunk", v.chunk, 1) ?? Math.min(4096, longest);
   using backend = openBackend(
     deviceFlag(v.device),
     intFlag("threads", v.threads, 1),
