@@ -97,6 +97,42 @@ int decode_mma_attention(iq_ctx *ctx, float *out, const float *q, const void *k_
     if (iq_status_ != IQ_OK) return iq_status_;                                                \
   } while (0)
 
+/* Programmatic dependent launch (compute capability 9+): a kernel launched so may have its
+ * blocks placed while the kernel before it drains, hiding a launch's latency; it must call
+ * iq_wait_prior() before touching memory that kernel writes or reads. Elsewhere a plain launch. */
+template <typename... Params, typename... Args>
+static inline int iq_launch_early(iq_ctx *ctx, void (*kernel)(Params...), dim3 grid, dim3 block,
+                                  size_t smem, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = ctx->stream;
+  cudaLaunchAttribute early;
+  early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  early.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &early;
+  cfg.numAttrs = ctx->cc_major >= 9 ? 1 : 0;
+  IQ_CUDA(ctx, cudaLaunchKernelEx(&cfg, kernel, args...));
+  return IQ_OK;
+}
+
+/* In a kernel launched by iq_launch_early: waits until the kernel before has finished and its
+ * writes are visible. */
+__device__ __forceinline__ void iq_wait_prior() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+/* Lets the next kernel, if launched early, have its blocks placed (it still waits for this one
+ * to finish in iq_wait_prior). */
+__device__ __forceinline__ void iq_allow_next() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+
 static inline int iq_valid_dtype(int dtype) {
   return dtype == IQ_F32 || dtype == IQ_F16 || dtype == IQ_BF16;
 }

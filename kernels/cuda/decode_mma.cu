@@ -52,6 +52,9 @@ __global__ void __launch_bounds__(DM_WARPS * 32, 1) decode_mma_kernel(dm_args a)
   const int lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (w >= a.kv_heads * a.splits) return; /* the last block's spare warps */
+  /* launched early (iq_launch_early): the kernel before may still be writing q or the cache, or
+   * reading the partials */
+  iq_wait_prior();
   const int kvh = w / a.splits, split = w % a.splits, h0 = kvh * a.group;
   const int begin = (int)((int64_t)split * a.len / a.splits);
   const int end = (int)((int64_t)(split + 1) * a.len / a.splits);
@@ -190,6 +193,7 @@ __global__ void __launch_bounds__(DM_WARPS * 32, 1) decode_mma_kernel(dm_args a)
     __syncwarp(); /* the stage is refilled by the next step's copies */
   }
 
+  iq_allow_next(); /* the merge may start launching */
   /* the partial of this split (an empty run, which the sizing never makes, would leave max
    * -inf and add nothing); the max back to natural units for merge_splits */
   const int64_t row = (int64_t)split * a.heads + h0;
@@ -275,8 +279,7 @@ int decode_mma_attention(iq_ctx *ctx, float *out, const float *q, const void *k_
   a.qscale = scale * 1.44269504f;
   const int64_t warps = (int64_t)kv_heads * splits;
   const unsigned blocks = (unsigned)((warps + k.warps - 1) / k.warps);
-  k.fn<<<blocks, k.warps * 32, k.smem, ctx->stream>>>(a);
-  IQ_LAUNCHED(ctx);
+  IQ_TRY(iq_launch_early(ctx, k.fn, dim3(blocks), dim3(k.warps * 32), k.smem, a));
   IQ_TRY(merge_splits(ctx, out, a.part_acc, a.part_ml, heads, head_dim, splits));
   return IQ_OK;
 }

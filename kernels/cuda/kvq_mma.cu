@@ -334,6 +334,9 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   const iq_kvq_params &p = a.p;
   const uint32_t h = a.h1024;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  /* launched early (iq_launch_early): the kernel before may still be writing q or the cache, or
+   * reading the partials */
+  iq_wait_prior();
   const int kvh = blockIdx.x, h0 = kvh * a.group, nh = min(a.group, KM_HEADS), t = blockIdx.z;
   const int64_t len = (int64_t)a.pos0 + t + 1, nq = kvq_quantized(&p, len);
   const int64_t sinkn = min(len, (int64_t)p.sink), fp16n = len - nq;
@@ -574,9 +577,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
     }
   }
 
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::); /* the merge may start launching */
-#endif
+  iq_allow_next(); /* the merge may start launching */
   /* the warps' partials into one: shared memory [warp][head][D] and (max, sum) */
   __syncthreads();
   float *w_acc = reinterpret_cast<float *>(km_smem);
@@ -713,8 +714,7 @@ int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   a.scale = scale;
   a.h1024 = 0x64006400u;
   dim3 grid((unsigned)p->kv_heads, (unsigned)splits, (unsigned)n);
-  k.fn<<<grid, KM_WARPS * 32, k.smem, ctx->stream>>>(a);
-  IQ_LAUNCHED(ctx);
+  IQ_TRY(iq_launch_early(ctx, k.fn, grid, dim3(KM_WARPS * 32), k.smem, a));
   IQ_TRY(merge_splits(ctx, out, a.part_acc, a.part_ml, n * heads, p->head_dim, splits));
   return IQ_OK;
 }

@@ -29,10 +29,7 @@ static __global__ void __launch_bounds__(MERGE_WARPS * 32)
   __shared__ float red[MERGE_WARPS], part[MERGE_WARPS][32];
   const int h = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int c = blockIdx.y * 32 + lane;
-#if __CUDA_ARCH__ >= 900
-  /* launched early (programmatic dependent launch): the partials are complete past this */
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  iq_wait_prior(); /* launched early (iq_launch_early): the partials are complete past this */
   float mx = -INFINITY;
   for (int s = tid; s < splits; s += MERGE_WARPS * 32)
     mx = fmaxf(mx, part_ml[((int64_t)s * rows + h) * 2]);
@@ -82,21 +79,10 @@ static inline int merge_splits(iq_ctx *ctx, float *out, const float *part_acc,
   const size_t smem = sizeof(float) * (size_t)splits;
   if (smem > 48 * 1024)
     return iq_fail(ctx, IQ_ERR_ARG, "merge_splits: %d splits exceed shared memory", splits);
-  /* on compute capability 9+ the merge launches while the split kernel drains (its blocks wait
-   * in griddepcontrol.wait), hiding a launch's latency per decode step */
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)rows, (unsigned)((d + 31) / 32));
-  cfg.blockDim = dim3(MERGE_WARPS * 32);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = ctx->stream;
-  cudaLaunchAttribute early;
-  early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  early.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &early;
-  cfg.numAttrs = ctx->cc_major >= 9 ? 1 : 0;
-  IQ_CUDA(ctx, cudaLaunchKernelEx(&cfg, merge_splits_kernel, out, part_acc, part_ml, rows, d,
-                                  splits));
-  return IQ_OK;
+  /* on compute capability 9+ the merge launches while the split kernel drains, hiding a
+   * launch's latency per decode step */
+  return iq_launch_early(ctx, merge_splits_kernel, dim3((unsigned)rows, (unsigned)((d + 31) / 32)),
+                         dim3(MERGE_WARPS * 32), smem, out, part_acc, part_ml, rows, d, splits);
 }
 
 #endif /* INNERQ_SPLIT_SOFTMAX_CUH */
