@@ -202,7 +202,7 @@ __device__ __forceinline__ void stage_chunk(const km_source &src, uint32_t *dst,
   for (int i = 0; i < 4; i++)
 #pragma unroll
     for (int e = 0; e < words[i]; e += 128)
-      if (words[i] % 128 == 0 || e + lane * 4 < words[i]) cp_async16(to + at[i] + e, from[i] + e);
+      if (words[i] % 128 == 0 || e + lane * 4 < words[i]) cp_async16_stream(to + at[i] + e, from[i] + e);
   asm volatile("cp.async.commit_group;\n" ::);
 }
 
@@ -578,37 +578,45 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   }
 
   iq_allow_next(); /* the merge may start launching */
-  /* the warps' partials into one: shared memory [warp][head][D] and (max, sum) */
-  __syncthreads();
-  float *w_acc = reinterpret_cast<float *>(km_smem);
+  /* the warps' partials into one: each warp scales its output and sum to the block's maximum
+   * per head first (a factor per head and thread), so the merge below only adds (shared memory
+   * [warp][head][D], the stages' space, and (max, sum) per warp and head) */
   __shared__ float w_m[KM_WARPS][KM_HEADS], w_l[KM_WARPS][KM_HEADS];
+  if (gid == 0)
+#pragma unroll
+    for (int j = 0; j < 2; j++) w_m[warp][2 * tig + j] = state.m[j];
+  __syncthreads(); /* and every warp is done with its stages */
+  float f[2];
+#pragma unroll
+  for (int j = 0; j < 2; j++) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < KM_WARPS; w++) mx = fmaxf(mx, w_m[w][2 * tig + j]);
+    f[j] = state.m[j] == -INFINITY ? 0.0f : fast_exp2(state.m[j] - mx); /* 0: saw nothing */
+  }
+  float *w_acc = reinterpret_cast<float *>(km_smem);
 #pragma unroll
   for (int cm = 0; cm < D / 16; cm++)
 #pragma unroll
     for (int i = 0; i < 4; i++) {
       const int head = 2 * tig + i % 2, c = 16 * cm + gid + i / 2 * 8;
-      w_acc[(warp * KM_HEADS + head) * D + c] = state.acc[cm][i];
+      w_acc[(warp * KM_HEADS + head) * D + c] = state.acc[cm][i] * f[i % 2];
     }
   if (gid == 0)
 #pragma unroll
-    for (int j = 0; j < 2; j++) w_m[warp][2 * tig + j] = state.m[j], w_l[warp][2 * tig + j] = state.l[j];
+    for (int j = 0; j < 2; j++) w_l[warp][2 * tig + j] = state.l[j] * f[j];
   __syncthreads();
   const int64_t row0 = ((int64_t)blockIdx.y * gridDim.z + t) * a.heads + h0;
   for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
     const int head = i / D, c = i % D;
-    float mx = -INFINITY;
+    float acc = 0.0f;
 #pragma unroll
-    for (int w = 0; w < KM_WARPS; w++) mx = fmaxf(mx, w_m[w][head]);
-    float acc = 0.0f, l = 0.0f;
-    if (mx > -INFINITY)
-#pragma unroll
-      for (int w = 0; w < KM_WARPS; w++) {
-        const float f = exp2f(w_m[w][head] - mx); /* 0 for a warp that saw nothing */
-        acc += w_acc[(w * KM_HEADS + head) * D + c] * f;
-        l += w_l[w][head] * f;
-      }
+    for (int w = 0; w < KM_WARPS; w++) acc += w_acc[(w * KM_HEADS + head) * D + c];
     a.part_acc[(row0 + head) * D + c] = acc;
     if (c == 0) {
+      float mx = -INFINITY, l = 0.0f;
+#pragma unroll
+      for (int w = 0; w < KM_WARPS; w++) mx = fmaxf(mx, w_m[w][head]), l += w_l[w][head];
       a.part_ml[(row0 + head) * 2] = mx * 0.69314718f; /* back to natural units */
       a.part_ml[(row0 + head) * 2 + 1] = l;
     }
