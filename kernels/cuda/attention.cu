@@ -21,6 +21,7 @@
 template <typename T>
 __global__ void kv_store_kernel(T *cache, const float *x, int pos0, int kv_heads, int d, int cap,
                                 int64_t count) {
+  iq_wait_prior(); /* launched early */
   int64_t row = (int64_t)kv_heads * d;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count;
        e += (int64_t)gridDim.x * blockDim.x) {
@@ -338,13 +339,10 @@ extern "C" int iq_kv_store(iq_ctx *ctx, void *cache, int cache_dtype, const floa
   int64_t count = (int64_t)n * kv_heads * head_dim;
   unsigned blocks = iq_blocks(ctx, count, 256);
   if (cache_dtype == IQ_F16)
-    kv_store_kernel<__half><<<blocks, 256, 0, ctx->stream>>>((__half *)cache, x, pos0, kv_heads,
-                                                             head_dim, cap, count);
-  else
-    kv_store_kernel<float><<<blocks, 256, 0, ctx->stream>>>((float *)cache, x, pos0, kv_heads,
-                                                            head_dim, cap, count);
-  IQ_LAUNCHED(ctx);
-  return IQ_OK;
+    return iq_launch_early(ctx, kv_store_kernel<__half>, dim3(blocks), dim3(256), 0, (__half *)cache,
+                           x, pos0, kv_heads, head_dim, cap, count);
+  return iq_launch_early(ctx, kv_store_kernel<float>, dim3(blocks), dim3(256), 0, (float *)cache, x,
+                         pos0, kv_heads, head_dim, cap, count);
 }
 
 template <int D>

@@ -29,6 +29,7 @@ template <> __device__ __forceinline__ void store4<float>(float *out, float4 v) 
 /* out[i] = op(a[i], b[i]) as T; float4 loads when vec (a, b 16-byte aligned, out 4 * sizeof(T)). */
 template <typename Op, typename T>
 __global__ void pairwise_kernel(T *out, const float *a, const float *b, int64_t count, bool vec) {
+  iq_wait_prior(); /* launched early */
   const Op op;
   int64_t stride = (int64_t)gridDim.x * blockDim.x, t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   int64_t done = 0;
@@ -44,11 +45,11 @@ __global__ void pairwise_kernel(T *out, const float *a, const float *b, int64_t 
 }
 
 template <typename Op, typename T>
-static void launch_pairwise(iq_ctx *ctx, void *out, const float *a, const float *b, int64_t count) {
+static int launch_pairwise(iq_ctx *ctx, void *out, const float *a, const float *b, int64_t count) {
   bool vec = (((uintptr_t)a | (uintptr_t)b) & 15) == 0 &&
              ((uintptr_t)out & (4 * sizeof(T) - 1)) == 0;
-  pairwise_kernel<Op, T><<<iq_blocks(ctx, vec ? count / 4 : count, 256), 256, 0, ctx->stream>>>(
-      static_cast<T *>(out), a, b, count, vec);
+  return iq_launch_early(ctx, pairwise_kernel<Op, T>, dim3(iq_blocks(ctx, vec ? count / 4 : count, 256)),
+                         dim3(256), 0, static_cast<T *>(out), a, b, count, vec);
 }
 
 extern "C" int iq_swiglu(iq_ctx *ctx, void *out, int out_dtype, const float *gate,
@@ -56,17 +57,13 @@ extern "C" int iq_swiglu(iq_ctx *ctx, void *out, int out_dtype, const float *gat
   if (!ctx || !out || !gate || !up) return iq_fail(ctx, IQ_ERR_ARG, "iq_swiglu: NULL argument");
   if (count <= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_swiglu: count %lld must be positive", (long long)count);
   IQ_TRY(iq_check_out(ctx, "iq_swiglu", out, out_dtype, gate, up, count));
-  if (out_dtype == IQ_F16) launch_pairwise<SiluMul, __half>(ctx, out, gate, up, count);
-  else if (out_dtype == IQ_BF16) launch_pairwise<SiluMul, __nv_bfloat16>(ctx, out, gate, up, count);
-  else launch_pairwise<SiluMul, float>(ctx, out, gate, up, count);
-  IQ_LAUNCHED(ctx);
-  return IQ_OK;
+  if (out_dtype == IQ_F16) return launch_pairwise<SiluMul, __half>(ctx, out, gate, up, count);
+  if (out_dtype == IQ_BF16) return launch_pairwise<SiluMul, __nv_bfloat16>(ctx, out, gate, up, count);
+  return launch_pairwise<SiluMul, float>(ctx, out, gate, up, count);
 }
 
 extern "C" int iq_add(iq_ctx *ctx, float *out, const float *a, const float *b, int64_t count) {
   if (!ctx || !out || !a || !b) return iq_fail(ctx, IQ_ERR_ARG, "iq_add: NULL argument");
   if (count <= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_add: count %lld must be positive", (long long)count);
-  launch_pairwise<Add, float>(ctx, out, a, b, count);
-  IQ_LAUNCHED(ctx);
-  return IQ_OK;
+  return launch_pairwise<Add, float>(ctx, out, a, b, count);
 }

@@ -33,6 +33,7 @@ __global__ void key_norm_kernel(iq_kvq_params p, float *key_scale, const float *
  * pair's factor. */
 __global__ void rows_kernel(iq_kvq_params p, kvq_regions r, const float *k, const float *v, int n,
                             int pos0) {
+  iq_wait_prior(); /* launched early */
   const int d = p.head_dim, half = d / 2;
   const int64_t count = (int64_t)n * p.kv_heads * d;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count;
@@ -98,8 +99,8 @@ extern "C" int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, co
     IQ_LAUNCHED(ctx);
   }
   const int64_t count = (int64_t)n * p->kv_heads * d;
-  rows_kernel<<<iq_blocks(ctx, count, 256), 256, 0, ctx->stream>>>(*p, r, k, v, n, pos0);
-  IQ_LAUNCHED(ctx);
+  IQ_TRY(iq_launch_early(ctx, rows_kernel, dim3(iq_blocks(ctx, count, 256)), dim3(256), 0, *p, r, k,
+                         v, n, pos0));
   /* blocks these tokens complete */
   const int64_t done = pos0 > p->sink ? (pos0 - p->sink) / b : 0;
   const int64_t now = (int64_t)pos0 + n > p->sink ? ((int64_t)pos0 + n - p->sink) / b : 0;

@@ -49,6 +49,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
   constexpr int V = 16 / sizeof(T); /* elements per load */
   int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= m) return;
+  iq_wait_prior(); /* launched early */
   const uint4 *wr = reinterpret_cast<const uint4 *>(w + (int64_t)row * k);
   int nv = k / V;
   float acc = 0.0f;
@@ -64,6 +65,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_kernel(float *out, const X *x, const T *w, const float *bias, int k, int m) {
   int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= m) return;
+  iq_wait_prior(); /* launched early */
   const T *wr = w + (int64_t)row * k;
   float acc = 0.0f;
   for (int i = lane; i < k; i += 32) acc += iq_f32(wr[i]) * iq_f32(x[i]);
@@ -72,24 +74,22 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
 }
 
 template <typename T, typename X>
-static void launch_gemv(iq_ctx *ctx, float *out, const void *x, const void *w, const float *bias,
-                        int k, int m) {
+static int launch_gemv(iq_ctx *ctx, float *out, const void *x, const void *w, const float *bias,
+                       int k, int m) {
   const T *wt = static_cast<const T *>(w);
   const X *xt = static_cast<const X *>(x);
-  unsigned blocks = (unsigned)((m + GEMV_WARPS - 1) / GEMV_WARPS);
+  dim3 blocks((unsigned)((m + GEMV_WARPS - 1) / GEMV_WARPS)), threads(GEMV_WARPS * 32);
   bool vec = (((uintptr_t)w | (uintptr_t)x) & 15) == 0 && k % (16 / sizeof(T)) == 0;
-  if (vec)
-    gemv_vec_kernel<T, X><<<blocks, GEMV_WARPS * 32, 0, ctx->stream>>>(out, xt, wt, bias, k, m);
-  else
-    gemv_kernel<T, X><<<blocks, GEMV_WARPS * 32, 0, ctx->stream>>>(out, xt, wt, bias, k, m);
+  return vec ? iq_launch_early(ctx, gemv_vec_kernel<T, X>, blocks, threads, 0, out, xt, wt, bias, k, m)
+             : iq_launch_early(ctx, gemv_kernel<T, X>, blocks, threads, 0, out, xt, wt, bias, k, m);
 }
 
 /* The GEMV for weights T, x fp32 or (narrow) T too. */
 template <typename T>
-static void launch_gemv_x(iq_ctx *ctx, float *out, const void *x, int x_dtype, const void *w,
-                          const float *bias, int k, int m) {
-  if (x_dtype == IQ_F32) launch_gemv<T, float>(ctx, out, x, w, bias, k, m);
-  else launch_gemv<T, T>(ctx, out, x, w, bias, k, m);
+static int launch_gemv_x(iq_ctx *ctx, float *out, const void *x, int x_dtype, const void *w,
+                         const float *bias, int k, int m) {
+  return x_dtype == IQ_F32 ? launch_gemv<T, float>(ctx, out, x, w, bias, k, m)
+                           : launch_gemv<T, T>(ctx, out, x, w, bias, k, m);
 }
 
 template <typename T>
@@ -139,12 +139,10 @@ static int rounded_gemm(iq_ctx *ctx, float *out, const float *x, const void *w, 
 extern "C" int iq_matmul(iq_ctx *ctx, float *out, const void *x, int x_dtype, const void *w,
                          int w_dtype, const float *bias, int n, int k, int m) {
   IQ_TRY(iq_check_matmul(ctx, out, x, x_dtype, w, w_dtype, n, k, m));
-  if (n == 1) {
-    if (w_dtype == IQ_F16) launch_gemv_x<__half>(ctx, out, x, x_dtype, w, bias, k, m);
-    else if (w_dtype == IQ_BF16) launch_gemv_x<__nv_bfloat16>(ctx, out, x, x_dtype, w, bias, k, m);
-    else launch_gemv<float, float>(ctx, out, x, w, bias, k, m);
-    IQ_LAUNCHED(ctx);
-    return IQ_OK;
+  if (n == 1) { /* launched early: the kernel before may still be writing x */
+    if (w_dtype == IQ_F16) return launch_gemv_x<__half>(ctx, out, x, x_dtype, w, bias, k, m);
+    if (w_dtype == IQ_BF16) return launch_gemv_x<__nv_bfloat16>(ctx, out, x, x_dtype, w, bias, k, m);
+    return launch_gemv<float, float>(ctx, out, x, w, bias, k, m);
   }
   /* x in the weights' type goes as it is; an fp32 x with fp16/bf16 weights is rounded first */
   const float *xf = static_cast<const float *>(x);

@@ -8,6 +8,7 @@
 template <typename T>
 __global__ void rmsnorm_kernel(T *out, const float *x, const float *weight, int dim, float eps) {
   __shared__ float red[32];
+  iq_wait_prior(); /* launched early */
   const float *xr = x + (int64_t)blockIdx.x * dim;
   T *yr = out + (int64_t)blockIdx.x * dim;
   float ss = 0.0f;
@@ -20,10 +21,11 @@ __global__ void rmsnorm_kernel(T *out, const float *x, const float *weight, int 
 }
 
 template <typename T>
-static void launch_rmsnorm(iq_ctx *ctx, void *out, const float *x, const float *weight, int n,
-                           int dim, float eps) {
+static int launch_rmsnorm(iq_ctx *ctx, void *out, const float *x, const float *weight, int n,
+                          int dim, float eps) {
   int threads = dim >= 4096 ? 1024 : dim >= 1024 ? 512 : 256;
-  rmsnorm_kernel<T><<<n, threads, 0, ctx->stream>>>(static_cast<T *>(out), x, weight, dim, eps);
+  return iq_launch_early(ctx, rmsnorm_kernel<T>, dim3(n), dim3(threads), 0, static_cast<T *>(out),
+                         x, weight, dim, eps);
 }
 
 extern "C" int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, const float *x,
@@ -32,9 +34,7 @@ extern "C" int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, const float *x,
   if (n <= 0 || dim <= 0)
     return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: n %d and dim %d must be positive", n, dim);
   IQ_TRY(iq_check_out(ctx, "iq_rmsnorm", out, out_dtype, x, NULL, (int64_t)n * dim));
-  if (out_dtype == IQ_F16) launch_rmsnorm<__half>(ctx, out, x, weight, n, dim, eps);
-  else if (out_dtype == IQ_BF16) launch_rmsnorm<__nv_bfloat16>(ctx, out, x, weight, n, dim, eps);
-  else launch_rmsnorm<float>(ctx, out, x, weight, n, dim, eps);
-  IQ_LAUNCHED(ctx);
-  return IQ_OK;
+  if (out_dtype == IQ_F16) return launch_rmsnorm<__half>(ctx, out, x, weight, n, dim, eps);
+  if (out_dtype == IQ_BF16) return launch_rmsnorm<__nv_bfloat16>(ctx, out, x, weight, n, dim, eps);
+  return launch_rmsnorm<float>(ctx, out, x, weight, n, dim, eps);
 }

@@ -6,6 +6,7 @@
 /* One thread per (token, head, pair i): channels i and i + half turn together. */
 __global__ void rope_kernel(float *x, const int32_t *pos, const float *inv_freq,
                             const float *pair_scale, int heads, int group, int half, int64_t pairs) {
+  iq_wait_prior(); /* launched early */
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < pairs;
        p += (int64_t)gridDim.x * blockDim.x) {
     int i = (int)(p % half);
@@ -31,8 +32,6 @@ extern "C" int iq_rope(iq_ctx *ctx, float *x, const int32_t *pos, const float *i
                    scale_heads);
   int64_t pairs = (int64_t)n * heads * (head_dim / 2);
   int group = pair_scale ? heads / scale_heads : 1;
-  rope_kernel<<<iq_blocks(ctx, pairs, 256), 256, 0, ctx->stream>>>(x, pos, inv_freq, pair_scale,
-                                                                   heads, group, head_dim / 2, pairs);
-  IQ_LAUNCHED(ctx);
-  return IQ_OK;
+  return iq_launch_early(ctx, rope_kernel, dim3(iq_blocks(ctx, pairs, 256)), dim3(256), 0, x, pos,
+                         inv_freq, pair_scale, heads, group, head_dim / 2, pairs);
 }
