@@ -23,6 +23,7 @@ import {
 } from "../src/model/dtype.ts";
 import { writeRandomModel } from "../src/model/random_model.ts";
 import { maxRelError, randomFloats, randomInts } from "./random.ts";
+import { backendAs } from "./backend_as.ts";
 
 function openCuda(): Backend | null {
   try {
@@ -816,25 +817,13 @@ test("tiny bf16 model: prefill logits match the CPU's", async (gpu, cpu) => {
   });
 });
 
-/** The GPU backend reporting itself as the CPU, so the forward pass keeps every GEMM input in
- * fp32 (gemmInputDtype), as it did before rmsnorm and swiglu wrote the weights' type. */
-function reportingCpu(be: Backend): Backend {
-  return new Proxy(be, {
-    get: (t, prop) => {
-      if (prop === "kind") return "cpu";
-      const value = Reflect.get(t, prop, t);
-      return typeof value === "function" ? value.bind(t) : value;
-    },
-  });
-}
-
 // Prefill's GEMMs reading rmsnorm's and swiglu's bf16/fp16 outputs see the operands the rounding
 // pass made of fp32 ones: the same logits and tokens, bit for bit.
 test("tiny bf16 and f16 models: narrow GEMM inputs give the logits of fp32 ones exactly", async (gpu) => {
   for (const dtype of ["BF16", "F16"] as const) {
     await withModel(dtype, async (dir) => {
       const [nl, nt] = await runModel(gpu, dir, 64);
-      const [wl, wt] = await runModel(reportingCpu(gpu), dir, 64);
+      const [wl, wt] = await runModel(backendAs(gpu, "cpu"), dir, 64);
       assert.deepEqual(nl, wl, dtype);
       assert.deepEqual(nt, wt, dtype);
     });

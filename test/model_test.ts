@@ -17,6 +17,7 @@ import {
 import { layerMatrixDtype, readTensors } from "../src/model/weights.ts";
 import { parseKvSpec } from "../src/kv/spec.ts";
 import { randomInts } from "./random.ts";
+import { backendAs } from "./backend_as.ts";
 
 const SHARED_MODELS = new URL("../../shared/models/", import.meta.url).pathname;
 
@@ -43,19 +44,6 @@ async function withModel<T>(
   }
 }
 
-/** The CPU backend reporting itself as CUDA, so the forward pass plans and runs what it runs on a
- * GPU: prefill's GEMM inputs in fp16/bf16 for such weights (gemmInputDtype), which the CPU's
- * kernels serve too. */
-function reportingCuda(be: Backend): Backend {
-  return new Proxy(be, {
-    get: (t, prop) => {
-      if (prop === "kind") return "cuda";
-      const value = Reflect.get(t, prop, t);
-      return typeof value === "function" ? value.bind(t) : value;
-    },
-  });
-}
-
 /** Logits (rows, vocab) for `tokens` fed in chunks of `chunk`. */
 async function logitsOf(
   dir: string,
@@ -64,7 +52,7 @@ async function logitsOf(
 ): Promise<Float32Array> {
   const config = await loadConfig(dir);
   using cpu = Backend.open("cpu", { threads: opts.threads ?? 2 });
-  const backend = opts.asCuda ? reportingCuda(cpu) : cpu;
+  const backend = opts.asCuda ? backendAs(cpu, "cuda") : cpu;
   using model = await Transformer.load(backend, dir, config, {
     ctx: 256,
     kv: opts.kv ?? "fp32",
@@ -138,7 +126,7 @@ Deno.test("fp16/bf16 GEMM inputs where the backend is CUDA: planned, prefill onl
       // the state holds what planBytes counts: the two narrow buffers on CUDA only
       using cpu = Backend.open("cpu", { threads: 1 });
       const kv = parseKvSpec("fp16"), ctx = 40, chunk = 8;
-      for (const be of [cpu, reportingCuda(cpu)]) {
+      for (const be of [cpu, backendAs(cpu, "cuda")]) {
         using model = await Transformer.load(be, dir, config, { ctx, chunk, kv });
         const gemmDtype = be.kind === "cuda" ? DType[dtype] : DType.F32;
         assertEquals(model.gemmDtype, gemmDtype);
@@ -163,7 +151,7 @@ Deno.test("gemmInputDtype: the layers' fp16/bf16 on CUDA only, fp32 for mixed or
     assertEquals(layerMatrixDtype(retyped("model.embed_tokens.weight", "F32")), DType.BF16);
     assertEquals(layerMatrixDtype(retyped("model.layers.1.mlp.down_proj.weight", "F16")), null);
     using cpu = Backend.open("cpu", { threads: 1 });
-    const cuda = reportingCuda(cpu);
+    const cuda = backendAs(cpu, "cuda");
     assertEquals(gemmInputDtype(cpu, DType.BF16), DType.F32);
     assertEquals(gemmInputDtype(cuda, DType.BF16), DType.BF16);
     assertEquals(gemmInputDtype(cuda, DType.F16), DType.F16);
