@@ -38,6 +38,24 @@ static inline int iq_check_out(iq_ctx *ctx, const char *op, const void *out, int
   return IQ_OK;
 }
 
+/* iq_swiglu and iq_add (out_dtype IQ_F32): out[i] = op(a[i], b[i]) over count elements. */
+static inline int iq_check_pairwise(iq_ctx *ctx, const char *op, const void *out, int out_dtype,
+                                    const float *a, const float *b, int64_t count) {
+  if (!ctx || !out || !a || !b) return iq_fail(ctx, IQ_ERR_ARG, "%s: NULL argument", op);
+  if (count <= 0)
+    return iq_fail(ctx, IQ_ERR_ARG, "%s: count %lld must be positive", op, (long long)count);
+  return iq_check_out(ctx, op, out, out_dtype, a, b, count);
+}
+
+static inline int iq_check_rmsnorm(iq_ctx *ctx, const void *out, int out_dtype, const float *x,
+                                   const float *weight, int n, int dim, float eps) {
+  if (!ctx || !out || !x || !weight) return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: NULL argument");
+  if (n <= 0 || dim <= 0)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: n %d and dim %d must be positive", n, dim);
+  if (!(eps >= 0.0f)) return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: eps %g must be >= 0", eps);
+  return iq_check_out(ctx, "iq_rmsnorm", out, out_dtype, x, NULL, (int64_t)n * dim);
+}
+
 static inline int iq_check_matmul(iq_ctx *ctx, const float *out, const void *x, int x_dtype,
                                   const void *w, int w_dtype, int n, int k, int m) {
   if (!ctx || !out || !x || !w) return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: NULL argument");

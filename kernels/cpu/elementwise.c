@@ -30,10 +30,7 @@ static void add_range(void *arg, int64_t begin, int64_t end, int worker) {
 
 int iq_swiglu(iq_ctx *ctx, void *out, int out_dtype, const float *gate, const float *up,
               int64_t count) {
-  if (!ctx || !out || !gate || !up) return iq_fail(ctx, IQ_ERR_ARG, "iq_swiglu: NULL argument");
-  if (count <= 0)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_swiglu: count %lld must be positive", (long long)count);
-  int s = iq_check_out(ctx, "iq_swiglu", out, out_dtype, gate, up, count);
+  int s = iq_check_pairwise(ctx, "iq_swiglu", out, out_dtype, gate, up, count);
   if (s != IQ_OK) return s;
   pair_job job = {out, gate, up, out_dtype};
   iq_parallel_for(ctx, count, MIN_CHUNK, swiglu_range, &job);
@@ -41,9 +38,8 @@ int iq_swiglu(iq_ctx *ctx, void *out, int out_dtype, const float *gate, const fl
 }
 
 int iq_add(iq_ctx *ctx, float *out, const float *a, const float *b, int64_t count) {
-  if (!ctx || !out || !a || !b) return iq_fail(ctx, IQ_ERR_ARG, "iq_add: NULL argument");
-  if (count <= 0)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_add: count %lld must be positive", (long long)count);
+  int s = iq_check_pairwise(ctx, "iq_add", out, IQ_F32, a, b, count);
+  if (s != IQ_OK) return s;
   pair_job job = {out, a, b, IQ_F32};
   iq_parallel_for(ctx, count, MIN_CHUNK, add_range, &job);
   return IQ_OK;

@@ -35,11 +35,7 @@ static void rmsnorm_rows(void *arg, int64_t begin, int64_t end, int worker) {
 
 int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, const float *x, const float *weight, int n,
                int dim, float eps) {
-  if (!ctx || !out || !x || !weight) return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: NULL argument");
-  if (n <= 0 || dim <= 0)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: n %d and dim %d must be positive", n, dim);
-  if (!(eps >= 0.0f)) return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: eps %g must be >= 0", eps);
-  int s = iq_check_out(ctx, "iq_rmsnorm", out, out_dtype, x, NULL, (int64_t)n * dim);
+  int s = iq_check_rmsnorm(ctx, out, out_dtype, x, weight, n, dim, eps);
   if (s != IQ_OK) return s;
   rmsnorm_job job = {out, out_dtype, x, weight, dim, eps};
   iq_parallel_for(ctx, n, 4, rmsnorm_rows, &job);

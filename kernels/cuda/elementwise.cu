@@ -54,16 +54,13 @@ static int launch_pairwise(iq_ctx *ctx, void *out, const float *a, const float *
 
 extern "C" int iq_swiglu(iq_ctx *ctx, void *out, int out_dtype, const float *gate,
                          const float *up, int64_t count) {
-  if (!ctx || !out || !gate || !up) return iq_fail(ctx, IQ_ERR_ARG, "iq_swiglu: NULL argument");
-  if (count <= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_swiglu: count %lld must be positive", (long long)count);
-  IQ_TRY(iq_check_out(ctx, "iq_swiglu", out, out_dtype, gate, up, count));
+  IQ_TRY(iq_check_pairwise(ctx, "iq_swiglu", out, out_dtype, gate, up, count));
   if (out_dtype == IQ_F16) return launch_pairwise<SiluMul, __half>(ctx, out, gate, up, count);
   if (out_dtype == IQ_BF16) return launch_pairwise<SiluMul, __nv_bfloat16>(ctx, out, gate, up, count);
   return launch_pairwise<SiluMul, float>(ctx, out, gate, up, count);
 }
 
 extern "C" int iq_add(iq_ctx *ctx, float *out, const float *a, const float *b, int64_t count) {
-  if (!ctx || !out || !a || !b) return iq_fail(ctx, IQ_ERR_ARG, "iq_add: NULL argument");
-  if (count <= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_add: count %lld must be positive", (long long)count);
+  IQ_TRY(iq_check_pairwise(ctx, "iq_add", out, IQ_F32, a, b, count));
   return launch_pairwise<Add, float>(ctx, out, a, b, count);
 }

@@ -30,10 +30,7 @@ static int launch_rmsnorm(iq_ctx *ctx, void *out, const float *x, const float *w
 
 extern "C" int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, const float *x,
                           const float *weight, int n, int dim, float eps) {
-  if (!ctx || !out || !x || !weight) return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: NULL argument");
-  if (n <= 0 || dim <= 0)
-    return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: n %d and dim %d must be positive", n, dim);
-  IQ_TRY(iq_check_out(ctx, "iq_rmsnorm", out, out_dtype, x, NULL, (int64_t)n * dim));
+  IQ_TRY(iq_check_rmsnorm(ctx, out, out_dtype, x, weight, n, dim, eps));
   if (out_dtype == IQ_F16) return launch_rmsnorm<__half>(ctx, out, x, weight, n, dim, eps);
   if (out_dtype == IQ_BF16) return launch_rmsnorm<__nv_bfloat16>(ctx, out, x, weight, n, dim, eps);
   return launch_rmsnorm<float>(ctx, out, x, weight, n, dim, eps);
