@@ -5,7 +5,7 @@ import { type BackendKind, type KernelLibrary, openLibrary } from "./library.ts"
 export type { BackendKind } from "./library.ts";
 
 /** IQ_ABI_VERSION in kernels/innerq.h: the symbol table below matches it. */
-const ABI_VERSION = 5;
+const ABI_VERSION = 6;
 
 /** iq_dtype in kernels/innerq.h. */
 export const DType = { F32: 0, F16: 1, BF16: 2 } as const;
@@ -262,6 +262,22 @@ export class Backend {
 
   sync(): void {
     this.#check(this.#sym.iq_sync(this.#c), "sync");
+  }
+
+  /** Seconds the device takes for the calls `fn` issues, run back to back: the device's queue is
+   * held while they are issued (iq_timing_begin), so the host's issue time is left out, as in a
+   * forward pass the host runs ahead of. On the CPU backend, the host's time. */
+  timeQueued(fn: () => void): number {
+    this.#check(this.#sym.iq_timing_begin(this.#c), "timing_begin");
+    const seconds = new Float64Array(1);
+    try {
+      fn();
+    } catch (e) {
+      this.#sym.iq_timing_end(this.#c, seconds); // releases the hold; fn's error is the one to tell
+      throw e;
+    }
+    this.#check(this.#sym.iq_timing_end(this.#c, seconds), "timing_end");
+    return seconds[0];
   }
 
   alloc(bytes: number): DeviceBuffer {

@@ -24,6 +24,14 @@ export const symbols = {
     result: "i32",
   },
   iq_sync: { parameters: ["pointer"], result: "i32" }, // int iq_sync(iq_ctx *ctx)
+  iq_timing_begin: { parameters: ["pointer"], result: "i32" }, // int iq_timing_begin(iq_ctx *ctx)
+  iq_timing_end: {
+    parameters: [
+      "pointer", // iq_ctx *ctx
+      "buffer", // double *seconds
+    ],
+    result: "i32",
+  },
 
   iq_alloc: {
     parameters: [

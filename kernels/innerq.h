@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define IQ_ABI_VERSION 5
+#define IQ_ABI_VERSION 6
 
 typedef enum {
   IQ_OK = 0,
@@ -59,6 +59,18 @@ int iq_device_info(iq_ctx *ctx, char *name, int cap, uint64_t *free_bytes,
                    uint64_t *total_bytes);
 /* Waits until every call issued on ctx has finished. */
 int iq_sync(iq_ctx *ctx);
+/* Timing of queued calls, for benchmarks: iq_timing_begin holds the device's
+ * queue (the device waits, at most a second, for iq_timing_end) and marks the
+ * start, so that the calls issued next run back to back however slowly the
+ * host issues them, as in a forward pass the host runs ahead of; iq_timing_end
+ * marks the end, releases the hold, waits, and writes the seconds between the
+ * marks. It fails if the hold ran out first (too many calls in the span, or
+ * slow ones on the host). A call that waits for the device (iq_sync, upload,
+ * download, alloc, free) releases the hold early. One span at a time per ctx.
+ * The CPU backend, whose calls finish as issued, times the span on the host's
+ * clock. */
+int iq_timing_begin(iq_ctx *ctx);
+int iq_timing_end(iq_ctx *ctx, double *seconds);
 
 /* ---- buffers ------------------------------------------------------------ */
 

@@ -852,3 +852,34 @@ test("tiny f32 model: same logits and greedy tokens", async (gpu, cpu) => {
     assert.deepEqual(gt, ct);
   });
 });
+
+test("timeQueued holds the queue: host pauses left out, a sync releases it, a second's hold fails", (gpu) => {
+  using w = gpu.alloc(4096 * 4096 * 2);
+  using x = gpu.alloc(4096 * 4);
+  using y = gpu.alloc(4096 * 4);
+  const gemv = () => gpu.matmul(y, x, DType.F32, w, DType.BF16, null, 1, 4096, 4096);
+  const pause = (ms: number) => {
+    const end = performance.now() + ms;
+    while (performance.now() < end) { /* the host is busy elsewhere */ }
+  };
+  gemv();
+  gpu.sync();
+  const start = performance.now();
+  const held = gpu.timeQueued(() => {
+    gemv();
+    pause(50);
+    gemv();
+  });
+  const wall = (performance.now() - start) / 1000;
+  // two GEMVs over 32 MB take tens of microseconds; the 50 ms pause falls before the device starts
+  assert.ok(wall >= 0.05 && held > 0 && held < 0.01, `device ${held} s, wall ${wall} s`);
+  const released = gpu.timeQueued(() => {
+    gemv();
+    gpu.sync();
+    pause(50);
+    gemv();
+  });
+  assert.ok(released >= 0.045, `a sync in the span lets the device go: ${released} s`);
+  assert.throws(() => gpu.timeQueued(() => pause(1100)), /waited a second/);
+  assert.ok(gpu.timeQueued(gemv) > 0, "spans work after one that failed");
+});

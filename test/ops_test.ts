@@ -669,3 +669,45 @@ Deno.test("sample rejects NaN logits in C and a uniform of 1 in TypeScript", () 
     /uniform must be in \[0, 1\)/,
   );
 });
+
+Deno.test("timeQueued: the span's seconds; spans do not nest; a failed span leaves none open", () => {
+  const x = new Float32Array(256).fill(1), w = new Float32Array(256 * 256).fill(0.5);
+  const bufs = [x, w].map((a) => {
+    const b = cpu.alloc(a.byteLength);
+    cpu.upload(b, a);
+    return b;
+  });
+  using y = cpu.alloc(256 * 4);
+  try {
+    const start = performance.now();
+    const seconds = cpu.timeQueued(() => {
+      for (let i = 0; i < 20; i++) {
+        cpu.matmul(y, bufs[0], DType.F32, bufs[1], DType.F32, null, 1, 256, 256);
+      }
+    });
+    const wall = (performance.now() - start) / 1000;
+    assert(seconds > 0 && seconds <= wall, `${seconds} s of a ${wall} s call`);
+    cpu.timeQueued(() => {
+      assertThrows(() => cpu.timeQueued(() => {}), /a span is open already/);
+    });
+    assertThrows(() =>
+      cpu.timeQueued(() => {
+        throw new Error("inside the span");
+      }), /inside the span/);
+    assert(cpu.timeQueued(() => {}) >= 0); // the failed span was closed
+  } finally {
+    bufs.forEach((b) => b.close());
+  }
+  const lib = openLibrary("cpu");
+  const handle = new BigUint64Array(1);
+  assertEquals(lib.symbols.iq_ctx_create(0, 1, handle), 0);
+  const ctx = Deno.UnsafePointer.create(handle[0])!;
+  try {
+    assertEquals(lib.symbols.iq_timing_end(ctx, new Float64Array(1)), 1); // IQ_ERR_ARG
+    const text = new Deno.UnsafePointerView(lib.symbols.iq_last_error(ctx)!).getCString();
+    assertEquals(text, "iq_timing_end: no span is open");
+  } finally {
+    lib.symbols.iq_ctx_destroy(ctx);
+    lib.close();
+  }
+});

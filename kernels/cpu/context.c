@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cpu.h"
@@ -41,6 +42,7 @@ int iq_ctx_create(int device, int threads, iq_ctx **out) {
   iq_ctx *ctx = calloc(1, sizeof *ctx);
   if (!ctx) return iq_fail(NULL, IQ_ERR_MEMORY, "iq_ctx_create: out of memory");
   ctx->threads = threads;
+  ctx->timing_start = -1;
   ctx->pool = iq_pool_create(threads);
   if (!ctx->pool) {
     free(ctx);
@@ -83,6 +85,28 @@ int iq_scratch(iq_ctx *ctx, size_t bytes, void **out) {
 
 int iq_sync(iq_ctx *ctx) {
   return ctx ? IQ_OK : iq_fail(NULL, IQ_ERR_ARG, "iq_sync: ctx is NULL");
+}
+
+static double monotonic_seconds(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* Calls finish as issued here: a span is the host's time between the marks. */
+int iq_timing_begin(iq_ctx *ctx) {
+  if (!ctx) return iq_fail(NULL, IQ_ERR_ARG, "iq_timing_begin: ctx is NULL");
+  if (ctx->timing_start >= 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_timing_begin: a span is open already");
+  ctx->timing_start = monotonic_seconds();
+  return IQ_OK;
+}
+
+int iq_timing_end(iq_ctx *ctx, double *seconds) {
+  if (!ctx || !seconds) return iq_fail(ctx, IQ_ERR_ARG, "iq_timing_end: NULL argument");
+  if (ctx->timing_start < 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_timing_end: no span is open");
+  *seconds = monotonic_seconds() - ctx->timing_start;
+  ctx->timing_start = -1;
+  return IQ_OK;
 }
 
 int iq_alloc(iq_ctx *ctx, uint64_t bytes, void **out) {

@@ -15,6 +15,7 @@ struct iq_ctx {
   int threads;
   void *scratch; /* grown on demand, freed with the context */
   size_t scratch_bytes;
+  double timing_start; /* seconds on CLOCK_MONOTONIC; < 0 when no span is open */
   char error[512];
 };
 

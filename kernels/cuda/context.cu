@@ -29,11 +29,15 @@ extern "C" void iq_ctx_destroy(iq_ctx *ctx) {
   if (!ctx) return;
   /* Best effort: the context goes whatever fails here. */
   cudaSetDevice(ctx->device);
+  iq_release_hold(ctx);
   if (ctx->stream) cudaStreamSynchronize(ctx->stream);
   if (ctx->cublas.handle) ctx->cublas.destroy(ctx->cublas.handle);
   if (ctx->cublas.lib) dlclose(ctx->cublas.lib);
   cudaFree(ctx->scratch);
   cudaFreeHost(ctx->fault);
+  cudaFreeHost(ctx->hold);
+  for (cudaEvent_t mark : ctx->marks)
+    if (mark) cudaEventDestroy(mark);
   if (ctx->stream) cudaStreamDestroy(ctx->stream);
   free(ctx);
 }
@@ -80,6 +84,7 @@ extern "C" int iq_ctx_create(int device, int threads, iq_ctx **out) {
 int iq_scratch(iq_ctx *ctx, size_t bytes, void **out) {
   if (bytes > ctx->scratch_bytes) {
     /* Kernels still queued may use the old buffer: wait for them before freeing. */
+    iq_release_hold(ctx);
     IQ_CUDA(ctx, cudaStreamSynchronize(ctx->stream));
     IQ_CUDA(ctx, cudaFree(ctx->scratch));
     ctx->scratch = NULL;
@@ -155,6 +160,7 @@ extern "C" int iq_device_info(iq_ctx *ctx, char *name, int cap, uint64_t *free_b
 
 /* Waits for the stream, then reports what a kernel recorded in ctx->fault. */
 static int finish(iq_ctx *ctx, const char *op) {
+  iq_release_hold(ctx);
   cudaError_t e = cudaStreamSynchronize(ctx->stream);
   if (e != cudaSuccess)
     return iq_fail(ctx, IQ_ERR_DEVICE, "%s: cudaStreamSynchronize: %s", op, cudaGetErrorString(e));
@@ -172,10 +178,58 @@ extern "C" int iq_sync(iq_ctx *ctx) {
   return finish(ctx, "iq_sync");
 }
 
+/* Spins until the host releases it, or says that it gave up after a second: the calls queued
+ * behind it meanwhile then run back to back. */
+static __global__ void hold_kernel(volatile iq_hold *hold) {
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    if (hold->release) return;
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < 1000000000ull);
+  hold->timed_out = 1;
+}
+
+extern "C" int iq_timing_begin(iq_ctx *ctx) {
+  if (!ctx) return iq_fail(NULL, IQ_ERR_ARG, "iq_timing_begin: ctx is NULL");
+  if (ctx->timing) return iq_fail(ctx, IQ_ERR_ARG, "iq_timing_begin: a span is open already");
+  if (!ctx->hold) {
+    for (cudaEvent_t &mark : ctx->marks) IQ_CUDA(ctx, cudaEventCreate(&mark));
+    IQ_CUDA(ctx, cudaHostAlloc((void **)&ctx->hold, sizeof *ctx->hold, cudaHostAllocMapped));
+    IQ_CUDA(ctx, cudaHostGetDevicePointer((void **)&ctx->hold_dev, ctx->hold, 0));
+  }
+  ctx->hold->release = 0; /* the last hold kernel has returned: its span's end waited for it */
+  ctx->hold->timed_out = 0;
+  hold_kernel<<<1, 1, 0, ctx->stream>>>(ctx->hold_dev);
+  IQ_LAUNCHED(ctx);
+  IQ_CUDA(ctx, cudaEventRecord(ctx->marks[0], ctx->stream));
+  ctx->timing = 1;
+  return IQ_OK;
+}
+
+extern "C" int iq_timing_end(iq_ctx *ctx, double *seconds) {
+  if (!ctx || !seconds) return iq_fail(ctx, IQ_ERR_ARG, "iq_timing_end: NULL argument");
+  if (!ctx->timing) return iq_fail(ctx, IQ_ERR_ARG, "iq_timing_end: no span is open");
+  ctx->timing = 0;
+  const cudaError_t recorded = cudaEventRecord(ctx->marks[1], ctx->stream);
+  iq_release_hold(ctx); /* whatever failed, the device stops waiting */
+  IQ_CUDA(ctx, recorded);
+  IQ_CUDA(ctx, cudaEventSynchronize(ctx->marks[1]));
+  if (((volatile iq_hold *)ctx->hold)->timed_out)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_timing_end: the device waited a second for the span's "
+                                    "calls to be issued; time fewer at once");
+  float ms = 0.0f;
+  IQ_CUDA(ctx, cudaEventElapsedTime(&ms, ctx->marks[0], ctx->marks[1]));
+  *seconds = ms * 1e-3;
+  return IQ_OK;
+}
+
 extern "C" int iq_alloc(iq_ctx *ctx, uint64_t bytes, void **out) {
   if (!ctx || !out) return iq_fail(ctx, IQ_ERR_ARG, "iq_alloc: NULL argument");
   *out = NULL;
   if (bytes == 0) return iq_fail(ctx, IQ_ERR_ARG, "iq_alloc: zero bytes");
+  iq_release_hold(ctx); /* cudaMalloc may wait for the device */
   IQ_CUDA(ctx, cudaSetDevice(ctx->device));
   /* Rounded to 64 bytes like the CPU backend; cudaMalloc aligns to 256. */
   uint64_t rounded = (bytes + 63) & ~(uint64_t)63;
@@ -191,6 +245,7 @@ extern "C" int iq_alloc(iq_ctx *ctx, uint64_t bytes, void **out) {
 
 extern "C" int iq_free(iq_ctx *ctx, void *buf) {
   if (!ctx) return iq_fail(NULL, IQ_ERR_ARG, "iq_free: ctx is NULL");
+  iq_release_hold(ctx);
   /* cudaFree waits for the device, so kernels still using buf finish first. */
   IQ_CUDA(ctx, cudaFree(buf));
   return IQ_OK;
@@ -201,6 +256,7 @@ extern "C" int iq_upload(iq_ctx *ctx, void *dst, const void *host_src, uint64_t 
   if (bytes == 0) return IQ_OK;
   /* The caller may reuse host_src at once, so the copy completes before returning. */
   IQ_CUDA(ctx, cudaMemcpyAsync(dst, host_src, (size_t)bytes, cudaMemcpyHostToDevice, ctx->stream));
+  iq_release_hold(ctx);
   IQ_CUDA(ctx, cudaStreamSynchronize(ctx->stream));
   return IQ_OK;
 }

@@ -39,6 +39,12 @@ struct iq_fault {
   int32_t seen; /* nonzero once a fault is recorded */
 };
 
+/* The flags of iq_timing_begin's hold, in pinned host memory the device reads through. */
+struct iq_hold {
+  int32_t release;   /* set by the host: the hold kernel returns */
+  int32_t timed_out; /* set by the hold kernel when it gave up waiting */
+};
+
 struct iq_ctx {
   int device;
   int sms;                  /* multiprocessors: sizes grids */
@@ -49,12 +55,21 @@ struct iq_ctx {
   struct iq_fault *fault;     /* pinned host memory, mapped */
   struct iq_fault *fault_dev; /* the same, as kernels address it */
   struct iq_cublas cublas;  /* lib NULL until first used */
+  struct iq_hold *hold;     /* pinned, mapped; NULL until the first timing span */
+  struct iq_hold *hold_dev; /* the same, as kernels address it */
+  cudaEvent_t marks[2];     /* a timing span's start and end */
+  int timing;               /* a span is open */
   char error[512];
 };
 
 /* Records a printf-style message on ctx (or the thread's create error when
  * ctx is NULL) and returns status. */
 int iq_fail(iq_ctx *ctx, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Lets a held queue (iq_timing_begin) run: called before anything that waits for the device. */
+static inline void iq_release_hold(iq_ctx *ctx) {
+  if (ctx->hold) __atomic_store_n(&ctx->hold->release, 1, __ATOMIC_SEQ_CST);
+}
 
 /* A scratch buffer of at least bytes, grown (never shrunk) on demand. */
 int iq_scratch(iq_ctx *ctx, size_t bytes, void **out);

@@ -40,7 +40,8 @@ Usage: innerq bench [options]
   -t, --threads N       CPU threads
       --kernels         time the decode attention (32 heads, 8 KV heads, head_dim 128, fp16
                         cache, 1k to 1M tokens, or the --depth list) and GEMV kernels
-                        instead of a model
+                        instead of a model: the device's time, batches of calls run back
+                        to back (the host's time to issue them left out, as in a model)
       --profile         time every kernel call on its own (the device waited for before and
                         after each) and print where each test spent its time, per op; the
                         waits make a profiled run slower than a plain one
@@ -232,18 +233,14 @@ function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => v
   for (const tokens of lengths) {
     for (const spec of specs) {
       using attention = new AttentionCase(backend, spec, tokens);
-      // one untimed batch first: clocks ramp up and caches warm, as every later batch sees them
-      timed(backend, () => {
+      // one untimed batch first: clocks ramp up and caches warm, as every later batch sees them;
+      // then the device's time for each batch, queued while held (Backend.timeQueued)
+      const batch = () => {
         for (let i = 0; i < iterations; i++) attention.step();
-      });
+      };
+      backend.timeQueued(batch);
       const seconds = [];
-      for (let r = 0; r < repeats; r++) {
-        seconds.push(
-          timed(backend, () => {
-            for (let i = 0; i < iterations; i++) attention.step();
-          }) / iterations,
-        );
-      }
+      for (let r = 0; r < repeats; r++) seconds.push(backend.timeQueued(batch) / iterations);
       emit({
         test: `attn ${shortKvSpec(parseKvSpec(attention.cache.spec))} (us)`,
         depth: tokens,
@@ -267,7 +264,7 @@ function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => v
     const seconds = [];
     for (let r = 0; r < repeats; r++) {
       seconds.push(
-        timed(backend, () => {
+        backend.timeQueued(() => {
           for (let i = 0; i < iterations; i++) {
             backend.matmul(y, xv, DType.F32, w, DType.BF16, null, 1, kIn, mOut);
           }
@@ -282,7 +279,8 @@ function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => v
     });
   }
   return `kernels on ${backend.deviceInfo().name}; attention: one decode step of a Llama-3-8B ` +
-    `layer (32 heads, 8 KV heads, head_dim 128); GB/s = cache bytes incl. metadata / time`;
+    `layer (32 heads, 8 KV heads, head_dim 128); device time per call, the calls queued while ` +
+    `held; GB/s = cache bytes incl. metadata / time`;
 }
 
 function parse(args: string[]) {
