@@ -24,7 +24,8 @@
  * the MMA so (raw), the 1024 and the code's place in its byte taken off the
  * fp32 sums after. q and p are rounded to fp16 as the tensor cores
  * take them, as in prefill_mma.cuh; sums and the softmax are fp32. The 4 warps
- * merge into one partial per block, merge_splits_kernel the splits. */
+ * merge into one partial per block (at short contexts each warp leaves its
+ * own), merge_splits_kernel the splits. */
 #include <math.h>
 
 #include <utility>
@@ -43,6 +44,7 @@ struct km_args {
   float *part_acc, *part_ml;
   const float *q;
   int heads, group, pos0, chunks_per_split;
+  int warp_rows; /* each warp leaves its own partial (short contexts), else each block one */
   float scale;
   uint32_t h1024; /* 0x64006400, from the host so that it stays in a register (under_1024) */
 };
@@ -578,6 +580,26 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   }
 
   iq_allow_next(); /* the merge may start launching */
+  if (a.warp_rows) {
+    /* each warp its own partial, split blockIdx.y * KM_WARPS + warp, as in decode_mma.cu: at a
+     * chunk or two per warp, the block merge below would cost a third of the warps' time */
+    const int64_t row = (((int64_t)blockIdx.y * KM_WARPS + warp) * gridDim.z + t) * a.heads + h0;
+#pragma unroll
+    for (int cm = 0; cm < D / 16; cm++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const int head = 2 * tig + i % 2;
+        if (head < nh) a.part_acc[(row + head) * D + 16 * cm + gid + i / 2 * 8] = state.acc[cm][i];
+      }
+    if (gid == 0)
+#pragma unroll
+      for (int j = 0; j < 2; j++)
+        if (2 * tig + j < nh) {
+          a.part_ml[(row + 2 * tig + j) * 2] = state.m[j] * 0.69314718f; /* -inf: saw nothing */
+          a.part_ml[(row + 2 * tig + j) * 2 + 1] = state.l[j];
+        }
+    return;
+  }
   /* the warps' partials into one: each warp scales its output and sum to the block's maximum
    * per head first (a factor per head and thread), so the merge below only adds (shared memory
    * [warp][head][D], the stages' space, and (max, sum) per warp and head) */
@@ -705,9 +727,13 @@ int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   const int64_t per = qsplits ? (chunks + qsplits - 1) / qsplits : 1;
   qsplits = qsplits ? (chunks + per - 1) / per : 0;
   const int splits = (int)(1 + qsplits);
+  /* up to this many partials per query head the merge reads each warp's, sparing the blocks
+   * their merge (about 2.5k tokens and less) */
+  const int warp_rows = splits * KM_WARPS <= 80;
+  const int rows_per_head = warp_rows ? splits * KM_WARPS : splits;
 
   void *scratch;
-  const size_t rows = (size_t)splits * n * heads;
+  const size_t rows = (size_t)rows_per_head * n * heads;
   IQ_TRY(iq_scratch(ctx, sizeof(float) * rows * (p->head_dim + 2), &scratch));
   km_args a;
   a.p = *p;
@@ -719,10 +745,11 @@ int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   a.group = heads / p->kv_heads;
   a.pos0 = pos0;
   a.chunks_per_split = (int)per;
+  a.warp_rows = warp_rows;
   a.scale = scale;
   a.h1024 = 0x64006400u;
   dim3 grid((unsigned)p->kv_heads, (unsigned)splits, (unsigned)n);
   IQ_TRY(iq_launch_early(ctx, k.fn, grid, dim3(KM_WARPS * 32), k.smem, a));
-  IQ_TRY(merge_splits(ctx, out, a.part_acc, a.part_ml, n * heads, p->head_dim, splits));
+  IQ_TRY(merge_splits(ctx, out, a.part_acc, a.part_ml, n * heads, p->head_dim, rows_per_head));
   return IQ_OK;
 }
