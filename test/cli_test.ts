@@ -25,6 +25,7 @@ Deno.test("bad command lines exit 2 with a one-line error naming the flag", asyn
     [["generate", ...base, "--kv", "q3", "hi"], /--kv|fp16/],
     [["bench", "--model", model, "--device", "cpu", "--kv", "q3"], /--kv/],
     [["bench", "--kernels", "--device", "cpu", "--kv", "innerq:k5v2"], /--kv/],
+    [["bench", "--model", model, "--device", "cpu", "--host-clock"], /--host-clock/],
     [["info", "--model", model, "--kv", "kivi:k2v2,meta=e3m4"], /--kv/],
     [["generate", ...base, "--device", "tpu", "hi"], /--device/],
     [["generate", ...base, "-n", "zero", "hi"], /max-tokens/],

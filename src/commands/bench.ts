@@ -42,6 +42,8 @@ Usage: innerq bench [options]
                         cache, 1k to 1M tokens, or the --depth list) and GEMV kernels
                         instead of a model: the device's time, batches of calls run back
                         to back (the host's time to issue them left out, as in a model)
+      --host-clock      with --kernels: time on the host's clock instead, issuing included
+                        (also where launches are serialized, as under ncu)
       --profile         time every kernel call on its own (the device waited for before and
                         after each) and print where each test spent its time, per op; the
                         waits make a profiled run slower than a plain one
@@ -66,6 +68,7 @@ const OPTIONS = {
   device: { type: "string" },
   threads: { type: "string", short: "t" },
   kernels: { type: "boolean" },
+  "host-clock": { type: "boolean" },
   profile: { type: "boolean" },
   json: { type: "boolean" },
   help: { type: "boolean", short: "h" },
@@ -224,6 +227,7 @@ function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => v
     v.json ?? false,
   );
   const iterations = backend.kind === "cuda" ? 200 : 3;
+  const time = (fn: () => void) => v["host-clock"] ? timed(backend, fn) : backend.timeQueued(fn);
   const lengths = listFlag(
     "depth",
     v.depth,
@@ -238,9 +242,9 @@ function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => v
       const batch = () => {
         for (let i = 0; i < iterations; i++) attention.step();
       };
-      backend.timeQueued(batch);
+      time(batch);
       const seconds = [];
-      for (let r = 0; r < repeats; r++) seconds.push(backend.timeQueued(batch) / iterations);
+      for (let r = 0; r < repeats; r++) seconds.push(time(batch) / iterations);
       emit({
         test: `attn ${shortKvSpec(parseKvSpec(attention.cache.spec))} (us)`,
         depth: tokens,
@@ -264,7 +268,7 @@ function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => v
     const seconds = [];
     for (let r = 0; r < repeats; r++) {
       seconds.push(
-        backend.timeQueued(() => {
+        time(() => {
           for (let i = 0; i < iterations; i++) {
             backend.matmul(y, xv, DType.F32, w, DType.BF16, null, 1, kIn, mOut);
           }
@@ -279,8 +283,9 @@ function benchKernels(v: ReturnType<typeof parse>["values"], emit: (r: Row) => v
     });
   }
   return `kernels on ${backend.deviceInfo().name}; attention: one decode step of a Llama-3-8B ` +
-    `layer (32 heads, 8 KV heads, head_dim 128); device time per call, the calls queued while ` +
-    `held; GB/s = cache bytes incl. metadata / time`;
+    `layer (32 heads, 8 KV heads, head_dim 128); ${
+      v["host-clock"] ? "host" : "device"
+    } time per call; GB/s = cache bytes incl. metadata / time`;
 }
 
 function parse(args: string[]) {
@@ -314,6 +319,7 @@ export async function runBench(args: string[]): Promise<number> {
     console.log(BENCH_HELP);
     return EXIT.ok;
   }
+  if (v["host-clock"] && !v.kernels) throw new UsageError("--host-clock times --kernels only");
   const rows: Row[] = [];
   const emit = (r: Row) => {
     rows.push(r);
