@@ -38,16 +38,32 @@
 
 constexpr int KM_WARPS = 4, KM_CHUNK = 32, KM_HEADS = 8;
 
+/* The kernel's parameters, 104 bytes in the order it reads them. At short contexts a block is
+ * the first on its multiprocessor, and each constant-cache line of parameters it touches is a
+ * serial miss (ncu: stall_imc on ULDC): a quantized split's first copies need only the first
+ * 48 bytes (the line that starts the parameter bank at 0x210), q the next 64. Regions are offsets
+ * from the layer in 256-byte units (kvq_offsets aligns them so), the cache's geometry what the
+ * kernel needs of iq_kvq_params (blocks of KM_CHUNK tokens: kvq_mma_supported). */
 struct km_args {
-  iq_kvq_params p;
-  kvq_regions r;
-  float *part_acc, *part_ml;
+  const char *layer;
+  uint32_t codes_k, meta_k, codes_v, meta_v; /* region offsets / 256 */
+  int pos0, lag, chunks_per_split, head_chunks; /* lag: sink + recent; head_chunks: quant_cap / 32 */
+  int heads, group;
   const float *q;
-  int heads, group, pos0, chunks_per_split;
-  int warp_rows; /* each warp leaves its own partial (short contexts), else each block one */
+  float *part_acc; /* then part_ml, [rows, {max, sum}] */
+  uint32_t sink_k, sink_v, ring_k, ring_v;
+  int sink, ring;
   float scale;
   uint32_t h1024; /* 0x64006400, from the host so that it stays in a register (under_1024) */
+  int warp_rows;  /* each warp leaves its own partial (short contexts), else each block one */
+  int e5m2;       /* fp8 pairs are e5m2, else e4m3 */
 };
+
+static_assert(sizeof(km_args) == 104, "km_args: two constant-cache lines");
+
+template <typename T> __device__ __forceinline__ const T *km_region(const km_args &a, uint32_t off) {
+  return reinterpret_cast<const T *>(a.layer + (uint64_t)off * 256);
+}
 
 /* fp16 constants of the unpacking: a code of up to 10 bits OR-ed into the
  * mantissa of 0x6400 (1024) makes the fp16 1024 + code, exactly. */
@@ -331,27 +347,27 @@ __device__ __forceinline__ void value_tiles(std::integer_sequence<int, CM...>, k
 template <int D, int KB, int VB, int KG, bool F8>
 __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   using st = km_stage<D, KB, VB, KG, F8>;
-  const bool e5m2 = a.p.meta == IQ_META_E5M2;
   extern __shared__ __align__(16) uint32_t km_smem[];
-  const iq_kvq_params &p = a.p;
   const uint32_t h = a.h1024;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   /* launched early (iq_launch_early): the kernel before may still be writing q or the cache, or
    * reading the partials */
   iq_wait_prior();
   const int kvh = blockIdx.x, h0 = kvh * a.group, nh = min(a.group, KM_HEADS), t = blockIdx.z;
-  const int64_t len = (int64_t)a.pos0 + t + 1, nq = kvq_quantized(&p, len);
-  const int64_t sinkn = min(len, (int64_t)p.sink), fp16n = len - nq;
+  /* positions seen, the quantized ones among them (kvq_quantized), the fp16 ones: len <= cap
+   * fits 32 bits */
+  const int len = a.pos0 + t + 1, nq = len > a.lag ? (len - a.lag) / KM_CHUNK * KM_CHUNK : 0;
+  const int sinkn = min(len, a.sink), fp16n = len - nq;
   constexpr int KPG = KG ? KG / 16 : 1; /* k-steps per key group (over channels) */
 
   /* a quantized split's warps start copying their first chunk before anything else */
   uint32_t *stage = km_smem + warp * st::WARP_WORDS;
-  const int64_t head = (int64_t)kvh * kvq_quant_cap(&p) / KM_CHUNK; /* the head's chunk 0 */
-  const km_source src = {a.r.codes_k + head * st::KC_WORDS + lane * 4,
-                         reinterpret_cast<const uint32_t *>(a.r.meta_k) + head * st::KM_SRC + lane * 4,
-                         a.r.codes_v + head * st::VC_WORDS + lane * 4,
-                         reinterpret_cast<const uint32_t *>(a.r.meta_v) + head * st::VM_SRC + lane * 4};
-  const int chunks = (int)(nq / KM_CHUNK);
+  const int64_t head = (int64_t)kvh * a.head_chunks; /* the head's chunk 0 */
+  const km_source src = {km_region<uint32_t>(a, a.codes_k) + head * st::KC_WORDS + lane * 4,
+                         km_region<uint32_t>(a, a.meta_k) + head * st::KM_SRC + lane * 4,
+                         km_region<uint32_t>(a, a.codes_v) + head * st::VC_WORDS + lane * 4,
+                         km_region<uint32_t>(a, a.meta_v) + head * st::VM_SRC + lane * 4};
+  const int chunks = nq / KM_CHUNK;
   const int first = blockIdx.y ? (blockIdx.y - 1) * a.chunks_per_split + warp : 0;
   const int last = blockIdx.y ? min(chunks, (int)blockIdx.y * a.chunks_per_split) : 0;
   if (first < last) stage_chunk<D, KB, VB, KG, F8>(src, stage, first, lane);
@@ -364,11 +380,13 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   auto load_piece = [&](int base) {
     const int side = lane / FP16_PIECE, i = base + lane % FP16_PIECE;
     __half *dst = tile + lane * FP16_S;
-    if (i < fp16n) {
-      const int64_t x = i < sinkn ? i : p.sink + nq + (i - sinkn);
-      const uint16_t *b = x < p.sink ? (side ? a.r.sink_v : a.r.sink_k)
-                                     : (side ? a.r.ring_v : a.r.ring_k);
-      b += kvq_fp16_row(&p, kvh, x);
+    if (i < fp16n) { /* stream position x, its row as kvq_fp16_row finds it */
+      const int x = i < sinkn ? i : a.sink + nq + (i - sinkn);
+      const __half *b = x < a.sink
+                            ? km_region<__half>(a, side ? a.sink_v : a.sink_k) +
+                                  ((int64_t)kvh * a.sink + x) * D
+                            : km_region<__half>(a, side ? a.ring_v : a.ring_k) +
+                                  ((int64_t)kvh * a.ring + (x - a.sink) % a.ring) * D;
 #pragma unroll
       for (int c = 0; c < D; c += 8) cp_async16(dst + c, b + c);
     } else {
@@ -480,8 +498,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
       }
       __syncwarp();
       if constexpr (F8) { /* fp8 pairs to fp16, in place */
-        widen_pairs<st::KM_WORDS>(cur + st::KM, lane, e5m2);
-        widen_pairs<st::VM_WORDS>(cur + st::VM, lane, e5m2);
+        widen_pairs<st::KM_WORDS>(cur + st::KM, lane, a.e5m2);
+        widen_pairs<st::VM_WORDS>(cur + st::VM, lane, a.e5m2);
       }
 
       float s[2][4];
@@ -580,6 +598,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   }
 
   iq_allow_next(); /* the merge may start launching */
+  const int64_t rows = (int64_t)gridDim.y * (a.warp_rows ? KM_WARPS : 1) * gridDim.z * a.heads;
+  float *part_ml = a.part_acc + rows * D;
   if (a.warp_rows) {
     /* each warp its own partial, split blockIdx.y * KM_WARPS + warp, as in decode_mma.cu: at a
      * chunk or two per warp, the block merge below would cost a third of the warps' time */
@@ -595,8 +615,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
 #pragma unroll
       for (int j = 0; j < 2; j++)
         if (2 * tig + j < nh) {
-          a.part_ml[(row + 2 * tig + j) * 2] = state.m[j] * 0.69314718f; /* -inf: saw nothing */
-          a.part_ml[(row + 2 * tig + j) * 2 + 1] = state.l[j];
+          part_ml[(row + 2 * tig + j) * 2] = state.m[j] * 0.69314718f; /* -inf: saw nothing */
+          part_ml[(row + 2 * tig + j) * 2 + 1] = state.l[j];
         }
     return;
   }
@@ -639,8 +659,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
       float mx = -INFINITY, l = 0.0f;
 #pragma unroll
       for (int w = 0; w < KM_WARPS; w++) mx = fmaxf(mx, w_m[w][head]), l += w_l[w][head];
-      a.part_ml[(row0 + head) * 2] = mx * 0.69314718f; /* back to natural units */
-      a.part_ml[(row0 + head) * 2 + 1] = l;
+      part_ml[(row0 + head) * 2] = mx * 0.69314718f; /* back to natural units */
+      part_ml[(row0 + head) * 2 + 1] = l;
     }
   }
 }
@@ -735,21 +755,31 @@ int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   void *scratch;
   const size_t rows = (size_t)rows_per_head * n * heads;
   IQ_TRY(iq_scratch(ctx, sizeof(float) * rows * (p->head_dim + 2), &scratch));
+  uint64_t off[IQ_KVQ_REGIONS + 1];
+  kvq_offsets(p, off);
   km_args a;
-  a.p = *p;
-  a.r = kvq_regions_of(p, layer);
-  a.part_acc = (float *)scratch;
-  a.part_ml = a.part_acc + rows * p->head_dim;
-  a.q = q;
+  a.layer = (const char *)layer;
+  a.codes_k = (uint32_t)(off[IQ_KVQ_CODES_K] / 256), a.meta_k = (uint32_t)(off[IQ_KVQ_META_K] / 256);
+  a.codes_v = (uint32_t)(off[IQ_KVQ_CODES_V] / 256), a.meta_v = (uint32_t)(off[IQ_KVQ_META_V] / 256);
+  a.pos0 = pos0;
+  a.lag = p->sink + p->recent;
+  a.chunks_per_split = (int)per;
+  a.head_chunks = (int)(kvq_quant_cap(p) / KM_CHUNK);
   a.heads = heads;
   a.group = heads / p->kv_heads;
-  a.pos0 = pos0;
-  a.chunks_per_split = (int)per;
-  a.warp_rows = warp_rows;
+  a.q = q;
+  a.part_acc = (float *)scratch;
+  a.sink_k = (uint32_t)(off[IQ_KVQ_SINK_K] / 256), a.sink_v = (uint32_t)(off[IQ_KVQ_SINK_V] / 256);
+  a.ring_k = (uint32_t)(off[IQ_KVQ_RING_K] / 256), a.ring_v = (uint32_t)(off[IQ_KVQ_RING_V] / 256);
+  a.sink = p->sink;
+  a.ring = p->ring;
   a.scale = scale;
   a.h1024 = 0x64006400u;
+  a.warp_rows = warp_rows;
+  a.e5m2 = p->meta == IQ_META_E5M2;
   dim3 grid((unsigned)p->kv_heads, (unsigned)splits, (unsigned)n);
   IQ_TRY(iq_launch_early(ctx, k.fn, grid, dim3(KM_WARPS * 32), k.smem, a));
-  IQ_TRY(merge_splits(ctx, out, a.part_acc, a.part_ml, n * heads, p->head_dim, rows_per_head));
+  IQ_TRY(merge_splits(ctx, out, a.part_acc, a.part_acc + rows * p->head_dim, n * heads, p->head_dim,
+                      rows_per_head));
   return IQ_OK;
 }
