@@ -53,7 +53,7 @@ struct km_args {
   float *part_acc; /* then part_ml, [rows, {max, sum}] */
   uint32_t sink_k, sink_v, ring_k, ring_v;
   int sink, ring;
-  float scale;
+  float qscale; /* the softmax scale times log2(e) */
   uint32_t h1024; /* 0x64006400, from the host so that it stays in a register (under_1024) */
   int warp_rows;  /* each warp leaves its own partial (short contexts), else each block one */
   int e5m2;       /* fp8 pairs are e5m2, else e4m3 */
@@ -397,44 +397,33 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   };
   if (blockIdx.y == 0 && warp * FP16_PIECE < fp16n) load_piece(warp * FP16_PIECE);
 
-  /* q times the softmax scale and log2(e) (scores in log2 units: the softmax uses exp2),
-   * rounded to fp16, read straight into the B operand of each k-step (head gid, channels
+  /* q times the softmax scale and log2(e) (a.qscale: scores in log2 units, the softmax uses
+   * exp2), rounded to fp16, read straight into the B operand of each k-step (head gid, channels
    * 16 ks + 2 tig, + 1, + 8, + 9; zero past the group), all loads issued at once and no block
    * barrier, while the first chunk is on its way; and, keys over channels, the sums of those
-   * q over each key group for heads 2 tig and + 1 (a quad's sum, then its head's lane) */
+   * q over each key group for heads 2 tig and + 1, by MMAs of a tile of ones with q: C's
+   * columns 2 tig, + 1 are this thread's heads (shorter than a chain of shuffles) */
   uint32_t qb[D / 16][2];
-  float qg[D / 16][2];
+  float qg[D / 16 / KPG][2]; /* per key group */
   const float *qrow = a.q + ((int64_t)t * a.heads + h0 + (gid < nh ? gid : 0)) * D + 2 * tig;
   float2 qv[D / 16][2]; /* loaded unconditionally (heads past the group read head 0, then zero) */
 #pragma unroll
   for (int ks = 0; ks < D / 16; ks++)
 #pragma unroll
     for (int j = 0; j < 2; j++) qv[ks][j] = *reinterpret_cast<const float2 *>(qrow + 16 * ks + 8 * j);
-  const float qscale = a.scale, log2e = 1.44269504f;
-  auto q_half = [&](float x) {
-    return gid < nh ? __half2float(__float2half_rn(x * qscale * log2e)) : 0.0f;
-  };
-  float gsum = 0.0f;
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ks++) {
-    const float x[4] = {q_half(qv[ks][0].x), q_half(qv[ks][0].y), q_half(qv[ks][1].x),
-                        q_half(qv[ks][1].y)};
-    qb[ks][0] = pack_half2(x[0], x[1]);
-    qb[ks][1] = pack_half2(x[2], x[3]);
-    if constexpr (KG != 0) {
-      float part = (x[0] + x[1]) + (x[2] + x[3]);
-      part += __shfl_xor_sync(0xffffffffu, part, 1);
-      part += __shfl_xor_sync(0xffffffffu, part, 2);
-      gsum += part;
-      if ((ks + 1) % KPG == 0) { /* the group ends: heads 2 tig, + 1 are lanes 8 tig, + 4 */
-        const float g0 = __shfl_sync(0xffffffffu, gsum, 8 * tig);
-        const float g1 = __shfl_sync(0xffffffffu, gsum, 8 * tig + 4);
+  for (int ks = 0; ks < D / 16; ks++)
 #pragma unroll
-        for (int k = ks + 1 - KPG; k <= ks; k++) qg[k][0] = g0, qg[k][1] = g1;
-        gsum = 0.0f;
-      }
-    } else {
-      qg[ks][0] = qg[ks][1] = 0.0f;
+    for (int j = 0; j < 2; j++)
+      qb[ks][j] = gid < nh ? pack_half2(qv[ks][j].x * a.qscale, qv[ks][j].y * a.qscale) : 0u;
+  if constexpr (KG != 0) {
+    const uint32_t ones[4] = {0x3C003C00u, 0x3C003C00u, 0x3C003C00u, 0x3C003C00u};
+#pragma unroll
+    for (int g = 0; g < D / 16; g += KPG) {
+      float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int ks = g; ks < g + KPG; ks++) mma_16816(sum, ones, qb[ks][0], qb[ks][1]);
+      qg[g / KPG][0] = sum[0], qg[g / KPG][1] = sum[1];
     }
   }
 
@@ -532,10 +521,10 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
             if ((ks + 1) % KPG == 0) { /* the group ends: fold its pairs */
               const float2 so0 = pair_f2(cur[st::KM + m0 + ks / KPG]);
               const float2 so1 = pair_f2(cur[st::KM + m1 + ks / KPG]);
-              s[mt][0] = fmaf(so0.x, tmp[0], fmaf(so0.y, qg[ks][0], s[mt][0]));
-              s[mt][1] = fmaf(so0.x, tmp[1], fmaf(so0.y, qg[ks][1], s[mt][1]));
-              s[mt][2] = fmaf(so1.x, tmp[2], fmaf(so1.y, qg[ks][0], s[mt][2]));
-              s[mt][3] = fmaf(so1.x, tmp[3], fmaf(so1.y, qg[ks][1], s[mt][3]));
+              s[mt][0] = fmaf(so0.x, tmp[0], fmaf(so0.y, qg[ks / KPG][0], s[mt][0]));
+              s[mt][1] = fmaf(so0.x, tmp[1], fmaf(so0.y, qg[ks / KPG][1], s[mt][1]));
+              s[mt][2] = fmaf(so1.x, tmp[2], fmaf(so1.y, qg[ks / KPG][0], s[mt][2]));
+              s[mt][3] = fmaf(so1.x, tmp[3], fmaf(so1.y, qg[ks / KPG][1], s[mt][3]));
 #pragma unroll
               for (int i = 0; i < 4; i++) tmp[i] = 0.0f;
             }
@@ -773,7 +762,7 @@ int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   a.ring_k = (uint32_t)(off[IQ_KVQ_RING_K] / 256), a.ring_v = (uint32_t)(off[IQ_KVQ_RING_V] / 256);
   a.sink = p->sink;
   a.ring = p->ring;
-  a.scale = scale;
+  a.qscale = scale * 1.44269504f;
   a.h1024 = 0x64006400u;
   a.warp_rows = warp_rows;
   a.e5m2 = p->meta == IQ_META_E5M2;
