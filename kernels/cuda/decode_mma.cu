@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(DM_WARPS * 32, 1) decode_mma_kernel(dm_args a)
 #pragma unroll
     for (int h = 0; h < 2; h++)
       if (2 * tig + h < a.group) {
-        a.part_ml[(row + 2 * tig + h) * 2] = m[h] * 0.69314718f;
+        a.part_ml[(row + 2 * tig + h) * 2] = m[h] * LN2;
         a.part_ml[(row + 2 * tig + h) * 2 + 1] = l[h];
       }
 }
@@ -276,7 +276,7 @@ int decode_mma_attention(iq_ctx *ctx, float *out, const float *q, const void *k_
   a.splits = splits;
   a.cap = cap;
   a.len = len;
-  a.qscale = scale * 1.44269504f;
+  a.qscale = scale * LOG2E;
   const int64_t warps = (int64_t)kv_heads * splits;
   const unsigned blocks = (unsigned)((warps + k.warps - 1) / k.warps);
   IQ_TRY(iq_launch_early(ctx, k.fn, dim3(blocks), dim3(k.warps * 32), k.smem, a));

@@ -604,7 +604,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
 #pragma unroll
       for (int j = 0; j < 2; j++)
         if (2 * tig + j < nh) {
-          part_ml[(row + 2 * tig + j) * 2] = state.m[j] * 0.69314718f; /* -inf: saw nothing */
+          part_ml[(row + 2 * tig + j) * 2] = state.m[j] * LN2; /* -inf: saw nothing */
           part_ml[(row + 2 * tig + j) * 2 + 1] = state.l[j];
         }
     return;
@@ -648,7 +648,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
       float mx = -INFINITY, l = 0.0f;
 #pragma unroll
       for (int w = 0; w < KM_WARPS; w++) mx = fmaxf(mx, w_m[w][head]), l += w_l[w][head];
-      part_ml[(row0 + head) * 2] = mx * 0.69314718f; /* back to natural units */
+      part_ml[(row0 + head) * 2] = mx * LN2; /* back to natural units */
       part_ml[(row0 + head) * 2 + 1] = l;
     }
   }
@@ -762,7 +762,7 @@ int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   a.ring_k = (uint32_t)(off[IQ_KVQ_RING_K] / 256), a.ring_v = (uint32_t)(off[IQ_KVQ_RING_V] / 256);
   a.sink = p->sink;
   a.ring = p->ring;
-  a.qscale = scale * 1.44269504f;
+  a.qscale = scale * LOG2E;
   a.h1024 = 0x64006400u;
   a.warp_rows = warp_rows;
   a.e5m2 = p->meta == IQ_META_E5M2;

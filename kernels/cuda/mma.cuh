@@ -4,6 +4,10 @@
 #pragma once
 #include "cuda.cuh"
 
+/* The tensor-core kernels keep scores in log2 units (the softmax uses exp2): q is scaled by
+ * LOG2E, and a partial's maximum goes back to natural units by LN2 for merge_splits. */
+constexpr float LOG2E = 1.44269504f, LN2 = 0.69314718f;
+
 __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "

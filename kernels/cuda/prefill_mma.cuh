@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(MMA_WARPS * 32)
   const int qr0 = t0 + warp * 16 + quad, qr1 = qr0 + 8;
   const int qpos0 = pos0 + qr0, qpos1 = pos0 + qr1;
   /* Q as A fragments, scaled by scale * log2(e) so the softmax can use exp2. */
-  const float qscale = scale * 1.4426950408889634f;
+  const float qscale = scale * LOG2E;
   uint32_t qa[D / 16][4];
 #pragma unroll
   for (int ks16 = 0; ks16 < D / 16; ks16++) {
