@@ -5,7 +5,7 @@ import { type BackendKind, type KernelLibrary, openLibrary } from "./library.ts"
 export type { BackendKind } from "./library.ts";
 
 /** IQ_ABI_VERSION in kernels/innerq.h: the symbol table below matches it. */
-const ABI_VERSION = 6;
+const ABI_VERSION = 7;
 
 /** iq_dtype in kernels/innerq.h. */
 export const DType = { F32: 0, F16: 1, BF16: 2 } as const;
@@ -22,6 +22,14 @@ export interface Slice {
 
 export class NativeError extends Error {}
 
+/** A sub-range of a range of device memory. */
+export function sliceOf(s: Slice, byteOffset: number, bytes = s.bytes - byteOffset): Slice {
+  if (byteOffset < 0 || bytes < 0 || byteOffset + bytes > s.bytes) {
+    throw new RangeError(`slice [${byteOffset}, +${bytes}) outside a ${s.bytes}-byte buffer`);
+  }
+  return { ptr: Deno.UnsafePointer.offset(s.ptr, byteOffset)!, bytes };
+}
+
 export class DeviceBuffer implements Slice {
   #backend: Backend | null;
   constructor(backend: Backend, readonly ptr: Deno.PointerObject, readonly bytes: number) {
@@ -30,11 +38,7 @@ export class DeviceBuffer implements Slice {
 
   /** A sub-range of this buffer. */
   slice(byteOffset: number, bytes = this.bytes - byteOffset): Slice {
-    if (byteOffset < 0 || bytes < 0 || byteOffset + bytes > this.bytes) {
-      throw new RangeError(`slice [${byteOffset}, +${bytes}) outside a ${this.bytes}-byte buffer`);
-    }
-    const ptr = Deno.UnsafePointer.offset(this.ptr, byteOffset);
-    return { ptr: ptr!, bytes };
+    return sliceOf(this, byteOffset, bytes);
   }
 
   close(): void {
@@ -334,7 +338,9 @@ export class Backend {
   }
 
   /** out[n, dim] of outDtype = rmsnorm(x[n, dim]) * weight, computed in fp32 (a narrow out holds
-   * it rounded). out may be x only when outDtype is F32. */
+   * it rounded). out may be x only when outDtype is F32. With a residual, x += residual first (x
+   * keeps the sum: the residual stream's add in the same kernel), and out, x and residual are
+   * three separate ranges. */
   rmsnorm(
     out: Slice,
     outDtype: DTypeCode,
@@ -343,13 +349,40 @@ export class Backend {
     n: number,
     dim: number,
     eps: number,
+    residual: Slice | null = null,
   ): void {
     positiveInts({ n, dim });
     need(out, n * dim * elementBytes(outDtype), "rmsnorm out");
     need(x, n * dim * 4, "rmsnorm x");
     need(weight, dim * 4, "rmsnorm weight");
-    checkNarrowOut("rmsnorm", out, outDtype, n * dim, [x]);
-    const s = this.#sym.iq_rmsnorm(this.#c, out.ptr, outDtype, x.ptr, weight.ptr, n, dim, eps);
+    if (residual) {
+      need(residual, n * dim * 4, "rmsnorm residual");
+      const ranges: [string, Slice, number][] = [
+        ["out", out, n * dim * elementBytes(outDtype)],
+        ["x", x, n * dim * 4],
+        ["residual", residual, n * dim * 4],
+      ];
+      for (const [i, [a, sa, ba]] of ranges.entries()) {
+        for (const [b, sb, bb] of ranges.slice(i + 1)) {
+          if (overlaps(sa, ba, sb, bb)) {
+            throw new RangeError(`rmsnorm: ${a} overlaps ${b}; with a residual they must not`);
+          }
+        }
+      }
+    } else {
+      checkNarrowOut("rmsnorm", out, outDtype, n * dim, [x]);
+    }
+    const s = this.#sym.iq_rmsnorm(
+      this.#c,
+      out.ptr,
+      outDtype,
+      x.ptr,
+      residual?.ptr ?? null,
+      weight.ptr,
+      n,
+      dim,
+      eps,
+    );
     this.#check(s, "rmsnorm");
   }
 

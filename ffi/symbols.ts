@@ -79,7 +79,8 @@ export const symbols = {
       "pointer", // iq_ctx *ctx
       "pointer", // void *out
       "i32", // int out_dtype
-      "pointer", // const float *x
+      "pointer", // float *x
+      "pointer", // const float *residual
       "pointer", // const float *weight
       "i32", // int n
       "i32", // int dim

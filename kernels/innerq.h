@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define IQ_ABI_VERSION 6
+#define IQ_ABI_VERSION 7
 
 typedef enum {
   IQ_OK = 0,
@@ -89,8 +89,11 @@ int iq_embed(iq_ctx *ctx, float *out, const void *table, int table_dtype,
 /* out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight, computed in
  * fp32 and stored as out_dtype (IQ_F32, IQ_F16 or IQ_BF16): a narrow out holds
  * exactly the fp32 result rounded. out may be x when out_dtype is IQ_F32; a
- * narrower out must not overlap x. */
-int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, const float *x,
+ * narrower out must not overlap x. With residual non-NULL, x[i, :] +=
+ * residual[i, :] first and x keeps the sum (the residual stream's add, fused
+ * into the norm that follows it); then out overlaps neither x nor residual,
+ * and residual does not overlap x. */
+int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, float *x, const float *residual,
                const float *weight, int n, int dim, float eps);
 
 /* out[n, m] = x[n, k] · w[m, k]ᵀ + bias[m], fp32; bias may be NULL. out != x.

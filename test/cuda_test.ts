@@ -163,6 +163,26 @@ test("rmsnorm, also in place", (gpu, cpu) => {
   }
 });
 
+// The residual add is one fp32 add on both (exact alike); the norm as above.
+test("rmsnorm with a residual: x + residual kept, the norm of the sum out", (gpu, cpu) => {
+  const rng = new Rng(12);
+  for (const [n, dim] of [[1, 4096], [3, 100]]) {
+    const x = randomFloats(rng, n * dim, -3, 3), r = randomFloats(rng, n * dim, -3, 3);
+    const w = randomFloats(rng, dim, 0.5, 1.5);
+    const [g, c] = [gpu, cpu].map((be) => {
+      using xb = be.alloc(n * dim * 4), rb = be.alloc(n * dim * 4), wb = be.alloc(dim * 4);
+      using out = be.alloc(n * dim * 4);
+      be.upload(xb, x), be.upload(rb, r), be.upload(wb, w);
+      be.rmsnorm(out, DType.F32, xb, wb, n, dim, 1e-5, rb);
+      const kept = new Float32Array(n * dim), normed = new Float32Array(n * dim);
+      be.download(xb, kept), be.download(out, normed);
+      return { kept, normed };
+    });
+    assert.deepEqual(g.kept, c.kept, `residual sum ${n}x${dim}`);
+    assertClose(g.normed, c.normed, 1e-5, `rmsnorm of the sum ${n}x${dim}`);
+  }
+});
+
 // Tolerance 1e-5: the angle is the same fp32 product; sinf/cosf differ by an ulp or two.
 test("rope at positions up to 5000", (gpu, cpu) => {
   const rng = new Rng(3);

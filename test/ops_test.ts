@@ -110,6 +110,30 @@ Deno.test("embed gathers rows of every table dtype; a bad id is a NativeError na
   );
 });
 
+Deno.test("rmsnorm with a residual: x keeps x + residual, out is the norm of that sum", () => {
+  const rng = new Rng(9);
+  const [n, dim] = [3, 384];
+  const x = randomFloats(rng, n * dim, -3, 3), r = randomFloats(rng, n * dim, -3, 3);
+  const w = randomFloats(rng, dim, 0.5, 1.5), sum = x.map((v, i) => Math.fround(v + r[i]));
+  for (const be of backends) {
+    using xb = be.alloc(n * dim * 4), rb = be.alloc(n * dim * 4), wb = be.alloc(dim * 4);
+    using out = be.alloc(n * dim * 4);
+    be.upload(xb, x), be.upload(rb, r), be.upload(wb, w);
+    be.rmsnorm(out, DType.F32, xb, wb, n, dim, 1e-5, rb);
+    const kept = new Float32Array(n * dim), normed = new Float32Array(n * dim);
+    be.download(xb, kept), be.download(out, normed);
+    assertEquals(kept, sum);
+    assertEquals(
+      normed,
+      run(be, [sum, w], n * dim, (o, s, wv) => be.rmsnorm(o, DType.F32, s, wv, n, dim, 1e-5)),
+    );
+    assertThrows(
+      () => be.rmsnorm(xb, DType.F32, xb, wb, n, dim, 1e-5, rb),
+      (e: Error) => e instanceof RangeError && /rmsnorm: out overlaps x/.test(e.message),
+    );
+  }
+});
+
 Deno.test("rmsnorm, also in place", () => {
   const rng = new Rng(2);
   // the last rows are small enough that eps makes up half the denominator
@@ -419,7 +443,7 @@ Deno.test("C rejects a bad x dtype, a narrow out on an input and an unknown out 
     );
     fails(iq_matmul(ctx, q, p, 5, p, DType.F32, null, 2, 4, 4), /^iq_matmul: bad x dtype 5$/);
     fails(
-      iq_rmsnorm(ctx, Deno.UnsafePointer.offset(p, 60)!, DType.BF16, p, p, 2, 8, 1e-5),
+      iq_rmsnorm(ctx, Deno.UnsafePointer.offset(p, 60)!, DType.BF16, p, null, p, 2, 8, 1e-5),
       /^iq_rmsnorm: out \(BF16\) overlaps an input; only an F32 out may alias one$/,
     );
     fails(
@@ -427,7 +451,11 @@ Deno.test("C rejects a bad x dtype, a narrow out on an input and an unknown out 
       /^iq_swiglu: out \(F16\) overlaps an input; only an F32 out may alias one$/,
     );
     fails(iq_swiglu(ctx, q, 3, p, p, 16n), /^iq_swiglu: bad out dtype 3$/);
-    assertEquals(iq_rmsnorm(ctx, p, DType.F32, p, p, 2, 8, 1e-5), 0); // fp32 in place is fine
+    fails(
+      iq_rmsnorm(ctx, q, DType.F32, p, p, p, 2, 8, 1e-5),
+      /^iq_rmsnorm: with a residual, out, x and residual overlap$/,
+    );
+    assertEquals(iq_rmsnorm(ctx, p, DType.F32, p, null, p, 2, 8, 1e-5), 0); // fp32 in place is fine
   } finally {
     lib.symbols.iq_ctx_destroy(ctx);
     lib.close();

@@ -1,4 +1,5 @@
-/* rmsnorm.c: out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight.
+/* rmsnorm.c: out[i, :] = x[i, :] / sqrt(mean(x[i, :]^2) + eps) * weight, after
+ * x[i, :] += residual[i, :] where a residual is given.
  * The sum of squares is kept in double, in independent lanes the compiler can
  * vectorize, so long rows lose no precision. out may be x (fp32 out only):
  * each row is read in full before it is written. A narrow out holds the fp32
@@ -11,7 +12,8 @@
 typedef struct {
   void *out;
   int out_dtype;
-  const float *x, *weight;
+  float *x;
+  const float *residual, *weight;
   int dim;
   float eps;
 } rmsnorm_job;
@@ -20,7 +22,9 @@ static void rmsnorm_rows(void *arg, int64_t begin, int64_t end, int worker) {
   (void)worker;
   const rmsnorm_job *j = arg;
   for (int64_t r = begin; r < end; r++) {
-    const float *x = j->x + r * j->dim;
+    float *x = j->x + r * j->dim;
+    if (j->residual)
+      for (int i = 0; i < j->dim; i++) x[i] += j->residual[r * j->dim + i];
     double lanes[8] = {0}, ss = 0.0;
     int i = 0;
     for (; i + 8 <= j->dim; i += 8)
@@ -33,11 +37,11 @@ static void rmsnorm_rows(void *arg, int64_t begin, int64_t end, int worker) {
   }
 }
 
-int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, const float *x, const float *weight, int n,
-               int dim, float eps) {
-  int s = iq_check_rmsnorm(ctx, out, out_dtype, x, weight, n, dim, eps);
+int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, float *x, const float *residual,
+               const float *weight, int n, int dim, float eps) {
+  int s = iq_check_rmsnorm(ctx, out, out_dtype, x, residual, weight, n, dim, eps);
   if (s != IQ_OK) return s;
-  rmsnorm_job job = {out, out_dtype, x, weight, dim, eps};
+  rmsnorm_job job = {out, out_dtype, x, residual, weight, dim, eps};
   iq_parallel_for(ctx, n, 4, rmsnorm_rows, &job);
   return IQ_OK;
 }

@@ -1,18 +1,29 @@
-/* rmsnorm.cu: RMS normalisation (the twin of kernels/cpu/rmsnorm.c). One block
- * per row: a block-wide fp32 sum of squares, then the scaled row, stored as T
- * (fp32, or rounded to fp16/bf16 for the GEMM that reads it: the same bits
- * that rounding the fp32 row afterwards gives). */
+/* rmsnorm.cu: RMS normalisation (the twin of kernels/cpu/rmsnorm.c), after the
+ * residual add where one is given. One block per row: a block-wide fp32 sum of
+ * squares, then the scaled row, stored as T (fp32, or rounded to fp16/bf16 for
+ * the GEMM that reads it: the same bits that rounding the fp32 row afterwards
+ * gives). */
 #include "cuda.cuh"
 #include "checks.h"
 
 template <typename T>
-__global__ void rmsnorm_kernel(T *out, const float *x, const float *weight, int dim, float eps) {
+__global__ void rmsnorm_kernel(T *out, float *x, const float *residual, const float *weight, int dim,
+                               float eps) {
   __shared__ float red[32];
   iq_wait_prior(); /* launched early */
-  const float *xr = x + (int64_t)blockIdx.x * dim;
+  float *xr = x + (int64_t)blockIdx.x * dim;
   T *yr = out + (int64_t)blockIdx.x * dim;
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+  if (residual) { /* x += residual: each thread keeps the elements it sums and rescales below */
+    const float *rr = residual + (int64_t)blockIdx.x * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+      const float v = xr[i] + rr[i];
+      xr[i] = v;
+      ss += v * v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+  }
   ss = iq_block_sum(ss, red);
   float inv = 1.0f / sqrtf(ss / (float)dim + eps);
   /* out may be x (fp32 only): each thread rewrites only the elements it read itself. */
@@ -21,17 +32,19 @@ __global__ void rmsnorm_kernel(T *out, const float *x, const float *weight, int 
 }
 
 template <typename T>
-static int launch_rmsnorm(iq_ctx *ctx, void *out, const float *x, const float *weight, int n,
-                          int dim, float eps) {
+static int launch_rmsnorm(iq_ctx *ctx, void *out, float *x, const float *residual,
+                          const float *weight, int n, int dim, float eps) {
   int threads = dim >= 4096 ? 1024 : dim >= 1024 ? 512 : 256;
   return iq_launch_early(ctx, rmsnorm_kernel<T>, dim3(n), dim3(threads), 0, static_cast<T *>(out),
-                         x, weight, dim, eps);
+                         x, residual, weight, dim, eps);
 }
 
-extern "C" int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, const float *x,
+extern "C" int iq_rmsnorm(iq_ctx *ctx, void *out, int out_dtype, float *x, const float *residual,
                           const float *weight, int n, int dim, float eps) {
-  IQ_TRY(iq_check_rmsnorm(ctx, out, out_dtype, x, weight, n, dim, eps));
-  if (out_dtype == IQ_F16) return launch_rmsnorm<__half>(ctx, out, x, weight, n, dim, eps);
-  if (out_dtype == IQ_BF16) return launch_rmsnorm<__nv_bfloat16>(ctx, out, x, weight, n, dim, eps);
-  return launch_rmsnorm<float>(ctx, out, x, weight, n, dim, eps);
+  IQ_TRY(iq_check_rmsnorm(ctx, out, out_dtype, x, residual, weight, n, dim, eps));
+  if (out_dtype == IQ_F16)
+    return launch_rmsnorm<__half>(ctx, out, x, residual, weight, n, dim, eps);
+  if (out_dtype == IQ_BF16)
+    return launch_rmsnorm<__nv_bfloat16>(ctx, out, x, residual, weight, n, dim, eps);
+  return launch_rmsnorm<float>(ctx, out, x, residual, weight, n, dim, eps);
 }
