@@ -84,6 +84,32 @@ Deno.test("prefill logits equal token-by-token decode logits (fp16 and fp32 cach
   });
 });
 
+Deno.test("decode's fused q/k/v (biases included) and gate/up GEMVs equal prefill's GEMMs", async () => {
+  await withModel(
+    { seed: 6, dtype: "F32", shape: { architecture: "Qwen2ForCausalLM" } },
+    async (dir) => {
+      const config = await loadConfig(dir);
+      assert(config.qkvBias, "the Qwen2 shape has q/k/v biases");
+      {
+        using cpu = Backend.open("cpu");
+        using model = await Transformer.load(cpu, dir, config, { ctx: 16 });
+        const layer = model.weights.layers[0];
+        assert(layer.wQkv && layer.bQkv && layer.wGateUp, "q/k/v, their biases and gate/up fused");
+        assertEquals(layer.wQkv.shape, [
+          (config.numHeads + 2 * config.numKvHeads) * config.headDim,
+          config.hiddenSize,
+        ]);
+      }
+      const tokens = randomInts(new Rng(6), 12, config.vocabSize);
+      const err = scaledError(
+        await logitsOf(dir, tokens, { chunk: 1 }),
+        await logitsOf(dir, tokens, { chunk: 12 }),
+      );
+      assert(err < 1e-5, `decode vs prefill error ${err}`);
+    },
+  );
+});
+
 Deno.test("threads do not change logits", async () => {
   await withModel({ seed: 4, dtype: "F16" }, async (dir) => {
     const tokens = randomInts(new Rng(4), 20, (await loadConfig(dir)).vocabSize);

@@ -48,13 +48,19 @@ export function gemmInputDtype(backend: Backend, layerMatrices: DTypeCode | null
 class RunState {
   readonly buffers: DeviceBuffer[] = [];
   readonly x: DeviceBuffer; // (chunk, dim) residual stream
-  readonly xb: DeviceBuffer; // (chunk, dim) normed input of a sublayer, then its output
+  readonly xb: DeviceBuffer; // (chunk, dim) normed input of a sublayer
+  readonly xo: DeviceBuffer; // (chunk, dim) a sublayer's output, added to x by the next rmsnorm
   readonly q: DeviceBuffer; // (chunk, heads * head_dim)
   readonly k: DeviceBuffer; // (chunk, kv_heads * head_dim)
   readonly v: DeviceBuffer; // (chunk, kv_heads * head_dim)
   readonly att: DeviceBuffer; // (chunk, heads * head_dim) attention output
   readonly hb: DeviceBuffer; // (chunk, hidden) gate, then SwiGLU
   readonly hb2: DeviceBuffer; // (chunk, hidden) up
+  // a decode step's outputs of the fused GEMVs (LayerWeights.wQkv, wGateUp), back to back
+  readonly qkvRow: DeviceBuffer; // ((heads + 2 kv_heads) * head_dim) q, k, v of one token
+  readonly gateUpRow: DeviceBuffer; // (2 hidden) gate, up of one token
+  readonly qkvParts: Slice[]; // q, k, v in qkvRow
+  readonly gateUpParts: Slice[]; // gate, up in gateUpRow
   // only where prefill's GEMM inputs are fp16/bf16 (gemmInputDtype), in that type:
   readonly xb16: DeviceBuffer | null; // (chunk, dim) normed input of q/k/v and of gate/up
   readonly hb16: DeviceBuffer | null; // (chunk, hidden) SwiGLU, the input of down
@@ -71,12 +77,13 @@ class RunState {
     ctx: number,
     gemmDtype: DTypeCode,
   ): number {
-    const rows = 2 * c.hiddenSize + 2 * c.numHeads * c.headDim + 2 * c.numKvHeads * c.headDim +
+    const rows = 3 * c.hiddenSize + 2 * c.numHeads * c.headDim + 2 * c.numKvHeads * c.headDim +
       2 * c.intermediateSize + 1;
+    const fusedRows = (c.numHeads + 2 * c.numKvHeads) * c.headDim + 2 * c.intermediateSize;
     const narrow = gemmDtype === DType.F32
       ? 0
       : DTYPE_BYTES[gemmDtype] * chunk * (c.hiddenSize + c.intermediateSize);
-    return 4 * (chunk * rows + logitRows * c.vocabSize + ctx + c.headDim / 2) + narrow;
+    return 4 * (chunk * rows + fusedRows + logitRows * c.vocabSize + ctx + c.headDim / 2) + narrow;
   }
 
   constructor(
@@ -98,12 +105,21 @@ class RunState {
     try {
       this.x = f32(chunk * c.hiddenSize);
       this.xb = f32(chunk * c.hiddenSize);
+      this.xo = f32(chunk * c.hiddenSize);
       this.q = f32(chunk * c.numHeads * c.headDim);
       this.k = f32(chunk * c.numKvHeads * c.headDim);
       this.v = f32(chunk * c.numKvHeads * c.headDim);
       this.att = f32(chunk * c.numHeads * c.headDim);
       this.hb = f32(chunk * c.intermediateSize);
       this.hb2 = f32(chunk * c.intermediateSize);
+      this.qkvRow = f32((c.numHeads + 2 * c.numKvHeads) * c.headDim);
+      this.gateUpRow = f32(2 * c.intermediateSize);
+      const qBytes = c.numHeads * c.headDim * 4, kvBytes = c.numKvHeads * c.headDim * 4;
+      this.qkvParts = [0, qBytes, qBytes + kvBytes].map((at, i) =>
+        this.qkvRow.slice(at, i ? kvBytes : qBytes)
+      );
+      const upBytes = c.intermediateSize * 4;
+      this.gateUpParts = [0, upBytes].map((at) => this.gateUpRow.slice(at, upBytes));
       this.xb16 = narrow(chunk * c.hiddenSize);
       this.hb16 = narrow(chunk * c.intermediateSize);
       this.logits = f32(logitRows * c.vocabSize);
@@ -271,34 +287,51 @@ export class Transformer {
     const gd = n > 1 ? this.gemmDtype : DType.F32;
     const xg = gd === DType.F32 ? s.xb : s.xb16!, hg = gd === DType.F32 ? s.hb : s.hb16!;
 
+    // each sublayer's output xo joins the residual stream x in the rmsnorm after it (one kernel)
     be.embed(s.x, w.embed.buf, w.embed.dtype, tokens, n, dim, c.vocabSize); // x = embed[tokens]
     for (let l = 0; l < c.numLayers; l++) {
       const L = w.layers[l];
       // attention block
-      be.rmsnorm(xg, gd, s.x, L.attnNorm.buf, n, dim, eps); // xg = rmsnorm(x)
-      linear(be, s.q, xg, gd, L.wq, L.bq, n); // q = xg Wqᵀ (n, heads * head_dim)
-      linear(be, s.k, xg, gd, L.wk, L.bk, n); // k = xg Wkᵀ (n, kv_heads * head_dim)
-      linear(be, s.v, xg, gd, L.wv, L.bv, n); // v = xg Wvᵀ
-      be.rope(s.k, positions, s.invFreq, n, c.numKvHeads, c.headDim); // rotate k
-      this.cache.store(l, s.k, s.v, pos0, n); // cache k, v at pos0 ..
+      const ffnOut = l > 0 ? s.xo : null; // the layer before's
+      be.rmsnorm(xg, gd, s.x, L.attnNorm.buf, n, dim, eps, ffnOut); // x += xo; xg = rmsnorm(x)
+      let q: Slice = s.q, k: Slice = s.k, v: Slice = s.v;
+      if (n === 1 && L.wQkv && (L.bQkv || !L.bq)) {
+        linear(be, s.qkvRow, xg, gd, L.wQkv, L.bQkv, n); // [q | k | v] = xg [Wq; Wk; Wv]ᵀ
+        [q, k, v] = s.qkvParts;
+      } else {
+        linear(be, q, xg, gd, L.wq, L.bq, n); // q = xg Wqᵀ (n, heads * head_dim)
+        linear(be, k, xg, gd, L.wk, L.bk, n); // k = xg Wkᵀ (n, kv_heads * head_dim)
+        linear(be, v, xg, gd, L.wv, L.bv, n); // v = xg Wvᵀ
+      }
+      be.rope(k, positions, s.invFreq, n, c.numKvHeads, c.headDim); // rotate k
+      this.cache.store(l, k, v, pos0, n); // cache k, v at pos0 ..
       const qScale = this.cache.queryScale(l); // the keys' normalization, folded into q
       const scale = qScale && { pairs: qScale, heads: c.numKvHeads };
-      be.rope(s.q, positions, s.invFreq, n, c.numHeads, c.headDim, scale); // rotate (and scale) q
-      this.cache.attend(l, s.q, s.att, pos0, n); // att = softmax(q kᵀ / sqrt(d)) v, causal, GQA
-      linear(be, s.xb, s.att, DType.F32, L.wo, L.bo, n); // xb = att Woᵀ (n, dim), att in fp32
-      be.add(s.x, s.x, s.xb, n * dim); // x += xb
+      be.rope(q, positions, s.invFreq, n, c.numHeads, c.headDim, scale); // rotate (and scale) q
+      this.cache.attend(l, q, s.att, pos0, n); // att = softmax(q kᵀ / sqrt(d)) v, causal, GQA
+      linear(be, s.xo, s.att, DType.F32, L.wo, L.bo, n); // xo = att Woᵀ (n, dim), att in fp32
       // feed-forward block
-      be.rmsnorm(xg, gd, s.x, L.ffnNorm.buf, n, dim, eps); // xg = rmsnorm(x)
-      linear(be, s.hb, xg, gd, L.wGate, null, n); // hb = xg Wgateᵀ (n, hidden)
-      linear(be, s.hb2, xg, gd, L.wUp, null, n); // hb2 = xg Wupᵀ
-      be.swiglu(hg, gd, s.hb, s.hb2, n * hidden); // hg = silu(hb) * hb2
-      linear(be, s.xb, hg, gd, L.wDown, null, n); // xb = hg Wdownᵀ (n, dim)
-      be.add(s.x, s.x, s.xb, n * dim); // x += xb
+      be.rmsnorm(xg, gd, s.x, L.ffnNorm.buf, n, dim, eps, s.xo); // x += xo; xg = rmsnorm(x)
+      let gate: Slice = s.hb, up: Slice = s.hb2;
+      if (n === 1 && L.wGateUp) {
+        linear(be, s.gateUpRow, xg, gd, L.wGateUp, null, n); // [gate | up] = xg [Wgate; Wup]ᵀ
+        [gate, up] = s.gateUpParts;
+      } else {
+        linear(be, gate, xg, gd, L.wGate, null, n); // gate = xg Wgateᵀ (n, hidden)
+        linear(be, up, xg, gd, L.wUp, null, n); // up = xg Wupᵀ
+      }
+      be.swiglu(hg, gd, gate, up, n * hidden); // hg = silu(gate) * up
+      linear(be, s.xo, hg, gd, L.wDown, null, n); // xo = hg Wdownᵀ (n, dim)
     }
     // final norm and classifier, for the last token only unless every row's logits are wanted
     const rows = this.allLogits ? n : 1;
-    const first = s.x.slice((n - rows) * dim * 4, rows * dim * 4);
-    be.rmsnorm(s.xb, DType.F32, first, w.norm.buf, rows, dim, eps); // xb = rmsnorm(x), fp32
+    if (rows === n) {
+      be.rmsnorm(s.xb, DType.F32, s.x, w.norm.buf, n, dim, eps, s.xo); // x += xo; xb = rmsnorm(x)
+    } else {
+      be.add(s.x, s.x, s.xo, n * dim); // x += xo
+      const last = s.x.slice((n - rows) * dim * 4, rows * dim * 4);
+      be.rmsnorm(s.xb, DType.F32, last, w.norm.buf, rows, dim, eps); // xb = rmsnorm(x), fp32
+    }
     linear(be, s.logits, s.xb, DType.F32, w.lmHead, null, rows); // logits = xb Wheadᵀ (rows, vocab)
     return s.logits.slice(0, rows * c.vocabSize * 4);
   }

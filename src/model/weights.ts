@@ -1,13 +1,20 @@
 // Loads a model's safetensors weights onto a backend, checking every tensor against the config.
 // Tensors stream from the files through one staging buffer, so the file is never held in memory.
-import { type Backend, type DeviceBuffer, DType, type DTypeCode } from "../../ffi/backend.ts";
+import {
+  type Backend,
+  type DeviceBuffer,
+  DType,
+  type DTypeCode,
+  type Slice,
+  sliceOf,
+} from "../../ffi/backend.ts";
 import type { ModelConfig } from "./config.ts";
 import { type DType as FileDType, toF32 } from "./dtype.ts";
 import { openModelWeights, readTensor, readTensorChunks, type TensorInfo } from "./safetensors.ts";
 
-/** A tensor on the backend, in the dtype it was stored in. */
+/** A tensor on the backend, in the dtype it was stored in: a range of a buffer ModelWeights owns. */
 export interface Weight {
-  buf: DeviceBuffer;
+  buf: Slice;
   dtype: DTypeCode;
   shape: number[];
 }
@@ -27,6 +34,12 @@ export interface LayerWeights {
   wGate: Weight; // (hidden, dim)
   wUp: Weight; // (hidden, dim)
   wDown: Weight; // (dim, hidden)
+  /** wq, wk, wv back to back ((heads + 2 kv_heads) * head_dim, dim) and their biases, and wGate,
+   * wUp ((2 hidden, dim)): one GEMV each for a decode step (FUSED_GROUPS); null where the members'
+   * dtypes differ. */
+  wQkv: Weight | null;
+  bQkv: Weight | null;
+  wGateUp: Weight | null;
 }
 
 export interface ModelWeights {
@@ -39,6 +52,43 @@ export interface ModelWeights {
   fileBytes: number;
   /** Bytes a decode step reads from the weights (everything but the unused embedding rows). */
   decodeBytes: number;
+  /** The device buffers the weights above are ranges of; freeWeights closes them. */
+  buffers: DeviceBuffer[];
+}
+
+/** Each layer's tensors that a decode step multiplies by one input, stored back to back in one
+ * buffer so that one GEMV reads them all: two launches (and their tails) fewer for q, k, v, one
+ * for gate, up. Prefill's GEMMs take the members as ranges of that buffer. */
+const FUSED_GROUPS = [
+  ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+  ["mlp.gate_proj", "mlp.up_proj"],
+];
+
+/** Where the fused tensors go: each member's group (its buffer) and byte offset there, and each
+ * group's bytes. A group of matrices is fused only where its members share a dtype; biases are
+ * widened to fp32 on loading, so theirs always are. */
+function fusedPlacements(c: ModelConfig, tensors: ReturnType<typeof matchTensors>) {
+  const byName = new Map(tensors.map(([e, t]) => [e.name, { e, t }]));
+  const places = new Map<string, { group: string; offset: number }>();
+  const sizes = new Map<string, number>();
+  for (let i = 0; i < c.numLayers; i++) {
+    for (const members of FUSED_GROUPS) {
+      for (const suffix of [".weight", ".bias"]) {
+        const names = members.map((m) => `model.layers.${i}.${m}${suffix}`);
+        const found = names.map((n) => byName.get(n));
+        if (found.some((f) => !f)) continue;
+        if (suffix === ".weight" && new Set(found.map((f) => f!.t.dtype)).size > 1) continue;
+        const group = names.join("+");
+        let offset = 0;
+        names.forEach((name, j) => {
+          places.set(name, { group, offset });
+          offset += deviceBytesOf(found[j]!.e, found[j]!.t);
+        });
+        sizes.set(group, offset);
+      }
+    }
+  }
+  return { places, sizes };
 }
 
 const FILE_DTYPES: Record<string, DTypeCode> = { F32: DType.F32, F16: DType.F16, BF16: DType.BF16 };
@@ -151,10 +201,11 @@ export function layerMatrixDtype(tensors: ReturnType<typeof matchTensors>): DTyp
 
 /** Bytes the matched tensors take on the device: matrices as stored, vectors widened to fp32. */
 export function deviceWeightBytes(tensors: ReturnType<typeof matchTensors>): number {
-  return tensors.reduce(
-    (sum, [e, t]) => sum + (e.kind === "matrix" ? t.bytes : t.shape.reduce((a, b) => a * b, 1) * 4),
-    0,
-  );
+  return tensors.reduce((sum, [e, t]) => sum + deviceBytesOf(e, t), 0);
+}
+
+function deviceBytesOf(e: Expected, t: TensorInfo): number {
+  return e.kind === "matrix" ? t.bytes : t.shape.reduce((a, b) => a * b, 1) * 4;
 }
 
 /** DIR's tensors, checked against the config (matchTensors), in load order. */
@@ -189,26 +240,56 @@ export async function loadWeights(
       );
     }
   }
+  const { places, sizes } = fusedPlacements(c, tensors);
+  const buffers: DeviceBuffer[] = [], groups = new Map<string, DeviceBuffer>();
+  const alloc = (bytes: number) => {
+    const b = backend.alloc(Math.max(bytes, 1));
+    buffers.push(b);
+    return b;
+  };
   const loaded = new Map<string, Weight>();
   let doneBytes = 0;
   try {
     for (const [e, t] of tensors) {
+      const place = places.get(e.name), bytes = deviceBytesOf(e, t);
+      let into: Slice;
+      if (place) {
+        let g = groups.get(place.group);
+        if (!g) groups.set(place.group, g = alloc(sizes.get(place.group)!));
+        into = g.slice(place.offset, bytes);
+      } else {
+        into = alloc(bytes);
+      }
       loaded.set(
         e.name,
-        e.kind === "matrix" ? await uploadMatrix(backend, t) : await uploadVector(backend, t),
+        e.kind === "matrix"
+          ? await uploadMatrix(backend, t, into)
+          : await uploadVector(backend, t, into),
       );
       doneBytes += t.bytes;
       onProgress(doneBytes, totalBytes);
     }
   } catch (err) {
-    for (const w of loaded.values()) w.buf.close();
+    for (const b of buffers) b.close();
     throw err;
   }
   const get = (name: string) => loaded.get(name)!;
   const opt = (name: string) => loaded.get(name) ?? null;
+  /** The group of `members` (FUSED_GROUPS) as one weight, rows stacked, or null if not fused. */
+  const fused = (p: string, members: string[], suffix: string): Weight | null => {
+    const names = members.map((m) => `${p}${m}${suffix}`);
+    const buf = groups.get(names.join("+"));
+    if (!buf) return null;
+    const first = get(names[0]);
+    const rows = names.reduce((sum, n) => sum + get(n).shape[0], 0);
+    return { buf, dtype: first.dtype, shape: [rows, ...first.shape.slice(1)] };
+  };
   const layers = Array.from({ length: c.numLayers }, (_, i): LayerWeights => {
     const p = `model.layers.${i}.`;
     return {
+      wQkv: fused(p, FUSED_GROUPS[0], ".weight"),
+      bQkv: fused(p, FUSED_GROUPS[0], ".bias"),
+      wGateUp: fused(p, FUSED_GROUPS[1], ".weight"),
       attnNorm: get(`${p}input_layernorm.weight`),
       wq: get(`${p}self_attn.q_proj.weight`),
       wk: get(`${p}self_attn.k_proj.weight`),
@@ -236,34 +317,27 @@ export async function loadWeights(
     params,
     fileBytes: totalBytes,
     decodeBytes: c.tieWordEmbeddings ? totalBytes : totalBytes - embedBytes,
+    buffers,
   };
 }
 
-/** Frees every buffer of a model's weights (the tied head shares the embedding's). */
+/** Frees every buffer of a model's weights. */
 export function freeWeights(w: ModelWeights): void {
-  const all = new Set<Weight>([w.embed, w.norm, w.lmHead]);
-  for (const l of w.layers) for (const v of Object.values(l)) if (v) all.add(v);
-  for (const v of all) v.buf.close();
+  for (const b of w.buffers) b.close();
 }
 
-async function uploadMatrix(backend: Backend, t: TensorInfo): Promise<Weight> {
-  const buf = backend.alloc(Math.max(t.bytes, 1));
-  try {
-    await readTensorChunks(
-      t,
-      STAGING_BYTES,
-      (chunk, offset) => backend.upload(buf.slice(offset, chunk.length), chunk),
-    );
-  } catch (err) {
-    buf.close();
-    throw err;
-  }
+/** Streams matrix t, as stored, into `buf` (its device bytes). */
+async function uploadMatrix(backend: Backend, t: TensorInfo, buf: Slice): Promise<Weight> {
+  await readTensorChunks(
+    t,
+    STAGING_BYTES,
+    (chunk, offset) => backend.upload(sliceOf(buf, offset, chunk.length), chunk),
+  );
   return { buf, dtype: FILE_DTYPES[t.dtype], shape: t.shape };
 }
 
-async function uploadVector(backend: Backend, t: TensorInfo): Promise<Weight> {
-  const values = toF32(await readTensor(t), t.dtype as FileDType);
-  const buf = backend.alloc(values.byteLength);
-  backend.upload(buf, values);
+/** Vector t, widened to fp32, into `buf`. */
+async function uploadVector(backend: Backend, t: TensorInfo, buf: Slice): Promise<Weight> {
+  backend.upload(buf, toF32(await readTensor(t), t.dtype as FileDType));
   return { buf, dtype: DType.F32, shape: t.shape };
 }
