@@ -24,6 +24,7 @@ import {
 import { writeRandomModel } from "../src/model/random_model.ts";
 import { maxRelError, randomFloats, randomInts } from "./random.ts";
 import { backendAs } from "./backend_as.ts";
+import { rmsnormResidual } from "./rmsnorm_residual.ts";
 
 function openCuda(): Backend | null {
   try {
@@ -169,15 +170,7 @@ test("rmsnorm with a residual: x + residual kept, the norm of the sum out", (gpu
   for (const [n, dim] of [[1, 4096], [3, 100]]) {
     const x = randomFloats(rng, n * dim, -3, 3), r = randomFloats(rng, n * dim, -3, 3);
     const w = randomFloats(rng, dim, 0.5, 1.5);
-    const [g, c] = [gpu, cpu].map((be) => {
-      using xb = be.alloc(n * dim * 4), rb = be.alloc(n * dim * 4), wb = be.alloc(dim * 4);
-      using out = be.alloc(n * dim * 4);
-      be.upload(xb, x), be.upload(rb, r), be.upload(wb, w);
-      be.rmsnorm(out, DType.F32, xb, wb, n, dim, 1e-5, rb);
-      const kept = new Float32Array(n * dim), normed = new Float32Array(n * dim);
-      be.download(xb, kept), be.download(out, normed);
-      return { kept, normed };
-    });
+    const [g, c] = [gpu, cpu].map((be) => rmsnormResidual(be, x, r, w, n, dim));
     assert.deepEqual(g.kept, c.kept, `residual sum ${n}x${dim}`);
     assertClose(g.normed, c.normed, 1e-5, `rmsnorm of the sum ${n}x${dim}`);
   }

@@ -11,6 +11,7 @@ import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from "../src/model/dtype.ts"
 import { Rng } from "../src/engine/sampler.ts";
 import { maxRelError, randomFloats, randomInts } from "./random.ts";
 import * as ref from "./reference.ts";
+import { rmsnormResidual } from "./rmsnorm_residual.ts";
 
 const backends = [1, 2, 3].map((threads) => Backend.open("cpu", { threads }));
 globalThis.addEventListener("unload", () => backends.forEach((b) => b.close()));
@@ -116,17 +117,13 @@ Deno.test("rmsnorm with a residual: x keeps x + residual, out is the norm of tha
   const x = randomFloats(rng, n * dim, -3, 3), r = randomFloats(rng, n * dim, -3, 3);
   const w = randomFloats(rng, dim, 0.5, 1.5), sum = x.map((v, i) => Math.fround(v + r[i]));
   for (const be of backends) {
-    using xb = be.alloc(n * dim * 4), rb = be.alloc(n * dim * 4), wb = be.alloc(dim * 4);
-    using out = be.alloc(n * dim * 4);
-    be.upload(xb, x), be.upload(rb, r), be.upload(wb, w);
-    be.rmsnorm(out, DType.F32, xb, wb, n, dim, 1e-5, rb);
-    const kept = new Float32Array(n * dim), normed = new Float32Array(n * dim);
-    be.download(xb, kept), be.download(out, normed);
+    const { kept, normed } = rmsnormResidual(be, x, r, w, n, dim);
     assertEquals(kept, sum);
     assertEquals(
       normed,
       run(be, [sum, w], n * dim, (o, s, wv) => be.rmsnorm(o, DType.F32, s, wv, n, dim, 1e-5)),
     );
+    using xb = be.alloc(n * dim * 4), rb = be.alloc(n * dim * 4), wb = be.alloc(dim * 4);
     assertThrows(
       () => be.rmsnorm(xb, DType.F32, xb, wb, n, dim, 1e-5, rb),
       (e: Error) => e instanceof RangeError && /rmsnorm: out overlaps x/.test(e.message),
