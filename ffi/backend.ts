@@ -355,22 +355,16 @@ export class Backend {
     need(out, n * dim * elementBytes(outDtype), "rmsnorm out");
     need(x, n * dim * 4, "rmsnorm x");
     need(weight, dim * 4, "rmsnorm weight");
-    if (residual) {
-      need(residual, n * dim * 4, "rmsnorm residual");
-      const ranges: [string, Slice, number][] = [
-        ["out", out, n * dim * elementBytes(outDtype)],
-        ["x", x, n * dim * 4],
-        ["residual", residual, n * dim * 4],
-      ];
-      for (const [i, [a, sa, ba]] of ranges.entries()) {
-        for (const [b, sb, bb] of ranges.slice(i + 1)) {
-          if (overlaps(sa, ba, sb, bb)) {
-            throw new RangeError(`rmsnorm: ${a} overlaps ${b}; with a residual they must not`);
-          }
-        }
+    if (residual) need(residual, n * dim * 4, "rmsnorm residual");
+    checkNarrowOut("rmsnorm", out, outDtype, n * dim, residual ? [x, residual] : [x]);
+    if (residual) { // x is written as well: out, x and residual all apart
+      const outBytes = n * dim * elementBytes(outDtype), bytes = n * dim * 4;
+      if (
+        overlaps(out, outBytes, x, bytes) || overlaps(out, outBytes, residual, bytes) ||
+        overlaps(x, bytes, residual, bytes)
+      ) {
+        throw new RangeError("rmsnorm: with a residual, out, x and residual overlap");
       }
-    } else {
-      checkNarrowOut("rmsnorm", out, outDtype, n * dim, [x]);
     }
     const s = this.#sym.iq_rmsnorm(
       this.#c,

@@ -55,16 +55,14 @@ static inline int iq_check_rmsnorm(iq_ctx *ctx, const void *out, int out_dtype, 
     return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: n %d and dim %d must be positive", n, dim);
   if (!(eps >= 0.0f)) return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: eps %g must be >= 0", eps);
   const int64_t count = (int64_t)n * dim;
-  if (residual) {
-    if (!iq_valid_dtype(out_dtype))
-      return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: bad out dtype %d", out_dtype);
-    const uint64_t in = (uint64_t)count * 4, out_bytes = (uint64_t)count * (out_dtype == IQ_F32 ? 4 : 2);
-    if (iq_overlap(out, out_bytes, x, in) || iq_overlap(out, out_bytes, residual, in) ||
-        iq_overlap(x, in, residual, in))
-      return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: with a residual, out, x and residual overlap");
-    return IQ_OK;
-  }
-  return iq_check_out(ctx, "iq_rmsnorm", out, out_dtype, x, NULL, count);
+  const int s = iq_check_out(ctx, "iq_rmsnorm", out, out_dtype, x, residual, count);
+  if (s != IQ_OK || !residual) return s;
+  /* x is written as well: no fp32 out on it or the residual either, and the two apart */
+  const uint64_t in = (uint64_t)count * 4, out_bytes = (uint64_t)count * (out_dtype == IQ_F32 ? 4 : 2);
+  if (iq_overlap(out, out_bytes, x, in) || iq_overlap(out, out_bytes, residual, in) ||
+      iq_overlap(x, in, residual, in))
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_rmsnorm: with a residual, out, x and residual overlap");
+  return IQ_OK;
 }
 
 static inline int iq_check_matmul(iq_ctx *ctx, const float *out, const void *x, int x_dtype,

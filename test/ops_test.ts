@@ -126,7 +126,9 @@ Deno.test("rmsnorm with a residual: x keeps x + residual, out is the norm of tha
     using xb = be.alloc(n * dim * 4), rb = be.alloc(n * dim * 4), wb = be.alloc(dim * 4);
     assertThrows(
       () => be.rmsnorm(xb, DType.F32, xb, wb, n, dim, 1e-5, rb),
-      (e: Error) => e instanceof RangeError && /rmsnorm: out overlaps x/.test(e.message),
+      (e: Error) =>
+        e instanceof RangeError &&
+        /rmsnorm: with a residual, out, x and residual overlap/.test(e.message),
     );
   }
 });

@@ -295,7 +295,7 @@ export class Transformer {
       const ffnOut = l > 0 ? s.xo : null; // the layer before's
       be.rmsnorm(xg, gd, s.x, L.attnNorm.buf, n, dim, eps, ffnOut); // x += xo; xg = rmsnorm(x)
       let q: Slice = s.q, k: Slice = s.k, v: Slice = s.v;
-      if (n === 1 && L.wQkv && (L.bQkv || !L.bq)) {
+      if (n === 1 && L.wQkv) { // q/k/v biases, where the model has them, are fused too (bQkv)
         linear(be, s.qkvRow, xg, gd, L.wQkv, L.bQkv, n); // [q | k | v] = xg [Wq; Wk; Wv]ᵀ
         [q, k, v] = s.qkvParts;
       } else {

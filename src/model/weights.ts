@@ -36,7 +36,7 @@ export interface LayerWeights {
   wDown: Weight; // (dim, hidden)
   /** wq, wk, wv back to back ((heads + 2 kv_heads) * head_dim, dim) and their biases, and wGate,
    * wUp ((2 hidden, dim)): one GEMV each for a decode step (FUSED_GROUPS); null where the members'
-   * dtypes differ. */
+   * dtypes differ (bQkv: where the model has no q/k/v biases). */
   wQkv: Weight | null;
   bQkv: Weight | null;
   wGateUp: Weight | null;
