@@ -5,7 +5,7 @@ import { type BackendKind, type KernelLibrary, openLibrary } from "./library.ts"
 export type { BackendKind } from "./library.ts";
 
 /** IQ_ABI_VERSION in kernels/innerq.h: the symbol table below matches it. */
-const ABI_VERSION = 7;
+const ABI_VERSION = 8;
 
 /** iq_dtype in kernels/innerq.h. */
 export const DType = { F32: 0, F16: 1, BF16: 2 } as const;
@@ -420,8 +420,10 @@ export class Backend {
     this.#check(s, "matmul");
   }
 
-  /** Rotates x[n, heads, headDim] in place; `scale` multiplies both channels of each pair after
-   * the turn, one row [headDim / 2] per group of heads / scale.heads heads. */
+  /** Rotates x[n, heads, headDim] in place; `scale` multiplies both channels of each pair of the
+   * first `scale.scaledHeads` heads of a token (default all) after the turn, one row [headDim / 2]
+   * per group of scaledHeads / scale.heads heads; the heads after them turn unscaled (decode turns
+   * a token's [q heads | k heads] in one call). */
   rope(
     x: Slice,
     pos: Slice,
@@ -429,17 +431,20 @@ export class Backend {
     n: number,
     heads: number,
     headDim: number,
-    scale: { pairs: Slice; heads: number } | null = null,
+    scale: { pairs: Slice; heads: number; scaledHeads?: number } | null = null,
   ): void {
     positiveInts({ n, heads, headDim });
     if (headDim % 2) throw new RangeError(`rope head_dim must be even, got ${headDim}`);
     need(x, n * heads * headDim * 4, "rope x");
     need(pos, n * 4, "rope positions");
     need(invFreq, (headDim / 2) * 4, "rope inv_freq");
+    const scaledHeads = scale?.scaledHeads ?? heads;
     if (scale) {
-      positiveInts({ scaleHeads: scale.heads });
-      if (heads % scale.heads) {
-        throw new RangeError(`rope heads ${heads} not a multiple of scale heads ${scale.heads}`);
+      positiveInts({ scaleHeads: scale.heads, scaledHeads });
+      if (scaledHeads > heads || scaledHeads % scale.heads) {
+        throw new RangeError(
+          `rope scaled heads ${scaledHeads} must be at most heads ${heads} and a multiple of scale heads ${scale.heads}`,
+        );
       }
       need(scale.pairs, scale.heads * (headDim / 2) * 4, "rope pair scale");
     }
@@ -453,6 +458,7 @@ export class Backend {
       heads,
       headDim,
       scale?.heads ?? 0,
+      scale ? scaledHeads : 0,
     );
     this.#check(s, "rope");
   }

@@ -114,6 +114,7 @@ export const symbols = {
       "i32", // int heads
       "i32", // int head_dim
       "i32", // int scale_heads
+      "i32", // int scaled_heads
     ],
     result: "i32",
   },

@@ -65,6 +65,22 @@ static inline int iq_check_rmsnorm(iq_ctx *ctx, const void *out, int out_dtype, 
   return IQ_OK;
 }
 
+static inline int iq_check_rope(iq_ctx *ctx, const float *x, const int32_t *pos,
+                                const float *inv_freq, const float *pair_scale, int n, int heads,
+                                int head_dim, int scale_heads, int scaled_heads) {
+  if (!ctx || !x || !pos || !inv_freq) return iq_fail(ctx, IQ_ERR_ARG, "iq_rope: NULL argument");
+  if (n <= 0 || heads <= 0 || head_dim <= 0 || head_dim % 2)
+    return iq_fail(ctx, IQ_ERR_ARG,
+                   "iq_rope: n %d and heads %d must be positive, head_dim %d positive and even", n,
+                   heads, head_dim);
+  if (pair_scale && (scale_heads <= 0 || scaled_heads <= 0 || scaled_heads > heads ||
+                     scaled_heads % scale_heads))
+    return iq_fail(ctx, IQ_ERR_ARG,
+                   "iq_rope: scaled_heads %d must be in 1..heads %d and a multiple of scale_heads %d",
+                   scaled_heads, heads, scale_heads);
+  return IQ_OK;
+}
+
 static inline int iq_check_matmul(iq_ctx *ctx, const float *out, const void *x, int x_dtype,
                                   const void *w, int w_dtype, int n, int k, int m) {
   if (!ctx || !out || !x || !w) return iq_fail(ctx, IQ_ERR_ARG, "iq_matmul: NULL argument");

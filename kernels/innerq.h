@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define IQ_ABI_VERSION 7
+#define IQ_ABI_VERSION 8
 
 typedef enum {
   IQ_OK = 0,
@@ -110,14 +110,17 @@ int iq_matmul(iq_ctx *ctx, float *out, const void *x, int x_dtype,
  * channel i < head_dim/2 pairs with i + head_dim/2 and both turn by the angle
  * pos[t] * inv_freq[i]. inv_freq[head_dim/2] carries rope_theta and any
  * rope_scaling (computed by the caller).
- * pair_scale, when not NULL, is [scale_heads, head_dim/2]: after turning, both
- * channels of pair i of head h are multiplied by pair_scale[h / (heads /
- * scale_heads)][i] (heads a multiple of scale_heads). A factor shared by a pair
- * commutes with the rotation; the InnerQ cache multiplies q by its keys'
- * per-channel normalization here, so decode pays nothing for it. */
+ * pair_scale, when not NULL, is [scale_heads, head_dim/2] for the first
+ * scaled_heads heads of each token (a multiple of scale_heads, at most heads):
+ * after turning, both channels of pair i of head h < scaled_heads are
+ * multiplied by pair_scale[h / (scaled_heads / scale_heads)][i]; the heads
+ * after them turn unscaled, so decode turns one token's [q heads | k heads]
+ * in one call. A factor shared by a pair commutes with the rotation; the
+ * InnerQ cache multiplies q by its keys' per-channel normalization here, so
+ * decode pays nothing for it. */
 int iq_rope(iq_ctx *ctx, float *x, const int32_t *pos, const float *inv_freq,
             const float *pair_scale, int n, int heads, int head_dim,
-            int scale_heads);
+            int scale_heads, int scaled_heads);
 
 /* out[i] = silu(gate[i]) * up[i], computed in fp32 and stored as out_dtype
  * (IQ_F32, IQ_F16 or IQ_BF16; a narrow out holds the fp32 result rounded).

@@ -205,6 +205,19 @@ test("rope at positions up to 5000", (gpu, cpu) => {
       },
     );
     assertClose(f32(gs), f32(cs), 1e-5, `rope scaled ${n}x${heads}x${hd}`);
+    if (scaleHeads === 1) continue;
+    // decode's [q heads | k heads] in one call: the scale for the first heads - 2 only
+    const qk = { heads: scaleHeads - 1, scaledHeads: heads - 2 };
+    const [gq, cq] = onBoth(
+      gpu,
+      cpu,
+      [pos, inv, values],
+      { bytes: x.byteLength, init: x },
+      (be, [p, f, sc], o) => {
+        be.rope(o, p, f, n, heads, hd, { pairs: sc, ...qk });
+      },
+    );
+    assertClose(f32(gq), f32(cq), 1e-5, `rope q|k ${n}x${heads}x${hd}`);
   }
 });
 

@@ -19,18 +19,19 @@ globalThis.addEventListener("unload", () => Deno.removeSync(model, { recursive: 
 const config = await loadConfig(model);
 const tokens = randomInts(new Rng(2), 150, config.vocabSize);
 
-/** Every row's logits for `tokens`, run in chunks of `chunk` through a cache of `kv`. */
-async function logits(kv: string, chunk: number): Promise<Float32Array> {
+/** Every row's logits for `tokens`, run through a cache of `kv` in chunks of `chunk` after a
+ * first chunk of `first`. */
+async function logits(kv: string, chunk: number, first = chunk): Promise<Float32Array> {
   using backend = Backend.open("cpu", { threads: 2 });
   using m = await Transformer.load(backend, model, config, {
     ctx: 200,
-    chunk,
+    chunk: Math.max(chunk, first),
     kv,
     allLogits: true,
   });
   const out = new Float32Array(tokens.length * config.vocabSize);
-  for (let p = 0; p < tokens.length; p += chunk) {
-    const n = Math.min(chunk, tokens.length - p);
+  for (let p = 0; p < tokens.length; p += p ? chunk : first) {
+    const n = Math.min(p ? chunk : first, tokens.length - p);
     const rows = m.forward(m.stageTokens(tokens.subarray(p, p + n)), p, n);
     backend.download(rows, out.subarray(p * config.vocabSize, (p + n) * config.vocabSize));
   }
@@ -53,13 +54,17 @@ Deno.test("innerq k8v8 logits stay within 0.1 of the fp16 cache's; k2v2 is far f
   assert(k2 > 10 * k8, `k2v2 ${k2} not far further than k8v8 ${k8}`);
 });
 
-Deno.test("prefill in chunks and token by token see the same quantized cache", async () => {
+Deno.test("prefill in chunks and token by token see the same quantized cache, normalized too", async () => {
   // norm=off: the key normalization comes from the first store, 32 tokens or one, so with it on
   // the two runs would quantize different keys by design
   for (const kv of ["innerq:k4v2,norm=off", "kivi:k2v2"]) {
     const diff = maxAbsDiff(await logits(kv, 32), await logits(kv, 1));
     assert(diff < 1e-4, `${kv}: chunked and one-by-one logits differ by ${diff}`);
   }
+  // with it on, after a prompt of 32 that sets it: decode scales q and turns k in one launch
+  const kv = "innerq:k4v2";
+  const diff = maxAbsDiff(await logits(kv, 32), await logits(kv, 1, 32));
+  assert(diff < 1e-4, `${kv}: chunked and one-by-one logits after a prompt differ by ${diff}`);
 });
 
 const SHARED = new URL("../../shared/", import.meta.url).pathname;

@@ -258,12 +258,36 @@ Deno.test("rope: Hugging Face rotate_half at positions up to 4000", () => {
       "rope scaled",
     );
   }
+  // decode's one call for a token's [q heads | k heads]: the scale reaches the q heads only
+  const [n, qHeads, kvHeads, hd] = [3, 8, 2, 16];
+  const heads = qHeads + kvHeads, x = randomFloats(rng, n * heads * hd);
+  const pos = randomInts(rng, n, 4000);
+  const inv = Float32Array.from({ length: hd / 2 }, (_, i) => Math.pow(10000, (-2 * i) / hd));
+  const values = randomFloats(rng, kvHeads * (hd / 2), 0.5, 4);
+  const scale = { heads: kvHeads, scaledHeads: qHeads };
+  const qk = run(
+    cpu,
+    [pos, inv, values],
+    x.length,
+    (o, p, f, sc) => cpu.rope(o, p, f, n, heads, hd, { pairs: sc, ...scale }),
+    x,
+  );
+  assertClose(qk, ref.rope(x, pos, inv, heads, hd, { values, ...scale }), 1e-6, "rope q|k");
+  const plain = ref.rope(x, pos, inv, heads, hd);
+  for (let t = 0; t < n; t++) { // the k heads as rope without a scale turns them
+    const k = (t * heads + qHeads) * hd, end = (t + 1) * heads * hd;
+    assertClose(qk.subarray(k, end), plain.subarray(k, end), 1e-6, "rope q|k: k unscaled");
+  }
   const buf = cpu.alloc(64);
   try {
     assertThrows(() => cpu.rope(buf, buf, buf, 1, 1, 3), /head_dim must be even, got 3/);
     assertThrows(
       () => cpu.rope(buf, buf, buf, 1, 3, 2, { pairs: buf, heads: 2 }),
-      /heads 3 not a multiple of scale heads 2/,
+      /scaled heads 3 must be at most heads 3 and a multiple of scale heads 2/,
+    );
+    assertThrows(
+      () => cpu.rope(buf, buf, buf, 1, 2, 2, { pairs: buf, heads: 1, scaledHeads: 3 }),
+      /scaled heads 3 must be at most heads 2/,
     );
   } finally {
     buf.close();

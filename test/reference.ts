@@ -38,24 +38,26 @@ export function matmul(
 }
 
 /** Hugging Face rotate_half: channel i turns with i + head_dim/2 by pos * inv_freq[i] (fp32 product),
- * then both are multiplied by pairScale[h / (heads / scaleHeads)][i] when given. */
+ * then both are multiplied by pairScale[h / (scaledHeads / scaleHeads)][i] when given, for the
+ * first scaledHeads heads (default all). */
 export function rope(
   x: Float32Array,
   pos: Int32Array,
   invFreq: Float32Array,
   heads: number,
   hd: number,
-  pairScale: { values: Float32Array; heads: number } | null = null,
+  pairScale: { values: Float32Array; heads: number; scaledHeads?: number } | null = null,
 ) {
   const out = Float32Array.from(x), half = hd / 2;
+  const scaled = pairScale ? pairScale.scaledHeads ?? heads : 0;
   pos.forEach((p, t) => {
     for (let h = 0; h < heads; h++) {
       const base = (t * heads + h) * hd;
       for (let i = 0; i < half; i++) {
         const angle = Math.fround(p * invFreq[i]);
         const a = x[base + i], b = x[base + i + half];
-        const scale = pairScale
-          ? pairScale.values[Math.floor(h / (heads / pairScale.heads)) * half + i]
+        const scale = h < scaled
+          ? pairScale!.values[Math.floor(h / (scaled / pairScale!.heads)) * half + i]
           : 1;
         out[base + i] = (a * Math.cos(angle) - b * Math.sin(angle)) * scale;
         out[base + i + half] = (b * Math.cos(angle) + a * Math.sin(angle)) * scale;

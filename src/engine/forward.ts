@@ -60,6 +60,7 @@ class RunState {
   readonly qkvRow: DeviceBuffer; // ((heads + 2 kv_heads) * head_dim) q, k, v of one token
   readonly gateUpRow: DeviceBuffer; // (2 hidden) gate, up of one token
   readonly qkvParts: Slice[]; // q, k, v in qkvRow
+  readonly qkRow: Slice; // q and k in qkvRow: rope turns them in one call
   readonly gateUpParts: Slice[]; // gate, up in gateUpRow
   // only where prefill's GEMM inputs are fp16/bf16 (gemmInputDtype), in that type:
   readonly xb16: DeviceBuffer | null; // (chunk, dim) normed input of q/k/v and of gate/up
@@ -118,6 +119,7 @@ class RunState {
       this.qkvParts = [0, qBytes, qBytes + kvBytes].map((at, i) =>
         this.qkvRow.slice(at, i ? kvBytes : qBytes)
       );
+      this.qkRow = this.qkvRow.slice(0, qBytes + kvBytes);
       const upBytes = c.intermediateSize * 4;
       this.gateUpParts = [0, upBytes].map((at) => this.gateUpRow.slice(at, upBytes));
       this.xb16 = narrow(chunk * c.hiddenSize);
@@ -295,19 +297,27 @@ export class Transformer {
       const ffnOut = l > 0 ? s.xo : null; // the layer before's
       be.rmsnorm(xg, gd, s.x, L.attnNorm.buf, n, dim, eps, ffnOut); // x += xo; xg = rmsnorm(x)
       let q: Slice = s.q, k: Slice = s.k, v: Slice = s.v;
-      if (n === 1 && L.wQkv) { // q/k/v biases, where the model has them, are fused too (bQkv)
-        linear(be, s.qkvRow, xg, gd, L.wQkv, L.bQkv, n); // [q | k | v] = xg [Wq; Wk; Wv]ᵀ
+      const wQkv = n === 1 ? L.wQkv : null; // decode's one GEMV for q, k and v
+      if (wQkv) { // q/k/v biases, where the model has them, are fused too (bQkv)
+        linear(be, s.qkvRow, xg, gd, wQkv, L.bQkv, n); // [q | k | v] = xg [Wq; Wk; Wv]ᵀ
         [q, k, v] = s.qkvParts;
       } else {
         linear(be, q, xg, gd, L.wq, L.bq, n); // q = xg Wqᵀ (n, heads * head_dim)
         linear(be, k, xg, gd, L.wk, L.bk, n); // k = xg Wkᵀ (n, kv_heads * head_dim)
         linear(be, v, xg, gd, L.wv, L.bv, n); // v = xg Wvᵀ
       }
-      be.rope(k, positions, s.invFreq, n, c.numKvHeads, c.headDim); // rotate k
-      this.cache.store(l, k, v, pos0, n); // cache k, v at pos0 ..
-      const qScale = this.cache.queryScale(l); // the keys' normalization, folded into q
-      const scale = qScale && { pairs: qScale, heads: c.numKvHeads };
-      be.rope(q, positions, s.invFreq, n, c.numHeads, c.headDim, scale); // rotate (and scale) q
+      if (wQkv && pos0 > 0) { // queryScale is fixed past position 0: q and k in one launch
+        const qScale = this.cache.queryScale(l); // the keys' normalization, folded into q
+        const scale = qScale && { pairs: qScale, heads: c.numKvHeads, scaledHeads: c.numHeads };
+        be.rope(s.qkRow, positions, s.invFreq, n, c.numHeads + c.numKvHeads, c.headDim, scale);
+        this.cache.store(l, k, v, pos0, n); // cache k, v at pos0 ..
+      } else {
+        be.rope(k, positions, s.invFreq, n, c.numKvHeads, c.headDim); // rotate k
+        this.cache.store(l, k, v, pos0, n); // cache k, v at pos0 .. (and set queryScale at 0)
+        const qScale = this.cache.queryScale(l);
+        const scale = qScale && { pairs: qScale, heads: c.numKvHeads };
+        be.rope(q, positions, s.invFreq, n, c.numHeads, c.headDim, scale); // rotate (and scale) q
+      }
       this.cache.attend(l, q, s.att, pos0, n); // att = softmax(q kᵀ / sqrt(d)) v, causal, GQA
       linear(be, s.xo, s.att, DType.F32, L.wo, L.bo, n); // xo = att Woᵀ (n, dim), att in fp32
       // feed-forward block
