@@ -21,7 +21,7 @@
 template <typename T>
 __global__ void kv_store_kernel(T *cache, const float *x, int pos0, int kv_heads, int d, int cap,
                                 int64_t count) {
-  iq_wait_prior(); /* launched early */
+  iq_wait_prior(); /* launched early; no iq_allow_next: see cuda.cuh */
   int64_t row = (int64_t)kv_heads * d;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count;
        e += (int64_t)gridDim.x * blockDim.x) {

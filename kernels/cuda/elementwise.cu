@@ -30,6 +30,7 @@ template <> __device__ __forceinline__ void store4<float>(float *out, float4 v) 
 template <typename Op, typename T>
 __global__ void pairwise_kernel(T *out, const float *a, const float *b, int64_t count, bool vec) {
   iq_wait_prior(); /* launched early */
+  iq_allow_next();
   const Op op;
   int64_t stride = (int64_t)gridDim.x * blockDim.x, t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   int64_t done = 0;

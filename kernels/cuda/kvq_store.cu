@@ -33,7 +33,7 @@ __global__ void key_norm_kernel(iq_kvq_params p, float *key_scale, const float *
  * pair's factor. */
 __global__ void rows_kernel(iq_kvq_params p, kvq_regions r, const float *k, const float *v, int n,
                             int pos0) {
-  iq_wait_prior(); /* launched early */
+  iq_wait_prior(); /* launched early; no iq_allow_next: see cuda.cuh */
   const int d = p.head_dim, half = d / 2;
   const int64_t count = (int64_t)n * p.kv_heads * d;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count;

@@ -42,19 +42,29 @@ __device__ __forceinline__ float dot16(uint4 raw, const X *x) {
 }
 
 /* Needs w, x 16-byte aligned and k a multiple of 16 / sizeof(T). Weights are
- * loaded cache-streaming (read once per token); x stays in L1/L2. */
+ * loaded cache-streaming (read once per token); x stays in L1/L2. Launched
+ * early, each warp issues its row's first AHEAD loads before waiting for the
+ * kernel that writes x: they need nothing from it. */
 template <typename T, typename X>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_vec_kernel(float *out, const X *x, const T *w, const float *bias, int k, int m) {
-  constexpr int V = 16 / sizeof(T); /* elements per load */
+  constexpr int V = 16 / sizeof(T), AHEAD = 4; /* elements per load, loads before the wait */
   int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= m) return;
-  iq_wait_prior(); /* launched early */
   const uint4 *wr = reinterpret_cast<const uint4 *>(w + (int64_t)row * k);
   int nv = k / V;
+  uint4 first[AHEAD];
+#pragma unroll
+  for (int j = 0; j < AHEAD; j++)
+    first[j] = lane + 32 * j < nv ? __ldcs(wr + lane + 32 * j) : make_uint4(0, 0, 0, 0);
+  iq_wait_prior();
+  iq_allow_next();
   float acc = 0.0f;
+#pragma unroll
+  for (int j = 0; j < AHEAD; j++)
+    if (lane + 32 * j < nv) acc += dot16<T, X>(first[j], x + (lane + 32 * j) * V);
 #pragma unroll 4
-  for (int i = lane; i < nv; i += 32) acc += dot16<T, X>(__ldcs(wr + i), x + i * V);
+  for (int i = lane + 32 * AHEAD; i < nv; i += 32) acc += dot16<T, X>(__ldcs(wr + i), x + i * V);
   acc = iq_warp_sum(acc);
   if (lane == 0) out[row] = acc + (bias ? bias[row] : 0.0f);
 }
@@ -66,6 +76,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
   int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= m) return;
   iq_wait_prior(); /* launched early */
+  iq_allow_next();
   const T *wr = w + (int64_t)row * k;
   float acc = 0.0f;
   for (int i = lane; i < k; i += 32) acc += iq_f32(wr[i]) * iq_f32(x[i]);

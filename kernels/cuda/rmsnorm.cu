@@ -6,11 +6,21 @@
 #include "cuda.cuh"
 #include "checks.h"
 
+/* Launched early, each thread loads its first PRE weights before waiting for the kernel that
+ * writes x (all of them up to dim = PRE * blockDim: a decode step's rows). */
 template <typename T>
 __global__ void rmsnorm_kernel(T *out, float *x, const float *residual, const float *weight, int dim,
                                float eps) {
+  constexpr int PRE = 4;
   __shared__ float red[32];
-  iq_wait_prior(); /* launched early */
+  float w[PRE];
+#pragma unroll
+  for (int j = 0; j < PRE; j++) {
+    const int i = threadIdx.x + j * blockDim.x;
+    w[j] = i < dim ? weight[i] : 0.0f;
+  }
+  iq_wait_prior();
+  iq_allow_next();
   float *xr = x + (int64_t)blockIdx.x * dim;
   T *yr = out + (int64_t)blockIdx.x * dim;
   float ss = 0.0f;
@@ -27,7 +37,12 @@ __global__ void rmsnorm_kernel(T *out, float *x, const float *residual, const fl
   ss = iq_block_sum(ss, red);
   float inv = 1.0f / sqrtf(ss / (float)dim + eps);
   /* out may be x (fp32 only): each thread rewrites only the elements it read itself. */
-  for (int i = threadIdx.x; i < dim; i += blockDim.x)
+#pragma unroll
+  for (int j = 0; j < PRE; j++) {
+    const int i = threadIdx.x + j * blockDim.x;
+    if (i < dim) yr[i] = iq_from_f32<T>(xr[i] * inv * w[j]);
+  }
+  for (int i = threadIdx.x + PRE * blockDim.x; i < dim; i += blockDim.x)
     yr[i] = iq_from_f32<T>(xr[i] * inv * weight[i]);
 }
 

@@ -9,6 +9,7 @@ __global__ void rope_kernel(float *x, const int32_t *pos, const float *inv_freq,
                             const float *pair_scale, int heads, int scaled, int group, int half,
                             int64_t pairs) {
   iq_wait_prior(); /* launched early */
+  iq_allow_next();
   for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < pairs;
        p += (int64_t)gridDim.x * blockDim.x) {
     int i = (int)(p % half);
