@@ -2,8 +2,8 @@
  * only the chosen id is written, to *out_token in device memory. Same steps
  * and the same fp32 operations in the same order as the CPU, so both pick the
  * same token:
- * 1. work = logits with the repetition penalty (one kernel per step);
- * 2. temperature <= 0: a block-wide arg max, lowest id on ties;
+ * 1. with a repetition penalty, work = the logits penalized (else the logits);
+ * 2. temperature <= 0: an arg max, lowest id on ties (two passes);
  * 3. else keys = work / temperature, sorted descending by CUB's radix sort,
  *    which is stable (lower id first on ties) and treats -0 as +0;
  * 4. one block: exps in parallel, then one thread runs the CPU's sequential
@@ -48,35 +48,54 @@ __global__ void penalty_kernel(float *work, const int32_t *history, int n_histor
   }
 }
 
-/* Arg max, lowest id on ties, and the lowest NaN id beside it (a NaN never
- * wins the arg max). One block. */
-__global__ void argmax_kernel(int32_t *out_token, const float *work, int vocab) {
-  __shared__ float best_v[SAMPLE_THREADS];
-  __shared__ int best_i[SAMPLE_THREADS], nan_i[SAMPLE_THREADS];
-  float bv = -INFINITY;
-  int bi = vocab, ni = vocab; /* none yet */
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float v = work[i];
-    if (v > bv || (v == bv && bi == vocab)) bv = v, bi = i;
-    if (isnan(v) && ni == vocab) ni = i;
-  }
-  best_v[threadIdx.x] = bv;
-  best_i[threadIdx.x] = bi;
-  nan_i[threadIdx.x] = ni;
-  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+/* Arg max, lowest id on ties, and the lowest NaN id beside it (a NaN never wins the arg max), in
+ * two passes: ARGMAX_BLOCKS blocks each leave the best of their grid-stride share, one block then
+ * takes the best of those. A single block's serial walk over 128k logits took 54 us; this is two
+ * short trips to L2. */
+constexpr int ARGMAX_BLOCKS = 128, ARGMAX_THREADS = 256;
+
+struct best_id {
+  float v;
+  int i, nan; /* i: the lowest id holding v, vocab if none; nan: the lowest NaN id, vocab if none */
+};
+
+/* The better of a and b: the larger value, the lower id on ties; the lower NaN id. */
+__device__ __forceinline__ best_id better(best_id a, best_id b) {
+  const bool take = b.v > a.v || (b.v == a.v && b.i < a.i);
+  return {take ? b.v : a.v, take ? b.i : a.i, min(a.nan, b.nan)};
+}
+
+/* The best of the block's threads' candidates, valid in thread 0. */
+__device__ best_id block_best(best_id mine) {
+  __shared__ best_id all[ARGMAX_THREADS];
+  all[threadIdx.x] = mine;
+  for (int half = ARGMAX_THREADS / 2; half > 0; half /= 2) {
     __syncthreads();
-    if (threadIdx.x < half) {
-      const float v = best_v[threadIdx.x + half];
-      const int i = best_i[threadIdx.x + half];
-      if (v > best_v[threadIdx.x] || (v == best_v[threadIdx.x] && i < best_i[threadIdx.x]))
-        best_v[threadIdx.x] = v, best_i[threadIdx.x] = i;
-      nan_i[threadIdx.x] = min(nan_i[threadIdx.x], nan_i[threadIdx.x + half]);
-    }
+    if ((int)threadIdx.x < half) all[threadIdx.x] = better(all[threadIdx.x], all[threadIdx.x + half]);
   }
-  /* best_i[0] == vocab only if every logit is NaN */
-  if (threadIdx.x == 0)
-    *out_token = nan_i[0] < vocab ? checked_token(NAN, nan_i[0])
-                                  : checked_token(best_v[0], best_i[0]);
+  return all[0];
+}
+
+__global__ void __launch_bounds__(ARGMAX_THREADS)
+    argmax_blocks_kernel(best_id *partial, const float *logits, int vocab) {
+  best_id b = {-INFINITY, vocab, vocab};
+  /* ids ascend along a thread's stride, so a tie keeps the first */
+  for (int i = blockIdx.x * ARGMAX_THREADS + threadIdx.x; i < vocab; i += ARGMAX_BLOCKS * ARGMAX_THREADS) {
+    const float v = logits[i];
+    if (v > b.v || (v == b.v && b.i == vocab)) b.v = v, b.i = i;
+    if (isnan(v) && b.nan == vocab) b.nan = i;
+  }
+  b = block_best(b);
+  if (threadIdx.x == 0) partial[blockIdx.x] = b;
+}
+
+__global__ void __launch_bounds__(ARGMAX_THREADS)
+    argmax_final_kernel(int32_t *out_token, const best_id *partial, int vocab) {
+  best_id b = {-INFINITY, vocab, vocab};
+  for (int k = threadIdx.x; k < ARGMAX_BLOCKS; k += ARGMAX_THREADS) b = better(b, partial[k]);
+  b = block_best(b);
+  /* b.i == vocab only if every logit is NaN */
+  if (threadIdx.x == 0) *out_token = b.nan < vocab ? checked_token(NAN, b.nan) : checked_token(b.v, b.i);
 }
 
 /* A NaN becomes the positive NaN, whose key the descending sort puts before
@@ -168,26 +187,33 @@ extern "C" int iq_sample(iq_ctx *ctx, int32_t *out_token, const float *logits, i
                    nullptr, sort_bytes, (const float *)nullptr, (float *)nullptr,
                    (const int32_t *)nullptr, (int32_t *)nullptr, vocab, 0, 32, ctx->stream));
   void *scratch;
-  IQ_TRY(iq_scratch(ctx, 5 * row + sort_bytes, &scratch));
+  const size_t tmp_bytes = sort_bytes > sizeof(best_id) * ARGMAX_BLOCKS ? sort_bytes
+                                                                       : sizeof(best_id) * ARGMAX_BLOCKS;
+  IQ_TRY(iq_scratch(ctx, 5 * row + tmp_bytes, &scratch));
   char *base = (char *)scratch;
   float *work = (float *)base, *keys = (float *)(base + row), *sorted = (float *)(base + 2 * row);
   int32_t *ids = (int32_t *)(base + 3 * row), *sorted_ids = (int32_t *)(base + 4 * row);
-  void *sort_tmp = base + 5 * row;
+  void *sort_tmp = base + 5 * row; /* the sort's temporary space, or the arg max's partials */
   float *p = keys; /* free once sorted */
 
   const unsigned blocks = iq_blocks(ctx, vocab, 256);
-  copy_kernel<<<blocks, 256, 0, ctx->stream>>>(work, logits, vocab);
-  IQ_LAUNCHED(ctx);
+  const float *penalized = logits; /* the logits, or with a penalty their copy in work */
   if (repeat_penalty != 1.0f && n_history > 0) {
+    copy_kernel<<<blocks, 256, 0, ctx->stream>>>(work, logits, vocab);
+    IQ_LAUNCHED(ctx);
     penalty_kernel<<<1, 256, 0, ctx->stream>>>(work, history, n_history, vocab, repeat_penalty);
     IQ_LAUNCHED(ctx);
+    penalized = work;
   }
   if (temperature <= 0.0f) {
-    argmax_kernel<<<1, SAMPLE_THREADS, 0, ctx->stream>>>(out_token, work, vocab);
+    best_id *partial = static_cast<best_id *>(sort_tmp);
+    argmax_blocks_kernel<<<ARGMAX_BLOCKS, ARGMAX_THREADS, 0, ctx->stream>>>(partial, penalized, vocab);
+    IQ_LAUNCHED(ctx);
+    argmax_final_kernel<<<1, ARGMAX_THREADS, 0, ctx->stream>>>(out_token, partial, vocab);
     IQ_LAUNCHED(ctx);
     return IQ_OK;
   }
-  temperature_kernel<<<blocks, 256, 0, ctx->stream>>>(keys, ids, work, vocab, temperature);
+  temperature_kernel<<<blocks, 256, 0, ctx->stream>>>(keys, ids, penalized, vocab, temperature);
   IQ_LAUNCHED(ctx);
   IQ_CUDA(ctx, cub::DeviceRadixSort::SortPairsDescending(sort_tmp, sort_bytes, keys, sorted, ids,
                                                          sorted_ids, vocab, 0, 32, ctx->stream));
