@@ -5,7 +5,7 @@ import { type BackendKind, type KernelLibrary, openLibrary } from "./library.ts"
 export type { BackendKind } from "./library.ts";
 
 /** IQ_ABI_VERSION in kernels/innerq.h: the symbol table below matches it. */
-const ABI_VERSION = 8;
+const ABI_VERSION = 9;
 
 /** iq_dtype in kernels/innerq.h. */
 export const DType = { F32: 0, F16: 1, BF16: 2 } as const;
@@ -78,6 +78,21 @@ export interface AttentionArgs {
   headDim: number;
   cap: number;
   scale: number;
+}
+
+/** iq_kv_store's operands: keys and values of n tokens, each [n, kvHeads * headDim] fp32, to
+ * positions pos0 .. pos0 + n - 1 of their [kvHeads, cap, headDim] caches. */
+export interface KvStoreArgs {
+  kCache: Slice; // [kvHeads, cap, headDim] of cacheDtype
+  vCache: Slice;
+  cacheDtype: DTypeCode;
+  k: Slice; // float[n, kvHeads * headDim]
+  v: Slice;
+  n: number;
+  pos0: number;
+  kvHeads: number;
+  headDim: number;
+  cap: number;
 }
 
 /** iq_kvq_params in kernels/innerq.h, field for field (all int32, in this order). */
@@ -483,30 +498,27 @@ export class Backend {
     this.#check(this.#sym.iq_add(this.#c, out.ptr, a.ptr, b.ptr, BigInt(count)), "add");
   }
 
-  /** Stores x[n, kvHeads * headDim] at positions pos0 .. pos0 + n - 1 of a [kvHeads, cap, headDim] cache. */
-  kvStore(
-    cache: Slice,
-    cacheDtype: DTypeCode,
-    x: Slice,
-    n: number,
-    pos0: number,
-    kvHeads: number,
-    headDim: number,
-    cap: number,
-  ): void {
+  /** Stores keys and values of n tokens in their caches, in one kernel (KvStoreArgs). */
+  kvStore(a: KvStoreArgs): void {
+    const { n, pos0, kvHeads, headDim, cap } = a;
     positiveInts({ n, kvHeads, headDim, cap });
     if (!Number.isSafeInteger(pos0) || pos0 < 0 || pos0 + n > cap) {
       throw new RangeError(
         `kv_store positions ${pos0}..${pos0 + n - 1} outside a ${cap}-token cache`,
       );
     }
-    need(cache, kvHeads * cap * headDim * elementBytes(cacheDtype), "kv_store cache");
-    need(x, n * kvHeads * headDim * 4, "kv_store x");
+    const cacheBytes = kvHeads * cap * headDim * elementBytes(a.cacheDtype);
+    need(a.kCache, cacheBytes, "kv_store kCache");
+    need(a.vCache, cacheBytes, "kv_store vCache");
+    need(a.k, n * kvHeads * headDim * 4, "kv_store k");
+    need(a.v, n * kvHeads * headDim * 4, "kv_store v");
     const s = this.#sym.iq_kv_store(
       this.#c,
-      cache.ptr,
-      cacheDtype,
-      x.ptr,
+      a.kCache.ptr,
+      a.vCache.ptr,
+      a.cacheDtype,
+      a.k.ptr,
+      a.v.ptr,
       n,
       pos0,
       kvHeads,

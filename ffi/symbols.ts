@@ -143,9 +143,11 @@ export const symbols = {
   iq_kv_store: {
     parameters: [
       "pointer", // iq_ctx *ctx
-      "pointer", // void *cache
+      "pointer", // void *k_cache
+      "pointer", // void *v_cache
       "i32", // int cache_dtype
-      "pointer", // const float *x
+      "pointer", // const float *k
+      "pointer", // const float *v
       "i32", // int n
       "i32", // int pos0
       "i32", // int kv_heads

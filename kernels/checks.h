@@ -116,9 +116,11 @@ static inline int iq_check_attention(iq_ctx *ctx, const char *op, const void *ou
   return IQ_OK;
 }
 
-static inline int iq_check_kv_store(iq_ctx *ctx, const void *cache, int dtype, const float *x,
-                                    int n, int pos0, int kv_heads, int head_dim, int cap) {
-  if (!ctx || !cache || !x) return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: NULL argument");
+static inline int iq_check_kv_store(iq_ctx *ctx, const void *k_cache, const void *v_cache,
+                                    int dtype, const float *k, const float *v, int n, int pos0,
+                                    int kv_heads, int head_dim, int cap) {
+  if (!ctx || !k_cache || !v_cache || !k || !v)
+    return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: NULL argument");
   if (dtype != IQ_F16 && dtype != IQ_F32)
     return iq_fail(ctx, IQ_ERR_ARG, "iq_kv_store: cache dtype %d is not F16 or F32", dtype);
   if (n <= 0 || kv_heads <= 0 || head_dim <= 0 || cap <= 0)

@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define IQ_ABI_VERSION 8
+#define IQ_ABI_VERSION 9
 
 typedef enum {
   IQ_OK = 0,
@@ -137,10 +137,13 @@ int iq_add(iq_ctx *ctx, float *out, const float *a, const float *b,
 /* A cache holds one layer's keys or values as [kv_heads, cap, head_dim] of
  * cache_dtype (IQ_F16 or IQ_F32); position p of head h is row h * cap + p. */
 
-/* Writes x[n, kv_heads * head_dim] (one row per token) to positions
- * pos0 .. pos0 + n - 1; needs pos0 + n <= cap. */
-int iq_kv_store(iq_ctx *ctx, void *cache, int cache_dtype, const float *x,
-                int n, int pos0, int kv_heads, int head_dim, int cap);
+/* Writes keys k and values v, each [n, kv_heads * head_dim] (one row per
+ * token), to positions pos0 .. pos0 + n - 1 of k_cache and v_cache (one
+ * call, one kernel: a decode step stores both in one launch); needs
+ * pos0 + n <= cap. */
+int iq_kv_store(iq_ctx *ctx, void *k_cache, void *v_cache, int cache_dtype,
+                const float *k, const float *v, int n, int pos0, int kv_heads,
+                int head_dim, int cap);
 
 /* Causal attention for a chunk of n queries q[n, heads, head_dim] at positions
  * pos0 .. pos0 + n - 1, whose keys and values are already stored: query t sees

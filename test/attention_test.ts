@@ -48,13 +48,15 @@ class Caches {
     [this.k, this.v] = [0, 1].map(() => upload(be, new Uint8Array(bytes)));
     const kRows = randomFloats(rng, total * kvHeads * hd, -2, 2).map((x) => x * keyScale);
     const vRows = randomFloats(rng, total * kvHeads * hd, -2, 2);
-    for (const [cache, rows] of [[this.k, kRows], [this.v, vRows]] as const) {
-      for (const [from, to] of [[0, pos0], [pos0, total]]) {
-        if (to === from) continue;
-        const x = upload(be, rows.subarray(from * kvHeads * hd, to * kvHeads * hd));
-        be.kvStore(cache, dtype, x, to - from, from, kvHeads, hd, cap);
-        x.close();
-      }
+    for (const [from, to] of [[0, pos0], [pos0, total]]) {
+      if (to === from) continue;
+      const [k, v] = [kRows, vRows].map((rows) =>
+        upload(be, rows.subarray(from * kvHeads * hd, to * kvHeads * hd))
+      );
+      const shape = { n: to - from, pos0: from, kvHeads, headDim: hd, cap };
+      be.kvStore({ kCache: this.k, vCache: this.v, cacheDtype: dtype, k, v, ...shape });
+      k.close();
+      v.close();
     }
     const values = (buf: DeviceBuffer) => {
       const host = download(be, buf);
@@ -107,29 +109,32 @@ function attend(
 
 Deno.test("kv_store at pos0 > 0: fp16 bytes equal the reference converter's, other rows untouched", () => {
   const rng = new Rng(21), kvHeads = 2, hd = 48, cap = 12, pos0 = 5, n = 4;
-  const rows = randomFloats(rng, n * kvHeads * hd, -3, 3);
-  rows[0] = 65520; // rounds to infinity in fp16
-  rows[1] = 2 ** -25; // the tie between 0 and the smallest subnormal: to 0
-  rows[2] = 3 * 2 ** -25; // a tie between two subnormals: to even
+  const kRows = randomFloats(rng, n * kvHeads * hd, -3, 3);
+  kRows[0] = 65520; // rounds to infinity in fp16
+  kRows[1] = 2 ** -25; // the tie between 0 and the smallest subnormal: to 0
+  kRows[2] = 3 * 2 ** -25; // a tie between two subnormals: to even
+  const vRows = randomFloats(rng, n * kvHeads * hd, -3, 3);
   for (const dtype of [DType.F32, DType.F16]) {
     const size = dtype === DType.F16 ? 2 : 4, bytes = kvHeads * cap * hd * size;
     const init = new Uint8Array(bytes).fill(0xab);
-    const cache = upload(cpu, init), x = upload(cpu, rows);
-    cpu.kvStore(cache, dtype, x, n, pos0, kvHeads, hd, cap);
-    const got = download(cpu, cache);
-    [cache, x].forEach((b) => b.close());
-    const want = Uint8Array.from(init);
-    for (let t = 0; t < n; t++) {
-      for (let h = 0; h < kvHeads; h++) {
-        const src = rows.subarray((t * kvHeads + h) * hd, (t * kvHeads + h + 1) * hd);
-        const stored = dtype === DType.F16 ? f32ToF16(src) : src;
-        want.set(
-          new Uint8Array(stored.buffer, stored.byteOffset, stored.byteLength),
-          (h * cap + pos0 + t) * hd * size,
-        );
+    const [kCache, vCache, k, v] = [init, init, kRows, vRows].map((a) => upload(cpu, a));
+    const shape = { n, pos0, kvHeads, headDim: hd, cap };
+    cpu.kvStore({ kCache, vCache, cacheDtype: dtype, k, v, ...shape });
+    for (const [cache, rows] of [[kCache, kRows], [vCache, vRows]] as const) {
+      const want = Uint8Array.from(init);
+      for (let t = 0; t < n; t++) {
+        for (let h = 0; h < kvHeads; h++) {
+          const src = rows.subarray((t * kvHeads + h) * hd, (t * kvHeads + h + 1) * hd);
+          const stored = dtype === DType.F16 ? f32ToF16(src) : src;
+          want.set(
+            new Uint8Array(stored.buffer, stored.byteOffset, stored.byteLength),
+            (h * cap + pos0 + t) * hd * size,
+          );
+        }
       }
+      assertEquals(download(cpu, cache), want);
     }
-    assertEquals(got, want);
+    [kCache, vCache, k, v].forEach((b) => b.close());
   }
 });
 
@@ -165,12 +170,14 @@ Deno.test("attention: a maximum growing block after block (the rescale) stays wi
   const q = new Float32Array(n * heads * hd).fill(1);
   const keys = new Float32Array(cap * kvHeads * hd);
   for (let p = 0; p < cap; p++) keys.fill((p / cap - 0.5) * 40 / Math.sqrt(hd), p * kvHeads * hd);
-  const x = upload(cpu, keys);
-  cpu.kvStore(c.k, DType.F32, x, cap, 0, kvHeads, hd, cap);
-  x.close();
-  const kValues = new Float32Array(download(cpu, c.k).buffer);
+  const [k, v] = [keys, randomFloats(rng, cap * kvHeads * hd, -2, 2)].map((a) => upload(cpu, a));
+  const store = { n: cap, pos0: 0, kvHeads, headDim: hd, cap };
+  cpu.kvStore({ kCache: c.k, vCache: c.v, cacheDtype: DType.F32, k, v, ...store });
+  k.close();
+  v.close();
+  const [kValues, vValues] = [c.k, c.v].map((b) => new Float32Array(download(cpu, b).buffer));
   const shape = { n, pos0, heads, kvHeads, hd, cap };
-  const want = ref.attention(q, kValues, c.vValues, { ...shape, scale: 1 / Math.sqrt(hd) });
+  const want = ref.attention(q, kValues, vValues, { ...shape, scale: 1 / Math.sqrt(hd) });
   const err = maxRelError(attend(cpu, c, q, shape), want);
   assert(err <= 1e-5, `error ${err}`);
   c.close();
@@ -218,7 +225,19 @@ Deno.test("attention errors: past the cache and uneven GQA in TypeScript; head_d
       native(/iq_attention_decode: cache dtype 2 is not F16 or F32/),
     );
     assertThrows(
-      () => cpu.kvStore(buf, DType.BF16, buf, 1, 0, 1, 8, 4),
+      () =>
+        cpu.kvStore({
+          kCache: buf,
+          vCache: buf,
+          cacheDtype: DType.BF16,
+          k: buf,
+          v: buf,
+          n: 1,
+          pos0: 0,
+          kvHeads: 1,
+          headDim: 8,
+          cap: 4,
+        }),
       native(/iq_kv_store: cache dtype 2 is not F16 or F32/),
     );
   } finally {

@@ -401,11 +401,26 @@ test("matmul with an F16/BF16 x, n=1 and n>1: the CPU's to 1e-4, the GPU's F32 x
 
 test("kv_store writes the same bytes (fp16 rounding included)", (gpu, cpu) => {
   const rng = new Rng(7), n = 5, pos0 = 3, kvHeads = 4, hd = 64, cap = 16;
-  const x = randomFloats(rng, n * kvHeads * hd, -70000, 70000); // past fp16's range too
+  // past fp16's range too
+  const [k, v] = [0, 1].map(() => randomFloats(rng, n * kvHeads * hd, -70000, 70000));
   for (const dt of [DType.F16, DType.F32]) {
     const bytes = kvHeads * cap * hd * (dt === DType.F16 ? 2 : 4);
-    const [g, c] = onBoth(gpu, cpu, [x], { bytes, init: new Uint8Array(bytes) }, (be, [xb], o) => {
-      be.kvStore(o, dt, xb, n, pos0, kvHeads, hd, cap);
+    // the key cache, then the value cache, in one buffer
+    const out = { bytes: 2 * bytes, init: new Uint8Array(2 * bytes) };
+    const [g, c] = onBoth(gpu, cpu, [k, v], out, (be, [kb, vb], o) => {
+      const [kCache, vCache] = [o.slice(0, bytes), o.slice(bytes, bytes)];
+      be.kvStore({
+        kCache,
+        vCache,
+        cacheDtype: dt,
+        k: kb,
+        v: vb,
+        n,
+        pos0,
+        kvHeads,
+        headDim: hd,
+        cap,
+      });
     });
     assert.deepEqual(new Uint8Array(g), new Uint8Array(c), `kv_store dtype ${dt}`);
   }

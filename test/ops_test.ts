@@ -485,10 +485,12 @@ Deno.test("C rejects a bad x dtype, a narrow out on an input and an unknown out 
   }
 });
 
-/** A cache [kvHeads, cap, hd] holding `rows` in the given dtype, and the fp32 values stored. */
-function storeBoth(
+/** Key and value caches [kvHeads, cap, hd] holding kRows and vRows (n tokens from position 0) in
+ * the given dtype, and the fp32 values each holds. */
+function storeKv(
   be: Backend,
-  rows: Float32Array,
+  kRows: Float32Array,
+  vRows: Float32Array,
   dtype: DTypeCode,
   n: number,
   kvHeads: number,
@@ -496,30 +498,39 @@ function storeBoth(
   cap: number,
 ) {
   const bytes = kvHeads * cap * hd * (dtype === DType.F16 ? 2 : 4);
-  const cache = be.alloc(bytes), x = be.alloc(rows.byteLength);
-  be.upload(cache, new Uint8Array(bytes));
-  be.upload(x, rows);
-  be.kvStore(cache, dtype, x, n, 0, kvHeads, hd, cap);
-  x.close();
-  const host = new Uint8Array(bytes);
-  be.download(cache, host);
-  const values = dtype === DType.F16
-    ? f16ToF32(new Uint16Array(host.buffer))
-    : new Float32Array(host.buffer);
-  return { cache, values };
+  const [kCache, vCache] = [0, 1].map(() => be.alloc(bytes));
+  const [k, v] = [kRows, vRows].map((rows) => be.alloc(rows.byteLength));
+  [kCache, vCache].forEach((c) => be.upload(c, new Uint8Array(bytes)));
+  be.upload(k, kRows);
+  be.upload(v, vRows);
+  be.kvStore({ kCache, vCache, cacheDtype: dtype, k, v, n, pos0: 0, kvHeads, headDim: hd, cap });
+  k.close();
+  v.close();
+  const values = (cache: DeviceBuffer) => {
+    const host = new Uint8Array(bytes);
+    be.download(cache, host);
+    return dtype === DType.F16
+      ? f16ToF32(new Uint16Array(host.buffer))
+      : new Float32Array(host.buffer);
+  };
+  return { kCache, vCache, kValues: values(kCache), vValues: values(vCache) };
 }
 
 Deno.test("kv_store: fp16 rounds like the reference converter, [kv_heads, cap, head_dim] layout", () => {
   const rng = new Rng(6), n = 5, kvHeads = 3, hd = 8, cap = 7;
-  const rows = randomFloats(rng, n * kvHeads * hd, -70000, 70000); // past fp16's range too
+  // past fp16's range too
+  const [kRows, vRows] = [0, 1].map(() => randomFloats(rng, n * kvHeads * hd, -70000, 70000));
   for (const dtype of [DType.F32, DType.F16]) {
-    const { cache, values } = storeBoth(cpu, rows, dtype, n, kvHeads, hd, cap);
-    cache.close();
-    for (let t = 0; t < n; t++) {
-      for (let h = 0; h < kvHeads; h++) {
-        const src = rows.subarray((t * kvHeads + h) * hd, (t * kvHeads + h + 1) * hd);
-        const want = dtype === DType.F16 ? f16ToF32(f32ToF16(src)) : src;
-        assertEquals(values.subarray((h * cap + t) * hd, (h * cap + t + 1) * hd), want);
+    const c = storeKv(cpu, kRows, vRows, dtype, n, kvHeads, hd, cap);
+    c.kCache.close();
+    c.vCache.close();
+    for (const [rows, values] of [[kRows, c.kValues], [vRows, c.vValues]]) {
+      for (let t = 0; t < n; t++) {
+        for (let h = 0; h < kvHeads; h++) {
+          const src = rows.subarray((t * kvHeads + h) * hd, (t * kvHeads + h + 1) * hd);
+          const want = dtype === DType.F16 ? f16ToF32(f32ToF16(src)) : src;
+          assertEquals(values.subarray((h * cap + t) * hd, (h * cap + t + 1) * hd), want);
+        }
       }
     }
   }
@@ -530,24 +541,8 @@ Deno.test("attention: prefill against the reference, decode equal to prefill's r
   for (const [heads, kvHeads, hd] of [[4, 4, 64], [4, 2, 128], [6, 2, 48], [8, 1, 16]]) {
     for (const dtype of [DType.F32, DType.F16]) {
       const cap = 40, total = 33, pos0 = 7, n = total - pos0, scale = 1 / Math.sqrt(hd);
-      const k = storeBoth(
-        cpu,
-        randomFloats(rng, total * kvHeads * hd, -2, 2),
-        dtype,
-        total,
-        kvHeads,
-        hd,
-        cap,
-      );
-      const v = storeBoth(
-        cpu,
-        randomFloats(rng, total * kvHeads * hd, -2, 2),
-        dtype,
-        total,
-        kvHeads,
-        hd,
-        cap,
-      );
+      const [kRows, vRows] = [0, 1].map(() => randomFloats(rng, total * kvHeads * hd, -2, 2));
+      const c = storeKv(cpu, kRows, vRows, dtype, total, kvHeads, hd, cap);
       const q = randomFloats(rng, n * heads * hd, -2, 2);
       const shape = {
         pos0,
@@ -557,10 +552,10 @@ Deno.test("attention: prefill against the reference, decode equal to prefill's r
         cap,
         scale,
         cacheDtype: dtype,
-        kCache: k.cache,
-        vCache: v.cache,
+        kCache: c.kCache,
+        vCache: c.vCache,
       };
-      const want = ref.attention(q, k.values, v.values, {
+      const want = ref.attention(q, c.kValues, c.vValues, {
         n,
         pos0,
         heads,
@@ -588,8 +583,8 @@ Deno.test("attention: prefill against the reference, decode equal to prefill's r
           assertEquals(one, got.subarray(t * heads * hd, (t + 1) * heads * hd));
         }
       }
-      k.cache.close();
-      v.cache.close();
+      c.kCache.close();
+      c.vCache.close();
     }
   }
 });

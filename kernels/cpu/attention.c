@@ -152,34 +152,38 @@ int iq_attention_decode(iq_ctx *ctx, float *out, const float *q, const void *k_c
 }
 
 typedef struct {
-  void *cache;
-  const float *x;
+  void *cache[2]; /* keys, values */
+  const float *x[2];
+  int64_t rows; /* n * kv_heads: rows of each side */
   int dtype, pos0, kv_heads, head_dim, cap;
 } store_job;
 
-/* Items are (token t, kv head h) rows of x. */
+/* Items are the keys' (token t, kv head h) rows, then the values'. */
 static void store_rows(void *arg, int64_t begin, int64_t end, int worker) {
   (void)worker;
   const store_job *j = arg;
   for (int64_t item = begin; item < end; item++) {
-    int64_t t = item / j->kv_heads, h = item % j->kv_heads;
-    const float *src = j->x + item * j->head_dim;
+    const int side = item >= j->rows;
+    const int64_t row = item - side * j->rows, t = row / j->kv_heads, h = row % j->kv_heads;
+    const float *src = j->x[side] + row * j->head_dim;
     int64_t dst = (h * j->cap + j->pos0 + t) * j->head_dim;
     if (j->dtype == IQ_F32) {
-      for (int i = 0; i < j->head_dim; i++) ((float *)j->cache)[dst + i] = src[i];
+      for (int i = 0; i < j->head_dim; i++) ((float *)j->cache[side])[dst + i] = src[i];
     } else {
       for (int i = 0; i < j->head_dim; i++)
-        ((uint16_t *)j->cache)[dst + i] = iq_f32_to_f16(src[i]);
+        ((uint16_t *)j->cache[side])[dst + i] = iq_f32_to_f16(src[i]);
     }
   }
 }
 
-int iq_kv_store(iq_ctx *ctx, void *cache, int cache_dtype, const float *x, int n, int pos0,
-                int kv_heads, int head_dim, int cap) {
-  int s = iq_check_kv_store(ctx, cache, cache_dtype, x, n, pos0, kv_heads, head_dim, cap);
+int iq_kv_store(iq_ctx *ctx, void *k_cache, void *v_cache, int cache_dtype, const float *k,
+                const float *v, int n, int pos0, int kv_heads, int head_dim, int cap) {
+  int s = iq_check_kv_store(ctx, k_cache, v_cache, cache_dtype, k, v, n, pos0, kv_heads, head_dim,
+                            cap);
   if (s != IQ_OK) return s;
-  store_job job = {cache, x, cache_dtype, pos0, kv_heads, head_dim, cap};
+  const int64_t rows = (int64_t)n * kv_heads;
+  store_job job = {{k_cache, v_cache}, {k, v}, rows, cache_dtype, pos0, kv_heads, head_dim, cap};
   /* a decode step's few rows are not worth waking the pool for */
-  iq_parallel_for(ctx, (int64_t)n * kv_heads, 64, store_rows, &job);
+  iq_parallel_for(ctx, 2 * rows, 64, store_rows, &job);
   return IQ_OK;
 }

@@ -18,15 +18,18 @@
 #include "split_softmax.cuh"
 
 
+/* Element e of k and of v, [n, kv_heads, d], to row (h, pos0 + t) of its cache. */
 template <typename T>
-__global__ void kv_store_kernel(T *cache, const float *x, int pos0, int kv_heads, int d, int cap,
-                                int64_t count) {
+__global__ void kv_store_kernel(T *k_cache, T *v_cache, const float *k, const float *v, int pos0,
+                                int kv_heads, int d, int cap, int64_t count) {
   iq_wait_prior(); /* launched early; no iq_allow_next: see cuda.cuh */
   int64_t row = (int64_t)kv_heads * d;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < count;
        e += (int64_t)gridDim.x * blockDim.x) {
     int64_t t = e / row, r = e % row, h = r / d, c = r % d;
-    cache[(h * cap + pos0 + t) * d + c] = iq_from_f32<T>(x[e]);
+    const int64_t at = (h * cap + pos0 + t) * d + c;
+    k_cache[at] = iq_from_f32<T>(k[e]);
+    v_cache[at] = iq_from_f32<T>(v[e]);
   }
 }
 
@@ -333,16 +336,19 @@ static int decode(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
 
 /* ---- ABI ------------------------------------------------------------------ */
 
-extern "C" int iq_kv_store(iq_ctx *ctx, void *cache, int cache_dtype, const float *x, int n,
-                           int pos0, int kv_heads, int head_dim, int cap) {
-  IQ_TRY(iq_check_kv_store(ctx, cache, cache_dtype, x, n, pos0, kv_heads, head_dim, cap));
+extern "C" int iq_kv_store(iq_ctx *ctx, void *k_cache, void *v_cache, int cache_dtype,
+                           const float *k, const float *v, int n, int pos0, int kv_heads,
+                           int head_dim, int cap) {
+  IQ_TRY(iq_check_kv_store(ctx, k_cache, v_cache, cache_dtype, k, v, n, pos0, kv_heads, head_dim,
+                           cap));
   int64_t count = (int64_t)n * kv_heads * head_dim;
   unsigned blocks = iq_blocks(ctx, count, 256);
   if (cache_dtype == IQ_F16)
-    return iq_launch_early(ctx, kv_store_kernel<__half>, dim3(blocks), dim3(256), 0, (__half *)cache,
-                           x, pos0, kv_heads, head_dim, cap, count);
-  return iq_launch_early(ctx, kv_store_kernel<float>, dim3(blocks), dim3(256), 0, (float *)cache, x,
-                         pos0, kv_heads, head_dim, cap, count);
+    return iq_launch_early(ctx, kv_store_kernel<__half>, dim3(blocks), dim3(256), 0,
+                           (__half *)k_cache, (__half *)v_cache, k, v, pos0, kv_heads, head_dim,
+                           cap, count);
+  return iq_launch_early(ctx, kv_store_kernel<float>, dim3(blocks), dim3(256), 0, (float *)k_cache,
+                         (float *)v_cache, k, v, pos0, kv_heads, head_dim, cap, count);
 }
 
 template <int D>

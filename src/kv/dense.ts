@@ -47,8 +47,18 @@ export class DenseKvCache implements KvCache {
 
   store(layer: number, k: Slice, v: Slice, pos0: number, n: number): void {
     const { kvHeads, headDim, capacity } = this.shape;
-    this.backend.kvStore(this.#keys[layer], this.#dtype, k, n, pos0, kvHeads, headDim, capacity);
-    this.backend.kvStore(this.#values[layer], this.#dtype, v, n, pos0, kvHeads, headDim, capacity);
+    this.backend.kvStore({
+      kCache: this.#keys[layer],
+      vCache: this.#values[layer],
+      cacheDtype: this.#dtype,
+      k,
+      v,
+      n,
+      pos0,
+      kvHeads,
+      headDim,
+      cap: capacity,
+    });
   }
 
   queryScale(): null {
