@@ -14,7 +14,6 @@
 #define BLOCK 32 /* positions per block: 32 KiB of fp32 rows at head_dim 256 */
 #define GROUP 8  /* query heads sharing one pass over their KV head's rows */
 #define LANES 16 /* independent sums, so the dot product vectorizes */
-#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 
 typedef struct {
   float *out;
@@ -62,7 +61,7 @@ static inline float dot(const float *a, const float *b, int d) {
  * once for all g heads; each head's arithmetic is the same whatever g is.
  * Both clones compute the same bits: -std=c11 turns off FMA contraction and
  * dot sums its lanes in a fixed order. */
-CLONES static void attend(const attention_job *j, int t, int h0, int g) {
+IQ_CLONES static void attend(const attention_job *j, int t, int h0, int g) {
   float acc[GROUP][IQ_MAX_HEAD_DIM], rows[BLOCK * IQ_MAX_HEAD_DIM], s[GROUP][BLOCK];
   float max[GROUP], sum[GROUP];
   int d = j->head_dim, len = j->pos0 + t + 1;

@@ -63,8 +63,7 @@ float iq_bf16_to_f32(uint16_t b) {
 
 /* Hot in matmul's prefill path and attention: cloned so AVX2 machines convert
  * fp16 with F16C instructions. */
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-void iq_to_f32(float *dst, const void *src, int dtype, int64_t count) {
+IQ_CLONES void iq_to_f32(float *dst, const void *src, int dtype, int64_t count) {
   switch (dtype) {
   case IQ_F16:
     for (int64_t i = 0; i < count; i++) dst[i] = (float)((const _Float16 *)src)[i];

@@ -8,6 +8,10 @@
 
 #include "../innerq.h"
 
+/* A hot function built twice, for AVX2 machines (x86-64-v3: AVX2, FMA, F16C)
+ * and for any x86-64; the loader picks one at run time. */
+#define IQ_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+
 typedef struct iq_pool iq_pool;
 
 struct iq_ctx {

@@ -178,28 +178,49 @@ typedef struct {
 } kvq_job;
 
 /* Per-worker scratch: scores [group][cap], outputs [group][d], one fp16 row as
- * floats [d], one token's or block's codes as floats [block * d], and the
- * query's folded terms [group][d + 1]. */
+ * floats [d], one token's or block's codes as floats [block * d], the
+ * query's folded terms [group][d + 1], and one token's or block's (scale,
+ * offset) pairs as floats [2][d]. */
 static int64_t kvq_scratch_floats(const iq_kvq_params *p, int group) {
   int64_t d = p->head_dim;
-  return group * (int64_t)p->cap + group * d + d + (int64_t)kvq_block(p) * d + group * (d + 1);
+  return group * (int64_t)p->cap + group * d + d + (int64_t)kvq_block(p) * d + group * (d + 1) +
+         2 * d;
+}
+
+/* The first n (scale, offset) pairs at `pairs` as floats, converted once for
+ * all the query heads that use them. */
+static void pairs_of(const uint16_t *pairs, int n, int fmt, float *scale, float *offset) {
+  for (int i = 0; i < n; i++) kvq_pair(pairs, i, fmt, &scale[i], &offset[i]);
+}
+
+/* unpack for 2, 4 or 8 bits, inlined with bits a constant: a word's codes
+ * shift out in a loop the compiler unrolls, periods walked without a division. */
+static inline void unpack_words(const uint32_t *w, int count, int bits, const row_order *o,
+                                float *out) {
+  const uint32_t mask = (1u << bits) - 1;
+  const int per_word = 32 / bits, len = o->len ? o->len : count;
+  for (int base = 0; base < count; base += len) { /* a period of the order */
+    const int end = len < count - base ? len : count - base;
+    for (int s = 0; s < end; s += per_word, w++) {
+      const uint32_t word = *w;
+      for (int e = 0; e < per_word; e++)
+        out[base + (o->len ? o->elem[s + e] : s + e)] = (float)((word >> (e * bits)) & mask);
+    }
+  }
 }
 
 /* count codes from code `first` (whole rows: a multiple of the row length
  * and of 32, so rows and blocks start on words) as floats, in element order. */
-static void unpack(const uint32_t *words, int64_t first, int count, int bits,
+IQ_CLONES static void unpack(const uint32_t *words, int64_t first, int count, int bits,
                    const row_order *o, float *out) {
-  if (bits == 3) {
+  const uint32_t *w = words + first * bits / 32;
+  switch (bits) {
+  case 2: unpack_words(w, count, 2, o, out); return;
+  case 4: unpack_words(w, count, 4, o, out); return;
+  case 8: unpack_words(w, count, 8, o, out); return;
+  default:
     for (int i = 0; i < count; i++) out[i] = (float)kvq_code_at(words, first + i, bits);
-    return;
   }
-  const uint32_t *w = words + first * bits / 32, mask = (1u << bits) - 1;
-  for (int i = 0; i < count; i += 32 / bits, w++)
-    for (int e = 0; e < 32 / bits; e++) {
-      int s = i + e; /* slot; rows of o->len start on multiples of it */
-      int at = o->len ? s / o->len * o->len + o->elem[s % o->len] : s;
-      out[at] = (float)((*w >> (e * bits)) & mask);
-    }
 }
 
 /* Eight independent sums, so the dot product vectorizes; d is a multiple of 8. */
@@ -214,8 +235,8 @@ static inline float dot(const float *a, const float *b, int d) {
  * each token's codes unpacked once for all G. Channel-grouped keys fold each
  * group's pair as scale * Σ q·code + offset * Σ q (the group sums of q once
  * per call); token-grouped keys take Σ (q·scale) code + Σ q·offset per block. */
-static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t nq, float *s,
-                             int64_t s_stride, float *codes, float *folded) {
+IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t nq, float *s,
+                             int64_t s_stride, float *codes, float *folded, float *pair_f) {
   const iq_kvq_params *p = j->p;
   int d = p->head_dim, bits = p->k_bits, g = p->k_group, b = kvq_block(p), G = j->group;
   int64_t qcap = kvq_quant_cap(p);
@@ -231,41 +252,39 @@ static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t 
         for (int e = 0; e < g; e++) sum += q[h * d + gi * g + e];
         qsum[h * (d / g) + gi] = sum;
       }
+    float *scale = pair_f, *offset = pair_f + d;
     for (int64_t u = 0; u < nq; u++) {
       unpack(words, u * d, d, bits, order, codes);
-      const uint16_t *pairs = meta + kvq_pair_units(u * (d / g), fmt);
+      pairs_of(meta + kvq_pair_units(u * (d / g), fmt), d / g, fmt, scale, offset);
       for (int h = 0; h < G; h++) {
         float acc = 0.0f;
-        for (int gi = 0; gi < d / g; gi++) {
-          float scale, offset;
-          kvq_pair(pairs, gi, fmt, &scale, &offset);
-          acc += scale * dot(q + h * d + gi * g, codes + gi * g, g) +
-                 offset * qsum[h * (d / g) + gi];
-        }
+        for (int gi = 0; gi < d / g; gi++)
+          acc += scale[gi] * dot(q + h * d + gi * g, codes + gi * g, g) +
+                 offset[gi] * qsum[h * (d / g) + gi];
         s[h * s_stride + u] = acc;
       }
     }
   } else {
     float *qs = folded; /* [G][d] q·scale, then [G] Σ q·offset */
+    float *scale = pair_f, *offset = pair_f + d;
     for (int64_t blk = 0; blk < nq / b; blk++) {
-      const uint16_t *pairs = meta + kvq_pair_units(blk * d, fmt);
+      pairs_of(meta + kvq_pair_units(blk * d, fmt), d, fmt, scale, offset);
       for (int h = 0; h < G; h++) {
         float bias = 0.0f;
         for (int c = 0; c < d; c++) {
-          float scale, offset;
-          kvq_pair(pairs, c, fmt, &scale, &offset);
-          qs[h * d + c] = q[h * d + c] * scale;
-          bias += q[h * d + c] * offset;
+          qs[h * d + c] = q[h * d + c] * scale[c];
+          bias += q[h * d + c] * offset[c];
         }
         qs[G * d + h] = bias;
       }
       unpack(words, blk * b * d, b * d, bits, order, codes); /* [channel][token] */
-      for (int t = 0; t < b; t++)
-        for (int h = 0; h < G; h++) {
-          float acc = qs[G * d + h];
-          for (int c = 0; c < d; c++) acc += qs[h * d + c] * codes[c * b + t];
-          s[h * s_stride + blk * b + t] = acc;
-        }
+      for (int h = 0; h < G; h++) { /* the block's b scores side by side: a channel at a time */
+        float acc[KVQ_MAX_GROUP];
+        for (int t = 0; t < b; t++) acc[t] = qs[G * d + h];
+        for (int c = 0; c < d; c++)
+          for (int t = 0; t < b; t++) acc[t] += qs[h * d + c] * codes[c * b + t];
+        memcpy(s + h * s_stride + blk * b, acc, (size_t)b * sizeof(float));
+      }
     }
   }
 }
@@ -274,8 +293,8 @@ static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t 
  * token-grouped values fold scale * Σ w·code + offset * Σ w per block and
  * channel; channel-grouped values take Σ (w·scale) code + Σ w·offset per token
  * and group. */
-static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t w_stride,
-                             int64_t nq, float *out, float *codes) {
+IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t w_stride,
+                             int64_t nq, float *out, float *codes, float *pair_f) {
   const iq_kvq_params *p = j->p;
   int d = p->head_dim, bits = p->v_bits, g = p->v_group, b = kvq_block(p), G = j->group;
   int64_t qcap = kvq_quant_cap(p);
@@ -283,30 +302,26 @@ static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t 
   const int fmt = p->meta;
   const uint16_t *meta = j->r.meta_v + kvq_pair_units((int64_t)kvh * qcap * d / g, fmt);
   const row_order *order = j->order[1];
+  float *scale = pair_f, *offset = pair_f + d;
   if (p->v_axis == IQ_AXIS_TOKENS) {
     for (int64_t blk = 0; blk < nq / b; blk++) {
       unpack(words, blk * b * d, b * d, bits, order, codes); /* [channel][token] */
-      const uint16_t *pairs = meta + kvq_pair_units(blk * d, fmt);
+      pairs_of(meta + kvq_pair_units(blk * d, fmt), d, fmt, scale, offset);
       for (int h = 0; h < G; h++) {
         const float *wb = w + h * w_stride + blk * b;
         float wsum = 0.0f;
         for (int t = 0; t < b; t++) wsum += wb[t];
-        for (int c = 0; c < d; c++) {
-          float scale, offset;
-          kvq_pair(pairs, c, fmt, &scale, &offset);
-          out[h * d + c] += scale * dot(wb, codes + c * b, b) + offset * wsum;
-        }
+        for (int c = 0; c < d; c++)
+          out[h * d + c] += scale[c] * dot(wb, codes + c * b, b) + offset[c] * wsum;
       }
     }
   } else {
     for (int64_t u = 0; u < nq; u++) {
       unpack(words, u * d, d, bits, order, codes);
-      const uint16_t *pairs = meta + kvq_pair_units(u * (d / g), fmt);
+      pairs_of(meta + kvq_pair_units(u * (d / g), fmt), d / g, fmt, scale, offset);
       for (int h = 0; h < G; h++)
         for (int gi = 0; gi < d / g; gi++) {
-          float scale, offset;
-          kvq_pair(pairs, gi, fmt, &scale, &offset);
-          float ws = w[h * w_stride + u] * scale, wo = w[h * w_stride + u] * offset;
+          float ws = w[h * w_stride + u] * scale[gi], wo = w[h * w_stride + u] * offset[gi];
           for (int e = 0; e < g; e++) out[h * d + gi * g + e] += ws * codes[gi * g + e] + wo;
         }
     }
@@ -316,21 +331,21 @@ static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t 
 /* Query t and the G query heads of KV head kvh: scores over sink | quantized |
  * ring, one exact softmax per head, then the weighted values. Each cache row is
  * converted or unpacked once for all G heads. */
-__attribute__((target_clones("arch=x86-64-v3", "default"))) static void attend_group(
+IQ_CLONES static void attend_group(
     const kvq_job *j, int t, int kvh, float *scratch) {
   const iq_kvq_params *p = j->p;
   int d = p->head_dim, G = j->group;
   int64_t cap = p->cap, len = (int64_t)j->pos0 + t + 1, nq = kvq_quantized(p, len);
   int64_t sink = len < p->sink ? len : p->sink;
   float *s = scratch, *acc = s + G * cap, *row = acc + G * d, *codes = row + d;
-  float *folded = codes + (int64_t)kvq_block(p) * d;
+  float *folded = codes + (int64_t)kvq_block(p) * d, *pair_f = folded + G * (d + 1);
   const float *q = j->q + ((int64_t)t * j->heads + (int64_t)kvh * G) * d;
   for (int64_t x = 0; x < len; x++) { /* fp16 rows: the sink, then the ring */
     if (x >= sink && x - sink < nq) continue;
     iq_to_f32(row, fp16_row(p, &j->r, 0, kvh, x), IQ_F16, d);
     for (int h = 0; h < G; h++) s[h * cap + x] = dot(q + h * d, row, d);
   }
-  quantized_scores(j, kvh, q, nq, s + sink, cap, codes, folded);
+  quantized_scores(j, kvh, q, nq, s + sink, cap, codes, folded, pair_f);
   for (int h = 0; h < G; h++) {
     float *sh = s + h * cap, max = -INFINITY, sum = 0.0f;
     for (int64_t x = 0; x < len; x++) {
@@ -350,7 +365,7 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) static void attend_g
     for (int h = 0; h < G; h++)
       for (int c = 0; c < d; c++) acc[h * d + c] += s[h * cap + x] * row[c];
   }
-  quantized_values(j, kvh, s + sink, cap, nq, acc, codes);
+  quantized_values(j, kvh, s + sink, cap, nq, acc, codes, pair_f);
   memcpy(j->out + ((int64_t)t * j->heads + (int64_t)kvh * G) * d, acc,
          (size_t)G * d * sizeof(float));
 }
