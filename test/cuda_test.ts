@@ -206,7 +206,8 @@ test("rope at positions up to 5000", (gpu, cpu) => {
     );
     assertClose(f32(gs), f32(cs), 1e-5, `rope scaled ${n}x${heads}x${hd}`);
     if (scaleHeads === 1) continue;
-    // decode's [q heads | k heads] in one call: the scale for the first heads - 2 only
+    // decode's [q heads | k heads] in one call: at 8 heads, 3 rows of scale for the first 6
+    // (2 heads a row), the last 2 turned unscaled
     const qk = { heads: scaleHeads - 1, scaledHeads: heads - 2 };
     const [gq, cq] = onBoth(
       gpu,

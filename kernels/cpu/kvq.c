@@ -212,7 +212,7 @@ static inline void unpack_words(const uint32_t *w, int count, int bits, const ro
 /* count codes from code `first` (whole rows: a multiple of the row length
  * and of 32, so rows and blocks start on words) as floats, in element order. */
 IQ_CLONES static void unpack(const uint32_t *words, int64_t first, int count, int bits,
-                   const row_order *o, float *out) {
+                             const row_order *o, float *out) {
   const uint32_t *w = words + first * bits / 32;
   switch (bits) {
   case 2: unpack_words(w, count, 2, o, out); return;
@@ -235,8 +235,9 @@ static inline float dot(const float *a, const float *b, int d) {
  * each token's codes unpacked once for all G. Channel-grouped keys fold each
  * group's pair as scale * Σ q·code + offset * Σ q (the group sums of q once
  * per call); token-grouped keys take Σ (q·scale) code + Σ q·offset per block. */
-IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t nq, float *s,
-                             int64_t s_stride, float *codes, float *folded, float *pair_f) {
+IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t nq,
+                                       float *s, int64_t s_stride, float *codes, float *folded,
+                                       float *pair_f) {
   const iq_kvq_params *p = j->p;
   int d = p->head_dim, bits = p->k_bits, g = p->k_group, b = kvq_block(p), G = j->group;
   int64_t qcap = kvq_quant_cap(p);
@@ -293,8 +294,9 @@ IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q
  * token-grouped values fold scale * Σ w·code + offset * Σ w per block and
  * channel; channel-grouped values take Σ (w·scale) code + Σ w·offset per token
  * and group. */
-IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w, int64_t w_stride,
-                             int64_t nq, float *out, float *codes, float *pair_f) {
+IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w,
+                                       int64_t w_stride, int64_t nq, float *out, float *codes,
+                                       float *pair_f) {
   const iq_kvq_params *p = j->p;
   int d = p->head_dim, bits = p->v_bits, g = p->v_group, b = kvq_block(p), G = j->group;
   int64_t qcap = kvq_quant_cap(p);
@@ -331,8 +333,7 @@ IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w
 /* Query t and the G query heads of KV head kvh: scores over sink | quantized |
  * ring, one exact softmax per head, then the weighted values. Each cache row is
  * converted or unpacked once for all G heads. */
-IQ_CLONES static void attend_group(
-    const kvq_job *j, int t, int kvh, float *scratch) {
+IQ_CLONES static void attend_group(const kvq_job *j, int t, int kvh, float *scratch) {
   const iq_kvq_params *p = j->p;
   int d = p->head_dim, G = j->group;
   int64_t cap = p->cap, len = (int64_t)j->pos0 + t + 1, nq = kvq_quantized(p, len);

@@ -96,4 +96,3 @@ int merge_splits(iq_ctx *ctx, float *out, const float *part_acc, const float *pa
   return iq_launch_early(ctx, fn, dim3((unsigned)rows, (unsigned)((d + 31) / 32)),
                          dim3(MERGE_WARPS * 32), smem, out, part_acc, part_ml, rows, d, splits);
 }
-

@@ -4,7 +4,7 @@
  * same token:
  * 1. with a repetition penalty, work = the logits penalized (else the logits);
  * 2. temperature <= 0: an arg max, lowest id on ties (two passes);
- * 3. else keys = work / temperature, sorted descending by CUB's radix sort,
+ * 3. else keys = step 1's row / temperature, sorted descending by CUB's radix sort,
  *    which is stable (lower id first on ties) and treats -0 as +0;
  * 4. one block: exps in parallel, then one thread runs the CPU's sequential
  *    sums (softmax, top_p, pick) over the kept prefix, in the CPU's order.

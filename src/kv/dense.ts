@@ -45,20 +45,15 @@ export class DenseKvCache implements KvCache {
     }
   }
 
-  store(layer: number, k: Slice, v: Slice, pos0: number, n: number): void {
+  /** A layer's two caches and their shape, as kvStore and attention take them. */
+  #caches(layer: number) {
     const { kvHeads, headDim, capacity } = this.shape;
-    this.backend.kvStore({
-      kCache: this.#keys[layer],
-      vCache: this.#values[layer],
-      cacheDtype: this.#dtype,
-      k,
-      v,
-      n,
-      pos0,
-      kvHeads,
-      headDim,
-      cap: capacity,
-    });
+    const [kCache, vCache] = [this.#keys[layer], this.#values[layer]];
+    return { kCache, vCache, cacheDtype: this.#dtype, kvHeads, headDim, cap: capacity };
+  }
+
+  store(layer: number, k: Slice, v: Slice, pos0: number, n: number): void {
+    this.backend.kvStore({ ...this.#caches(layer), k, v, n, pos0 });
   }
 
   queryScale(): null {
@@ -66,19 +61,13 @@ export class DenseKvCache implements KvCache {
   }
 
   attend(layer: number, q: Slice, out: Slice, pos0: number, n: number): void {
-    const { heads, kvHeads, headDim, capacity } = this.shape;
     const args = {
+      ...this.#caches(layer),
       out,
       q,
-      kCache: this.#keys[layer],
-      vCache: this.#values[layer],
-      cacheDtype: this.#dtype,
       pos0,
       n,
-      heads,
-      kvHeads,
-      headDim,
-      cap: capacity,
+      heads: this.shape.heads,
       scale: this.#scale,
     };
     if (n === 1) this.backend.attentionDecode(args);
