@@ -1,11 +1,11 @@
 // The quantized KV cache on CUDA against the CPU reference (kernels/cpu/kvq.c): the same stores
 // write the same bytes (codes, pairs, windows, key normalization), and attention agrees, for every
-// setting of test/kvq_harness.ts, GQA groups of 3 and 8, and a Llama-3-8B layer at 5000 tokens
-// (many splits), and fp8 (scale, offset) pairs: all 256 codes decode as on the CPU, groups across
-// fp16's range store the CPU's bytes. The SIMT kernel agrees within fp32 summation-order noise (1e-4 relative to
-// max(1, |cpu|)); the tensor-core kernel rounds q and the probabilities to fp16 (11-bit
-// mantissa) as the MMAs take them, and agrees within 4e-3. Where no GPU answers every test is
-// registered as ignored.
+// setting of test/kvq_harness.ts, GQA groups of 3 and 8, a Llama-3-8B layer at 5000 tokens (many
+// splits), prefill blocks that pack 2, 4 and 8 queries, and fp8 (scale, offset) pairs: all 256
+// codes decode as on the CPU, groups across fp16's range store the CPU's bytes. The SIMT kernel
+// agrees within fp32 summation-order noise (1e-4 relative to max(1, |cpu|)); the tensor-core
+// kernel rounds q and the probabilities to fp16 (11-bit mantissa) as the MMAs take them, and
+// agrees within 4e-3. Where no GPU answers every test is registered as ignored.
 import assert from "node:assert/strict";
 import { Backend, KvqAxis, KvqMeta, KvqMode, KvqNorm, type KvqParams } from "../ffi/backend.ts";
 import { Rng } from "../src/engine/sampler.ts";
@@ -56,9 +56,9 @@ function compare(
   cpu: Backend,
   name: string,
   params: KvqParams,
-  opts: { heads: number; prefill: number; chunks: number[]; decode: number },
+  opts: { heads: number; prefill: number; chunks: number[]; decode: number; queries?: number },
 ): void {
-  const { heads, prefill, chunks, decode } = opts;
+  const { heads, prefill, chunks, decode, queries = 48 } = opts;
   const total = prefill + decode, d = params.headDim;
   const rows = kvRows(params, total, 21);
   const layouts = [gpu, cpu].map((be) => be.kvqLayout(params));
@@ -73,7 +73,7 @@ function compare(
   const rng = new Rng(5);
   fill(prefill, chunks, 0);
   sameBytes("after prefill");
-  const n = Math.min(48, prefill), pos0 = prefill - n;
+  const n = Math.min(queries, prefill), pos0 = prefill - n;
   const q = randomFloats(rng, n * heads * d);
   const [g, c] = [gpu, cpu].map((be, i) =>
     kvqAttention(be, layouts[i], layers[i], q, n, pos0, heads)
@@ -162,6 +162,38 @@ test("a Llama-3-8B layer at 5000 tokens: many splits", (gpu, cpu) => {
       chunks: [256],
       decode: 6,
     });
+  }
+});
+
+// A prefill block of the tensor-core kernel takes 8 / GQA queries. 45 queries from position 156
+// (sink 4, recent 32: the quantized region grows by a chunk at position 163) put that edge inside
+// a block for 2, 4 and 8 queries a block, and leave a last block short.
+test("prefill blocks of 8, 4 and 2 queries (GQA 1, 2, 4) across a chunk's edge", (gpu, cpu) => {
+  for (const group of [1, 2, 4]) {
+    for (
+      const [name, over] of [
+        ["k4v2", {}],
+        ["k2v2 keys over tokens", { kBits: 2, kAxis: KvqAxis.TOKENS }],
+      ] as [string, Partial<KvqParams>][]
+    ) {
+      const params = kvqParams({
+        headDim: 128,
+        cap: 220,
+        sink: 4,
+        recent: 32,
+        ring: 32 + 32 + 64 - 1,
+        kGroup: 32,
+        vGroup: 32,
+        ...over,
+      });
+      compare(gpu, cpu, `${name} GQA ${group}`, params, {
+        heads: 2 * group,
+        prefill: 201,
+        chunks: [64, 64, 64, 9],
+        decode: 3,
+        queries: 45,
+      });
+    }
   }
 });
 

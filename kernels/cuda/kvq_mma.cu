@@ -5,8 +5,10 @@
  * head_dim 64 or 128, up to 8 query heads per KV head. kvq_attention.cu calls it where
  * kvq_mma_supported says so and runs its SIMT kernel otherwise.
  *
- * grid (kv_heads, 1 + splits, n queries), 4 warps a block. Split 0 walks the
- * query's fp16 positions (sink, ring); the others walk chunks of 32 quantized
+ * grid (kv_heads, 1 + splits, query blocks), 4 warps a block. A block takes
+ * one query (decode) or, in prefill, as many as their heads fill the MMAs' 8
+ * columns (km_col_row), so a chunk unpacked once serves them all. Split 0
+ * walks the queries' fp16 positions (sink, ring); the others walk chunks of 32 quantized
  * tokens (one value block), each warp its own chunks, copied to its own
  * shared memory with cp.async one chunk ahead. Per chunk a warp computes
  *   Sᵀ (32 tokens x 8 heads) = K codes (A operand) · q (B, held in registers),
@@ -38,7 +40,7 @@
 
 constexpr int KM_WARPS = 4, KM_CHUNK = 32, KM_HEADS = 8;
 
-/* The kernel's parameters, 104 bytes in the order it reads them. At short contexts a block is
+/* The kernel's parameters, 112 bytes in the order it reads them. At short contexts a block is
  * the first on its multiprocessor, and each constant-cache line of parameters it touches is a
  * serial miss (ncu: stall_imc on ULDC): a quantized split's first copies need only the first
  * 48 bytes (the line that starts the parameter bank at 0x210), q the next 64. Regions are offsets
@@ -57,12 +59,29 @@ struct km_args {
   uint32_t h1024; /* 0x64006400, from the host so that it stays in a register (under_1024) */
   int warp_rows;  /* each warp leaves its own partial (short contexts), else each block one */
   int e5m2;       /* fp8 pairs are e5m2, else e4m3 */
+  int n, qpb;     /* queries, and queries per block: their heads share the 8 columns (km_col_row) */
 };
 
-static_assert(sizeof(km_args) == 104, "km_args: two constant-cache lines");
+static_assert(sizeof(km_args) == 112, "km_args: two constant-cache lines");
 
 template <typename T> __device__ __forceinline__ const T *km_region(const km_args &a, uint32_t off) {
   return reinterpret_cast<const T *>(a.layer + (uint64_t)off * 256);
+}
+
+/* Column c of a block whose first query is t0 holds head h0 + c % group of query t0 + c / group
+ * when the block packs queries (P), else head h0 + c of query t0; km_col_row is its row of
+ * [n, heads]. */
+template <bool P> __device__ __forceinline__ int km_col_query(const km_args &a, int t0, int c) {
+  return P ? t0 + c / a.group : t0;
+}
+template <bool P>
+__device__ __forceinline__ int64_t km_col_row(const km_args &a, int t0, int h0, int c) {
+  return (int64_t)km_col_query<P>(a, t0, c) * a.heads + h0 + (P ? c % a.group : c);
+}
+
+/* Positions a query at position p sees quantized (kvq_quantized): whole chunks past the lag. */
+__device__ __forceinline__ int km_quantized(const km_args &a, int p) {
+  return p + 1 > a.lag ? (p + 1 - a.lag) / KM_CHUNK * KM_CHUNK : 0;
 }
 
 /* fp16 constants of the unpacking: a code of up to 10 bits OR-ed into the
@@ -256,6 +275,9 @@ template <int D> struct km_state {
  * moves only when a score passes it by more than MAX_LAG (log2 units), so p <=
  * 2^MAX_LAG and most chunks skip the rescale. */
 constexpr float MAX_LAG = 8.0f;
+/* A head's running maximum before it has seen a position: finite, so that a chunk or piece its
+ * query does not see (scores all -inf) gives p = 2^-inf = 0 and leaves the state as it was. */
+constexpr float KM_NONE = -1e30f;
 template <int D>
 __device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][4], uint32_t h,
                                               uint32_t pb[2][2], float ps[2]) {
@@ -265,7 +287,7 @@ __device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][
     float mx = fmaxf(fmaxf(s[0][j], s[0][j + 2]), fmaxf(s[1][j], s[1][j + 2]));
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    /* m is finite after: every chunk and fp16 piece has a position (-inf scores give p 0) */
+    /* m is finite: KM_NONE until a score passes it */
     const float m = mx > st.m[j] + MAX_LAG ? mx : st.m[j];
     corr[j] = m == st.m[j] ? 1.0f : fast_exp2(st.m[j] - m);
     st.m[j] = m;
@@ -344,7 +366,7 @@ __device__ __forceinline__ void value_tiles(std::integer_sequence<int, CM...>, k
   (value_tile<D, VB, CM>(st, vw, vm, pb, ps, gid, h), ...);
 }
 
-template <int D, int KB, int VB, int KG, bool F8>
+template <int D, int KB, int VB, int KG, bool F8, bool P>
 __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   using st = km_stage<D, KB, VB, KG, F8>;
   extern __shared__ __align__(16) uint32_t km_smem[];
@@ -353,11 +375,16 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   /* launched early (iq_launch_early): the kernel before may still be writing q or the cache, or
    * reading the partials */
   iq_wait_prior();
-  const int kvh = blockIdx.x, h0 = kvh * a.group, nh = min(a.group, KM_HEADS), t = blockIdx.z;
-  /* positions seen, the quantized ones among them (kvq_quantized), the fp16 ones: len <= cap
-   * fits 32 bits */
-  const int len = a.pos0 + t + 1, nq = len > a.lag ? (len - a.lag) / KM_CHUNK * KM_CHUNK : 0;
-  const int sinkn = min(len, a.sink), fp16n = len - nq;
+  /* one query a block (always in decode) finds its query and columns without a.n and a.qpb,
+   * so that its q loads do not wait on them */
+  const int kvh = blockIdx.x, h0 = kvh * a.group, t0 = P ? blockIdx.z * a.qpb : blockIdx.z;
+  const int queries = P ? min(a.qpb, a.n - t0) : 1;
+  const int nh = P ? queries * a.group : min(a.group, KM_HEADS); /* columns in use */
+  /* positions the block's last query sees (len <= cap fits 32 bits), the quantized ones among
+   * them; its first query sees nq0 of them quantized, at most one chunk fewer. Split 0 walks
+   * the fp16 positions from there (fp16n), each column masking what its query does not see */
+  const int len = a.pos0 + t0 + queries, nq = km_quantized(a, len - 1);
+  const int nq0 = P ? km_quantized(a, a.pos0 + t0) : nq, sinkn = min(len, a.sink), fp16n = len - nq0;
   constexpr int KPG = KG ? KG / 16 : 1; /* k-steps per key group (over channels) */
 
   /* a quantized split's warps start copying their first chunk before anything else */
@@ -381,7 +408,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
     const int side = lane / FP16_PIECE, i = base + lane % FP16_PIECE;
     __half *dst = tile + lane * FP16_S;
     if (i < fp16n) { /* stream position x, its row as kvq_fp16_row finds it */
-      const int x = i < sinkn ? i : a.sink + nq + (i - sinkn);
+      const int x = i < sinkn ? i : a.sink + nq0 + (i - sinkn);
       const __half *b = x < a.sink
                             ? km_region<__half>(a, side ? a.sink_v : a.sink_k) +
                                   ((int64_t)kvh * a.sink + x) * D
@@ -405,7 +432,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
    * columns 2 tig, + 1 are this thread's heads (shorter than a chain of shuffles) */
   uint32_t qb[D / 16][2];
   float qg[D / 16 / KPG][2]; /* per key group */
-  const float *qrow = a.q + ((int64_t)t * a.heads + h0 + (gid < nh ? gid : 0)) * D + 2 * tig;
+  const float *qrow = a.q + km_col_row<P>(a, t0, h0, gid < nh ? gid : 0) * D + 2 * tig;
   float2 qv[D / 16][2]; /* loaded unconditionally (heads past the group read head 0, then zero) */
 #pragma unroll
   for (int ks = 0; ks < D / 16; ks++)
@@ -428,7 +455,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   }
 
   km_state<D> state;
-  state.m[0] = state.m[1] = -INFINITY;
+  state.m[0] = state.m[1] = KM_NONE;
   state.l[0] = state.l[1] = 0.0f;
 #pragma unroll
   for (int cm = 0; cm < D / 16; cm++)
@@ -444,6 +471,15 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
      * transposed) (0-7, 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15) */
     const int k_lane = (lane % 8 + lane / 8 % 2 * 8) * FP16_S + lane / 16 * 8;
     const int v_lane = (lane % 8 + lane / 16 * 8) * FP16_S + lane / 8 % 2 * 8;
+    /* packed queries: position x is seen by this thread's column j (head 2 tig + j) if x <
+     * ends[j] and x is in the sink or at or past starts[j], the first position its query sees
+     * fp16; one query sees every row before fp16n */
+    int ends[2], starts[2];
+#pragma unroll
+    for (int j = 0; j < 2 && P; j++) {
+      const int p = a.pos0 + km_col_query<P>(a, t0, 2 * tig + j);
+      ends[j] = p + 1, starts[j] = a.sink + km_quantized(a, p);
+    }
     for (int base = warp * FP16_PIECE; base < fp16n; base += KM_WARPS * FP16_PIECE) {
       asm volatile("cp.async.wait_group 0;\n" ::);
       __syncwarp();
@@ -455,11 +491,12 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
         ldmatrix_x4(fr, tile + 16 * ks + k_lane);
         mma_16816(sc, fr, qb[ks][0], qb[ks][1]);
       }
-      const bool in0 = base + gid < fp16n, in1 = base + gid + 8 < fp16n;
-      s[0][0] = in0 ? sc[0] : -INFINITY;
-      s[0][1] = in0 ? sc[1] : -INFINITY;
-      s[0][2] = in1 ? sc[2] : -INFINITY;
-      s[0][3] = in1 ? sc[3] : -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 4; i++) { /* row gid then gid + 8 (rows past fp16n are past len) */
+        const int r = base + gid + i / 2 * 8, x = r < sinkn ? r : a.sink + nq0 + (r - sinkn);
+        const bool seen = P ? x < ends[i % 2] && (x < a.sink || x >= starts[i % 2]) : r < fp16n;
+        s[0][i] = seen ? sc[i] : -INFINITY;
+      }
 #pragma unroll
       for (int i = 0; i < 4; i++) s[1][i] = -INFINITY; /* a piece is one 16-token tile */
       uint32_t pb[2][2];
@@ -476,6 +513,9 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
       if (base + KM_WARPS * FP16_PIECE < fp16n) load_piece(base + KM_WARPS * FP16_PIECE);
     }
   } else {
+    /* the chunk that the block's last query sees quantized and its first does not (if any) is
+     * fp16 to the queries that see nq0 quantized (split 0 gives it them) */
+    const int chunk0 = P && nq0 < nq ? nq0 / KM_CHUNK : -1;
     /* quantized chunks first + warp, + 4, ... of this split */
     for (int chunk = first, i = 0; chunk < last; chunk += KM_WARPS, i++) {
       uint32_t *cur = stage + (i & 1) * st::WORDS;
@@ -499,9 +539,9 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
       constexpr int KGW = D / KPG / 16; /* pairs per key row */
 #pragma unroll
       for (int mt = 0; mt < 2; mt++) {
-        const int t0 = 16 * mt + gid;
-        const uint32_t *r0 = cur + st::KC + t0 * KROW, *r1 = r0 + 8 * KROW;
-        const int m0 = t0 * KGW, m1 = m0 + 8 * KGW; /* the rows' first pairs */
+        const int row = 16 * mt + gid; /* of the chunk */
+        const uint32_t *r0 = cur + st::KC + row * KROW, *r1 = r0 + 8 * KROW;
+        const int m0 = row * KGW, m1 = m0 + 8 * KGW; /* the rows' first pairs */
         float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int i = 0; i < 4; i++) s[mt][i] = 0.0f;
@@ -568,6 +608,12 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
           for (int i = 0; i < 4; i++)
             s[mt][i] = fmaf(s[mt][i] - raw[i % 2], raw_factor_inv<KB>(2 * mt + i / 2), bias[i % 2]);
       }
+      if (P && chunk == chunk0)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+          if (km_quantized(a, a.pos0 + km_col_query<P>(a, t0, 2 * tig + j)) < KM_CHUNK * chunk + 1)
+#pragma unroll
+            for (int i = j; i < 8; i += 2) s[i / 4][i % 4] = -INFINITY;
       uint32_t pb[2][2];
       float ps[2];
       chunk_softmax<D>(state, s, h, pb, ps);
@@ -587,25 +633,27 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   }
 
   iq_allow_next(); /* the merge may start launching */
-  const int64_t rows = (int64_t)gridDim.y * (a.warp_rows ? KM_WARPS : 1) * gridDim.z * a.heads;
+  const int n = P ? a.n : gridDim.z; /* queries */
+  const int64_t rows = (int64_t)gridDim.y * (a.warp_rows ? KM_WARPS : 1) * n * a.heads;
   float *part_ml = a.part_acc + rows * D;
   if (a.warp_rows) {
     /* each warp its own partial, split blockIdx.y * KM_WARPS + warp, as in decode_mma.cu: at a
      * chunk or two per warp, the block merge below would cost a third of the warps' time */
-    const int64_t row = (((int64_t)blockIdx.y * KM_WARPS + warp) * gridDim.z + t) * a.heads + h0;
+    const int64_t split = ((int64_t)blockIdx.y * KM_WARPS + warp) * n * a.heads;
+    const int64_t row[2] = {split + km_col_row<P>(a, t0, h0, 2 * tig),
+                            split + km_col_row<P>(a, t0, h0, 2 * tig + 1)};
 #pragma unroll
     for (int cm = 0; cm < D / 16; cm++)
 #pragma unroll
-      for (int i = 0; i < 4; i++) {
-        const int head = 2 * tig + i % 2;
-        if (head < nh) a.part_acc[(row + head) * D + 16 * cm + gid + i / 2 * 8] = state.acc[cm][i];
-      }
+      for (int i = 0; i < 4; i++)
+        if (2 * tig + i % 2 < nh)
+          a.part_acc[row[i % 2] * D + 16 * cm + gid + i / 2 * 8] = state.acc[cm][i];
     if (gid == 0)
 #pragma unroll
       for (int j = 0; j < 2; j++)
-        if (2 * tig + j < nh) {
-          part_ml[(row + 2 * tig + j) * 2] = state.m[j] * LN2; /* -inf: saw nothing */
-          part_ml[(row + 2 * tig + j) * 2 + 1] = state.l[j];
+        if (2 * tig + j < nh) { /* -inf: saw nothing */
+          part_ml[row[j] * 2] = state.m[j] == KM_NONE ? -INFINITY : state.m[j] * LN2;
+          part_ml[row[j] * 2 + 1] = state.l[j];
         }
     return;
   }
@@ -623,7 +671,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
     float mx = -INFINITY;
 #pragma unroll
     for (int w = 0; w < KM_WARPS; w++) mx = fmaxf(mx, w_m[w][2 * tig + j]);
-    f[j] = state.m[j] == -INFINITY ? 0.0f : fast_exp2(state.m[j] - mx); /* 0: saw nothing */
+    f[j] = state.m[j] == KM_NONE ? 0.0f : fast_exp2(state.m[j] - mx); /* 0: saw nothing */
   }
   float *w_acc = reinterpret_cast<float *>(km_smem);
 #pragma unroll
@@ -637,19 +685,20 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
 #pragma unroll
     for (int j = 0; j < 2; j++) w_l[warp][2 * tig + j] = state.l[j] * f[j];
   __syncthreads();
-  const int64_t row0 = ((int64_t)blockIdx.y * gridDim.z + t) * a.heads + h0;
+  const int64_t split = (int64_t)blockIdx.y * n * a.heads;
   for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
-    const int head = i / D, c = i % D;
+    const int col = i / D, c = i % D;
+    const int64_t row = split + km_col_row<P>(a, t0, h0, col);
     float acc = 0.0f;
 #pragma unroll
-    for (int w = 0; w < KM_WARPS; w++) acc += w_acc[(w * KM_HEADS + head) * D + c];
-    a.part_acc[(row0 + head) * D + c] = acc;
+    for (int w = 0; w < KM_WARPS; w++) acc += w_acc[(w * KM_HEADS + col) * D + c];
+    a.part_acc[row * D + c] = acc;
     if (c == 0) {
-      float mx = -INFINITY, l = 0.0f;
+      float mx = KM_NONE, l = 0.0f;
 #pragma unroll
-      for (int w = 0; w < KM_WARPS; w++) mx = fmaxf(mx, w_m[w][head]), l += w_l[w][head];
-      part_ml[(row0 + head) * 2] = mx * LN2; /* back to natural units */
-      part_ml[(row0 + head) * 2 + 1] = l;
+      for (int w = 0; w < KM_WARPS; w++) mx = fmaxf(mx, w_m[w][col]), l += w_l[w][col];
+      part_ml[row * 2] = mx == KM_NONE ? -INFINITY : mx * LN2; /* natural units; -inf: none */
+      part_ml[row * 2 + 1] = l;
     }
   }
 }
@@ -669,12 +718,13 @@ struct km_kernel {
   int blocks_per_sm;
 };
 
-/* The kernel for D, KB, VB, KG; its attributes are set at the first call. */
-template <int D, int KB, int VB, int KG, bool F8> static int km_kernel_of(iq_ctx *ctx, km_kernel *k) {
+/* The kernel for D, KB, VB, KG, F8, P; its attributes are set at the first call. */
+template <int D, int KB, int VB, int KG, bool F8, bool P>
+static int km_kernel_of(iq_ctx *ctx, km_kernel *k) {
   static int blocks = 0;
   const size_t warps = sizeof(uint32_t) * KM_WARPS * km_stage<D, KB, VB, KG, F8>::WARP_WORDS;
   const size_t merge = sizeof(float) * KM_WARPS * KM_HEADS * D;
-  k->fn = kvq_mma_kernel<D, KB, VB, KG, F8>;
+  k->fn = kvq_mma_kernel<D, KB, VB, KG, F8, P>;
   k->smem = warps > merge ? warps : merge;
   if (!blocks) {
     IQ_CUDA(ctx, cudaFuncSetAttribute(k->fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -687,48 +737,58 @@ template <int D, int KB, int VB, int KG, bool F8> static int km_kernel_of(iq_ctx
   return IQ_OK;
 }
 
-template <int D, int KB, int VB, bool F8>
+template <int D, int KB, int VB, bool F8, bool P>
 static int km_kernel_g(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
-  if (p->k_axis == IQ_AXIS_TOKENS) return km_kernel_of<D, KB, VB, 0, F8>(ctx, k); /* over tokens */
+  if (p->k_axis == IQ_AXIS_TOKENS) return km_kernel_of<D, KB, VB, 0, F8, P>(ctx, k); /* over tokens */
   switch (p->k_group) {
-  case 16: return km_kernel_of<D, KB, VB, 16, F8>(ctx, k);
-  case 32: return km_kernel_of<D, KB, VB, 32, F8>(ctx, k);
-  case 64: return km_kernel_of<D, KB, VB, 64, F8>(ctx, k);
-  default: return km_kernel_of<D, KB, VB, (D < 128 ? D : 128), F8>(ctx, k);
+  case 16: return km_kernel_of<D, KB, VB, 16, F8, P>(ctx, k);
+  case 32: return km_kernel_of<D, KB, VB, 32, F8, P>(ctx, k);
+  case 64: return km_kernel_of<D, KB, VB, 64, F8, P>(ctx, k);
+  default: return km_kernel_of<D, KB, VB, (D < 128 ? D : 128), F8, P>(ctx, k);
   }
 }
 
+/* packed: the queries of a block share the MMAs' columns (prefill); a decode step's kernel has
+ * one query and none of their masks */
 template <int D, int KB, int VB>
-static int km_kernel_m(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
-  return p->meta == IQ_META_F16 ? km_kernel_g<D, KB, VB, false>(ctx, p, k)
-                                : km_kernel_g<D, KB, VB, true>(ctx, p, k);
+static int km_kernel_m(iq_ctx *ctx, const iq_kvq_params *p, bool packed, km_kernel *k) {
+  if (packed)
+    return p->meta == IQ_META_F16 ? km_kernel_g<D, KB, VB, false, true>(ctx, p, k)
+                                  : km_kernel_g<D, KB, VB, true, true>(ctx, p, k);
+  return p->meta == IQ_META_F16 ? km_kernel_g<D, KB, VB, false, false>(ctx, p, k)
+                                : km_kernel_g<D, KB, VB, true, false>(ctx, p, k);
 }
 
-template <int D, int KB> static int km_kernel_v(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
+template <int D, int KB>
+static int km_kernel_v(iq_ctx *ctx, const iq_kvq_params *p, bool packed, km_kernel *k) {
   switch (p->v_bits) {
-  case 2: return km_kernel_m<D, KB, 2>(ctx, p, k);
-  case 4: return km_kernel_m<D, KB, 4>(ctx, p, k);
-  default: return km_kernel_m<D, KB, 8>(ctx, p, k);
+  case 2: return km_kernel_m<D, KB, 2>(ctx, p, packed, k);
+  case 4: return km_kernel_m<D, KB, 4>(ctx, p, packed, k);
+  default: return km_kernel_m<D, KB, 8>(ctx, p, packed, k);
   }
 }
 
-template <int D> static int km_kernel_k(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
+template <int D> static int km_kernel_k(iq_ctx *ctx, const iq_kvq_params *p, bool packed, km_kernel *k) {
   switch (p->k_bits) {
-  case 2: return km_kernel_v<D, 2>(ctx, p, k);
-  case 4: return km_kernel_v<D, 4>(ctx, p, k);
-  default: return km_kernel_v<D, 8>(ctx, p, k);
+  case 2: return km_kernel_v<D, 2>(ctx, p, packed, k);
+  case 4: return km_kernel_v<D, 4>(ctx, p, packed, k);
+  default: return km_kernel_v<D, 8>(ctx, p, packed, k);
   }
 }
 
 /* Arguments are checked by iq_kvq_attention. */
 int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
                       const float *q, int n, int pos0, int heads, float scale) {
+  /* prefill: as many queries a block as their heads fill the MMAs' columns */
+  const int group = heads / p->kv_heads, qpb = n < KM_HEADS / group ? n : KM_HEADS / group;
+  const int64_t blocks = (n + qpb - 1) / qpb;
   km_kernel k = {nullptr, 0, 1};
-  IQ_TRY(p->head_dim == 128 ? km_kernel_k<128>(ctx, p, &k) : km_kernel_k<64>(ctx, p, &k));
+  IQ_TRY(p->head_dim == 128 ? km_kernel_k<128>(ctx, p, qpb > 1, &k)
+                            : km_kernel_k<64>(ctx, p, qpb > 1, &k));
   /* the chunks of the longest query, split so that one wave of resident blocks (one fp16 block
-   * per KV head and query beside them) covers them, each warp at least one chunk */
+   * per KV head and query block beside them) covers them, each warp at least one chunk */
   const int64_t chunks = kvq_quantized(p, (int64_t)pos0 + n) / KM_CHUNK;
-  const int64_t per_split = (int64_t)p->kv_heads * n;
+  const int64_t per_split = (int64_t)p->kv_heads * blocks;
   int64_t qsplits = ((int64_t)k.blocks_per_sm * ctx->sms - per_split) / per_split;
   const int64_t most = (chunks + KM_WARPS - 1) / KM_WARPS;
   qsplits = qsplits < 1 ? 1 : qsplits;
@@ -755,7 +815,7 @@ int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   a.chunks_per_split = (int)per;
   a.head_chunks = (int)(kvq_quant_cap(p) / KM_CHUNK);
   a.heads = heads;
-  a.group = heads / p->kv_heads;
+  a.group = group;
   a.q = q;
   a.part_acc = (float *)scratch;
   a.sink_k = (uint32_t)(off[IQ_KVQ_SINK_K] / 256), a.sink_v = (uint32_t)(off[IQ_KVQ_SINK_V] / 256);
@@ -766,7 +826,9 @@ int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   a.h1024 = 0x64006400u;
   a.warp_rows = warp_rows;
   a.e5m2 = p->meta == IQ_META_E5M2;
-  dim3 grid((unsigned)p->kv_heads, (unsigned)splits, (unsigned)n);
+  a.n = n;
+  a.qpb = qpb;
+  dim3 grid((unsigned)p->kv_heads, (unsigned)splits, (unsigned)blocks);
   IQ_TRY(iq_launch_early(ctx, k.fn, grid, dim3(KM_WARPS * 32), k.smem, a));
   IQ_TRY(merge_splits(ctx, out, a.part_acc, a.part_acc + rows * p->head_dim, n * heads, p->head_dim,
                       rows_per_head));
