@@ -171,20 +171,31 @@ typedef struct {
   float *out;
   const float *q;
   int n, pos0, heads, group; /* group: query heads per KV head */
+  int tile;                  /* queries a task takes: each code unpacked once for all of them */
   float scale;
   float *scratch;
   int64_t scratch_floats;     /* per worker */
   const row_order *order[2]; /* of the keys' and the values' codes */
 } kvq_job;
 
-/* Per-worker scratch: scores [group][cap], outputs [group][d], one fp16 row as
- * floats [d], one token's or block's codes as floats [block * d], the
- * query's folded terms [group][d + 1], and one token's or block's (scale,
- * offset) pairs as floats [2][d]. */
-static int64_t kvq_scratch_floats(const iq_kvq_params *p, int group) {
+/* Per-worker scratch for `rows` query rows (a tile's queries times their heads): scores
+ * [rows][cap], outputs [rows][d], the rows of q [rows][d], one fp16 row as floats [d], one
+ * token's or block's codes as floats [block * d], the rows' folded terms [rows][d + 1], and one
+ * token's or block's (scale, offset) pairs as floats [2][d]. */
+static int64_t kvq_scratch_floats(const iq_kvq_params *p, int rows) {
   int64_t d = p->head_dim;
-  return group * (int64_t)p->cap + group * d + d + (int64_t)kvq_block(p) * d + group * (d + 1) +
+  return rows * (int64_t)p->cap + 2 * rows * d + d + (int64_t)kvq_block(p) * d + rows * (d + 1) +
          2 * d;
+}
+
+/* Queries a task takes (prefill): up to QUERY_TILE, while their scores fit QUERY_TILE_FLOATS
+ * (16 MiB a worker). */
+enum { QUERY_TILE = 8, QUERY_TILE_FLOATS = 1 << 22 };
+static int query_tile(const iq_kvq_params *p, int n, int group) {
+  int64_t fit = QUERY_TILE_FLOATS / ((int64_t)group * p->cap);
+  int tile = fit < QUERY_TILE ? (int)fit : QUERY_TILE;
+  tile = tile < n ? tile : n;
+  return tile > 1 ? tile : 1;
 }
 
 /* The first n (scale, offset) pairs at `pairs` as floats, converted once for
@@ -231,15 +242,15 @@ static inline float dot(const float *a, const float *b, int d) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-/* Scores of the quantized stream tokens [0, nq) for the G query rows q[G][d],
- * each token's codes unpacked once for all G. Channel-grouped keys fold each
- * group's pair as scale * Σ q·code + offset * Σ q (the group sums of q once
- * per call); token-grouped keys take Σ (q·scale) code + Σ q·offset per block. */
-IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q, int64_t nq,
-                                       float *s, int64_t s_stride, float *codes, float *folded,
-                                       float *pair_f) {
+/* Scores of the quantized stream tokens [0, nq) for the G query rows q[G][d] (a tile's queries
+ * times their heads), each token's codes unpacked once for all G. Channel-grouped keys fold each
+ * group's pair as scale * Σ q·code + offset * Σ q (the group sums of q once per call);
+ * token-grouped keys take Σ (q·scale) code + Σ q·offset per block. */
+IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q, int G,
+                                       int64_t nq, float *s, int64_t s_stride, float *codes,
+                                       float *folded, float *pair_f) {
   const iq_kvq_params *p = j->p;
-  int d = p->head_dim, bits = p->k_bits, g = p->k_group, b = kvq_block(p), G = j->group;
+  int d = p->head_dim, bits = p->k_bits, g = p->k_group, b = kvq_block(p);
   int64_t qcap = kvq_quant_cap(p);
   const uint32_t *words = j->r.codes_k + (int64_t)kvh * qcap * d * bits / 32;
   const int fmt = p->meta;
@@ -290,15 +301,17 @@ IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q
   }
 }
 
-/* out[G][d] += Σ_u w[h][u] v_u over the quantized stream tokens [0, nq):
+/* out[G][d] += Σ_u w[h][u] v_u over the quantized stream tokens [0, nq[h / per]) of each row
+ * (per rows a query):
  * token-grouped values fold scale * Σ w·code + offset * Σ w per block and
  * channel; channel-grouped values take Σ (w·scale) code + Σ w·offset per token
  * and group. */
 IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w,
-                                       int64_t w_stride, int64_t nq, float *out, float *codes,
-                                       float *pair_f) {
+                                       int64_t w_stride, int G, const int64_t *nq, int per,
+                                       float *out, float *codes, float *pair_f) {
   const iq_kvq_params *p = j->p;
-  int d = p->head_dim, bits = p->v_bits, g = p->v_group, b = kvq_block(p), G = j->group;
+  int d = p->head_dim, bits = p->v_bits, g = p->v_group, b = kvq_block(p);
+  const int64_t most = nq[(G - 1) / per]; /* a later query sees at least as many */
   int64_t qcap = kvq_quant_cap(p);
   const uint32_t *words = j->r.codes_v + (int64_t)kvh * qcap * d * bits / 32;
   const int fmt = p->meta;
@@ -306,10 +319,11 @@ IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w
   const row_order *order = j->order[1];
   float *scale = pair_f, *offset = pair_f + d;
   if (p->v_axis == IQ_AXIS_TOKENS) {
-    for (int64_t blk = 0; blk < nq / b; blk++) {
+    for (int64_t blk = 0; blk < most / b; blk++) {
       unpack(words, blk * b * d, b * d, bits, order, codes); /* [channel][token] */
       pairs_of(meta + kvq_pair_units(blk * d, fmt), d, fmt, scale, offset);
       for (int h = 0; h < G; h++) {
+        if (blk * b >= nq[h / per]) continue;
         const float *wb = w + h * w_stride + blk * b;
         float wsum = 0.0f;
         for (int t = 0; t < b; t++) wsum += wb[t];
@@ -318,11 +332,11 @@ IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w
       }
     }
   } else {
-    for (int64_t u = 0; u < nq; u++) {
+    for (int64_t u = 0; u < most; u++) {
       unpack(words, u * d, d, bits, order, codes);
       pairs_of(meta + kvq_pair_units(u * (d / g), fmt), d / g, fmt, scale, offset);
       for (int h = 0; h < G; h++)
-        for (int gi = 0; gi < d / g; gi++) {
+        for (int gi = 0; gi < d / g && u < nq[h / per]; gi++) {
           float ws = w[h * w_stride + u] * scale[gi], wo = w[h * w_stride + u] * offset[gi];
           for (int e = 0; e < g; e++) out[h * d + gi * g + e] += ws * codes[gi * g + e] + wo;
         }
@@ -330,52 +344,69 @@ IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w
   }
 }
 
-/* Query t and the G query heads of KV head kvh: scores over sink | quantized |
- * ring, one exact softmax per head, then the weighted values. Each cache row is
- * converted or unpacked once for all G heads. */
-IQ_CLONES static void attend_group(const kvq_job *j, int t, int kvh, float *scratch) {
+/* Queries t0 .. t0 + nt - 1 and the G query heads of KV head kvh: scores over sink | quantized
+ * | ring, one exact softmax per head, then the weighted values. Each quantized row is unpacked
+ * once for all nt * G rows, each fp16 row once per query. A query that sees fewer tokens
+ * quantized than the tile's last takes the others' scores from their fp16 rows (written over)
+ * and stops its quantized values at its own nq. */
+IQ_CLONES static void attend_tile(const kvq_job *j, int t0, int nt, int kvh, float *scratch) {
   const iq_kvq_params *p = j->p;
-  int d = p->head_dim, G = j->group;
-  int64_t cap = p->cap, len = (int64_t)j->pos0 + t + 1, nq = kvq_quantized(p, len);
-  int64_t sink = len < p->sink ? len : p->sink;
-  float *s = scratch, *acc = s + G * cap, *row = acc + G * d, *codes = row + d;
-  float *folded = codes + (int64_t)kvq_block(p) * d, *pair_f = folded + G * (d + 1);
-  const float *q = j->q + ((int64_t)t * j->heads + (int64_t)kvh * G) * d;
-  for (int64_t x = 0; x < len; x++) { /* fp16 rows: the sink, then the ring */
-    if (x >= sink && x - sink < nq) continue;
-    iq_to_f32(row, fp16_row(p, &j->r, 0, kvh, x), IQ_F16, d);
-    for (int h = 0; h < G; h++) s[h * cap + x] = dot(q + h * d, row, d);
+  const int d = p->head_dim, G = j->group, R = nt * G;
+  const int64_t cap = p->cap;
+  float *s = scratch, *acc = s + R * cap, *qr = acc + (int64_t)R * d, *row = qr + (int64_t)R * d;
+  float *codes = row + d, *folded = codes + (int64_t)kvq_block(p) * d;
+  float *pair_f = folded + (int64_t)R * (d + 1);
+  int64_t len[QUERY_TILE] = {0}, nq[QUERY_TILE] = {0}, sink[QUERY_TILE] = {0};
+  for (int i = 0; i < nt; i++) {
+    len[i] = (int64_t)j->pos0 + t0 + i + 1;
+    nq[i] = kvq_quantized(p, len[i]);
+    sink[i] = len[i] < p->sink ? len[i] : p->sink;
+    memcpy(qr + (int64_t)i * G * d, j->q + ((int64_t)(t0 + i) * j->heads + (int64_t)kvh * G) * d,
+           (size_t)G * d * sizeof(float));
   }
-  quantized_scores(j, kvh, q, nq, s + sink, cap, codes, folded, pair_f);
-  for (int h = 0; h < G; h++) {
+  /* where a query sees quantized tokens its sink is whole: they start at p->sink */
+  quantized_scores(j, kvh, qr, R, nq[nt - 1], s + p->sink, cap, codes, folded, pair_f);
+  for (int i = 0; i < nt; i++)
+    for (int64_t x = 0; x < len[i]; x++) { /* fp16 rows: the sink, then the ring */
+      if (x >= sink[i] && x - sink[i] < nq[i]) continue;
+      iq_to_f32(row, fp16_row(p, &j->r, 0, kvh, x), IQ_F16, d);
+      for (int h = i * G; h < (i + 1) * G; h++) s[h * cap + x] = dot(qr + (int64_t)h * d, row, d);
+    }
+  for (int h = 0; h < R; h++) {
     float *sh = s + h * cap, max = -INFINITY, sum = 0.0f;
-    for (int64_t x = 0; x < len; x++) {
+    const int64_t n = len[h / G];
+    for (int64_t x = 0; x < n; x++) {
       sh[x] *= j->scale;
       max = sh[x] > max ? sh[x] : max;
     }
-    for (int64_t x = 0; x < len; x++) {
+    for (int64_t x = 0; x < n; x++) {
       sh[x] = expf(sh[x] - max);
       sum += sh[x];
     }
-    for (int64_t x = 0; x < len; x++) sh[x] /= sum;
+    for (int64_t x = 0; x < n; x++) sh[x] /= sum;
   }
-  memset(acc, 0, (size_t)G * d * sizeof(float));
-  for (int64_t x = 0; x < len; x++) {
-    if (x >= sink && x - sink < nq) continue;
-    iq_to_f32(row, fp16_row(p, &j->r, 1, kvh, x), IQ_F16, d);
-    for (int h = 0; h < G; h++)
-      for (int c = 0; c < d; c++) acc[h * d + c] += s[h * cap + x] * row[c];
-  }
-  quantized_values(j, kvh, s + sink, cap, nq, acc, codes, pair_f);
-  memcpy(j->out + ((int64_t)t * j->heads + (int64_t)kvh * G) * d, acc,
-         (size_t)G * d * sizeof(float));
+  memset(acc, 0, (size_t)R * d * sizeof(float));
+  for (int i = 0; i < nt; i++)
+    for (int64_t x = 0; x < len[i]; x++) {
+      if (x >= sink[i] && x - sink[i] < nq[i]) continue;
+      iq_to_f32(row, fp16_row(p, &j->r, 1, kvh, x), IQ_F16, d);
+      for (int h = i * G; h < (i + 1) * G; h++)
+        for (int c = 0; c < d; c++) acc[h * d + c] += s[h * cap + x] * row[c];
+    }
+  quantized_values(j, kvh, s + p->sink, cap, R, nq, G, acc, codes, pair_f);
+  for (int i = 0; i < nt; i++)
+    memcpy(j->out + ((int64_t)(t0 + i) * j->heads + (int64_t)kvh * G) * d, acc + (int64_t)i * G * d,
+           (size_t)G * d * sizeof(float));
 }
 
 static void attend_range(void *arg, int64_t begin, int64_t end, int worker) {
   const kvq_job *j = arg;
   float *scratch = j->scratch + worker * j->scratch_floats;
-  for (int64_t i = begin; i < end; i++)
-    attend_group(j, (int)(i / j->p->kv_heads), (int)(i % j->p->kv_heads), scratch);
+  for (int64_t i = begin; i < end; i++) {
+    const int t0 = (int)(i / j->p->kv_heads) * j->tile;
+    const int nt = j->n - t0 < j->tile ? j->n - t0 : j->tile;
+    attend_tile(j, t0, nt, (int)(i % j->p->kv_heads), scratch);
+  }
 }
 
 int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
@@ -389,8 +420,8 @@ int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, flo
                    "iq_kvq_attention: %d queries at %d in a %d-token cache, heads %d a multiple "
                    "of kv_heads %d",
                    n, pos0, p->cap, heads, p->kv_heads);
-  int group = heads / p->kv_heads;
-  int64_t per_worker = kvq_scratch_floats(p, group);
+  int group = heads / p->kv_heads, tile = query_tile(p, n, group);
+  int64_t per_worker = kvq_scratch_floats(p, tile * group);
   void *scratch;
   st = iq_scratch(ctx, (size_t)ctx->threads * per_worker * sizeof(float), &scratch);
   if (st) return st;
@@ -398,8 +429,8 @@ int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, flo
   order_of(p, 0, &orders[0]);
   order_of(p, 1, &orders[1]);
   kvq_job j = {.p = p, .r = kvq_regions_of(p, layer), .out = out, .q = q, .n = n, .pos0 = pos0,
-               .heads = heads, .group = group, .scale = scale, .scratch = scratch,
+               .heads = heads, .group = group, .tile = tile, .scale = scale, .scratch = scratch,
                .scratch_floats = per_worker, .order = {&orders[0], &orders[1]}};
-  iq_parallel_for(ctx, (int64_t)n * p->kv_heads, 1, attend_range, &j);
+  iq_parallel_for(ctx, (int64_t)(n + tile - 1) / tile * p->kv_heads, 1, attend_range, &j);
   return IQ_OK;
 }
