@@ -371,6 +371,29 @@ Deno.test("kvq: fused attention equals dequantize-then-reference, prefill and de
   }
 });
 
+// A prefill call takes its queries in tiles (each quantized row unpacked once for the tile) and
+// must give each query what a call of that query alone gives, bit for bit: 45 queries from
+// position 11 cross the edges where the quantized region grows, in every setting.
+Deno.test("kvq: queries attended together equal each attended alone, exactly", () => {
+  for (const { name, params } of KVQ_CASES) {
+    const layout = cpu.kvqLayout(params), layer = zeroLayer(cpu, layout);
+    const heads = params.kvHeads * 2, d = params.headDim, n = 45, pos0 = 11;
+    fillLayer(cpu, layout, layer, kvRows(params, pos0 + n, 4), pos0 + n, [37, 19]);
+    const q = randomFloats(new Rng(8), n * heads * d, -1, 1);
+    const together = kvqAttention(cpu, layout, layer, q, n, pos0, heads);
+    for (let t = 0; t < n; t++) {
+      const row = q.subarray(t * heads * d, (t + 1) * heads * d);
+      const alone = kvqAttention(cpu, layout, layer, row, 1, pos0 + t, heads);
+      assertEquals(
+        together.subarray(t * heads * d, (t + 1) * heads * d),
+        alone,
+        `${name}, query ${t}`,
+      );
+    }
+    layer.close();
+  }
+});
+
 Deno.test("kvq: bad parameters and calls are clear errors, before or in C", () => {
   const bad: [Partial<KvqParams>, RegExp][] = [
     [{ kBits: 5 }, /keys bits 5 not 2, 3, 4 or 8/],
