@@ -384,7 +384,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
    * them; its first query sees nq0 of them quantized, at most one chunk fewer. Split 0 walks
    * the fp16 positions from there (fp16n), each column masking what its query does not see */
   const int len = a.pos0 + t0 + queries, nq = km_quantized(a, len - 1);
-  const int nq0 = P ? km_quantized(a, a.pos0 + t0) : nq, sinkn = min(len, a.sink), fp16n = len - nq0;
+  const int nq0 = P ? km_quantized(a, a.pos0 + t0) : nq;
+  const int sinkn = min(len, a.sink), fp16n = len - nq0;
   constexpr int KPG = KG ? KG / 16 : 1; /* k-steps per key group (over channels) */
 
   /* a quantized split's warps start copying their first chunk before anything else */
@@ -739,7 +740,7 @@ static int km_kernel_of(iq_ctx *ctx, km_kernel *k) {
 
 template <int D, int KB, int VB, bool F8, bool P>
 static int km_kernel_g(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
-  if (p->k_axis == IQ_AXIS_TOKENS) return km_kernel_of<D, KB, VB, 0, F8, P>(ctx, k); /* over tokens */
+  if (p->k_axis == IQ_AXIS_TOKENS) return km_kernel_of<D, KB, VB, 0, F8, P>(ctx, k); /* tokens */
   switch (p->k_group) {
   case 16: return km_kernel_of<D, KB, VB, 16, F8, P>(ctx, k);
   case 32: return km_kernel_of<D, KB, VB, 32, F8, P>(ctx, k);
@@ -768,7 +769,8 @@ static int km_kernel_v(iq_ctx *ctx, const iq_kvq_params *p, bool packed, km_kern
   }
 }
 
-template <int D> static int km_kernel_k(iq_ctx *ctx, const iq_kvq_params *p, bool packed, km_kernel *k) {
+template <int D>
+static int km_kernel_k(iq_ctx *ctx, const iq_kvq_params *p, bool packed, km_kernel *k) {
   switch (p->k_bits) {
   case 2: return km_kernel_v<D, 2>(ctx, p, packed, k);
   case 4: return km_kernel_v<D, 4>(ctx, p, packed, k);
