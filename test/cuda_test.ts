@@ -183,42 +183,25 @@ test("rope at positions up to 5000", (gpu, cpu) => {
     const x = randomFloats(rng, n * heads * hd);
     const pos = randomInts(rng, n, 5000);
     const inv = new Float32Array(hd / 2).map((_, i) => 1 / Math.pow(500000, (2 * i) / hd));
-    const [g, c] = onBoth(
-      gpu,
-      cpu,
-      [pos, inv],
-      { bytes: x.byteLength, init: x },
-      (be, [p, f], o) => {
-        be.rope(o, p, f, n, heads, hd);
-      },
-    );
-    assertClose(f32(g), f32(c), 1e-5, `rope ${n}x${heads}x${hd}`);
     const scaleHeads = heads % 2 ? 1 : heads / 2; // the q-scale hook, one row per head group
     const values = randomFloats(rng, scaleHeads * (hd / 2), 0.5, 4);
-    const [gs, cs] = onBoth(
-      gpu,
-      cpu,
-      [pos, inv, values],
-      { bytes: x.byteLength, init: x },
-      (be, [p, f, sc], o) => {
-        be.rope(o, p, f, n, heads, hd, { pairs: sc, heads: scaleHeads });
-      },
-    );
-    assertClose(f32(gs), f32(cs), 1e-5, `rope scaled ${n}x${heads}x${hd}`);
-    if (scaleHeads === 1) continue;
+    /** x turned on both backends, with `scale` rows of `values` (none: unscaled). */
+    const turn = (what: string, scale?: { heads: number; scaledHeads?: number }) => {
+      const [g, c] = onBoth(
+        gpu,
+        cpu,
+        [pos, inv, values],
+        { bytes: x.byteLength, init: x },
+        (be, [p, f, sc], o) =>
+          be.rope(o, p, f, n, heads, hd, scale ? { pairs: sc, ...scale } : null),
+      );
+      assertClose(f32(g), f32(c), 1e-5, `rope ${what} ${n}x${heads}x${hd}`);
+    };
+    turn("plain");
+    turn("scaled", { heads: scaleHeads });
     // decode's [q heads | k heads] in one call: at 8 heads, 3 rows of scale for the first 6
     // (2 heads a row), the last 2 turned unscaled
-    const qk = { heads: scaleHeads - 1, scaledHeads: heads - 2 };
-    const [gq, cq] = onBoth(
-      gpu,
-      cpu,
-      [pos, inv, values],
-      { bytes: x.byteLength, init: x },
-      (be, [p, f, sc], o) => {
-        be.rope(o, p, f, n, heads, hd, { pairs: sc, ...qk });
-      },
-    );
-    assertClose(f32(gq), f32(cq), 1e-5, `rope q|k ${n}x${heads}x${hd}`);
+    if (scaleHeads > 1) turn("q|k", { heads: scaleHeads - 1, scaledHeads: heads - 2 });
   }
 });
 

@@ -301,16 +301,17 @@ IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q
   }
 }
 
-/* out[G][d] += Σ_u w[h][u] v_u over the quantized stream tokens [0, nq[h / per]) of each row
- * (per rows a query):
+/* out[G][d] += Σ_u w[h][u] v_u over the quantized stream tokens [0, nq[h / group]) of each row
+ * (rows: a tile's queries times their group of heads):
  * token-grouped values fold scale * Σ w·code + offset * Σ w per block and
  * channel; channel-grouped values take Σ (w·scale) code + Σ w·offset per token
  * and group. */
 IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w,
-                                       int64_t w_stride, int G, const int64_t *nq, int per,
-                                       float *out, float *codes, float *pair_f) {
+                                       int64_t w_stride, int G, const int64_t *nq, float *out,
+                                       float *codes, float *pair_f) {
   const iq_kvq_params *p = j->p;
   int d = p->head_dim, bits = p->v_bits, g = p->v_group, b = kvq_block(p);
+  const int per = j->group;                 /* rows a query */
   const int64_t most = nq[(G - 1) / per]; /* a later query sees at least as many */
   int64_t qcap = kvq_quant_cap(p);
   const uint32_t *words = j->r.codes_v + (int64_t)kvh * qcap * d * bits / 32;
@@ -353,7 +354,8 @@ IQ_CLONES static void attend_tile(const kvq_job *j, int t0, int nt, int kvh, flo
   const iq_kvq_params *p = j->p;
   const int d = p->head_dim, G = j->group, R = nt * G;
   const int64_t cap = p->cap;
-  float *s = scratch, *acc = s + R * cap, *qr = acc + (int64_t)R * d, *row = qr + (int64_t)R * d;
+  float *s = scratch, *acc = s + R * cap, *rows = acc + (int64_t)R * d;
+  float *row = rows + (int64_t)R * d;
   float *codes = row + d, *folded = codes + (int64_t)kvq_block(p) * d;
   float *pair_f = folded + (int64_t)R * (d + 1);
   int64_t len[QUERY_TILE] = {0}, nq[QUERY_TILE] = {0}, sink[QUERY_TILE] = {0};
@@ -361,8 +363,12 @@ IQ_CLONES static void attend_tile(const kvq_job *j, int t0, int nt, int kvh, flo
     len[i] = (int64_t)j->pos0 + t0 + i + 1;
     nq[i] = kvq_quantized(p, len[i]);
     sink[i] = len[i] < p->sink ? len[i] : p->sink;
-    memcpy(qr + (int64_t)i * G * d, j->q + ((int64_t)(t0 + i) * j->heads + (int64_t)kvh * G) * d,
-           (size_t)G * d * sizeof(float));
+  }
+  const float *qr = j->q + ((int64_t)t0 * j->heads + (int64_t)kvh * G) * d;
+  if (nt > 1) { /* the tile's rows of q side by side (one query's already are) */
+    for (int i = 0; i < nt; i++)
+      memcpy(rows + (int64_t)i * G * d, qr + (int64_t)i * j->heads * d, (size_t)G * d * 4);
+    qr = rows;
   }
   /* where a query sees quantized tokens its sink is whole: they start at p->sink */
   quantized_scores(j, kvh, qr, R, nq[nt - 1], s + p->sink, cap, codes, folded, pair_f);
@@ -393,7 +399,7 @@ IQ_CLONES static void attend_tile(const kvq_job *j, int t0, int nt, int kvh, flo
       for (int h = i * G; h < (i + 1) * G; h++)
         for (int c = 0; c < d; c++) acc[h * d + c] += s[h * cap + x] * row[c];
     }
-  quantized_values(j, kvh, s + p->sink, cap, R, nq, G, acc, codes, pair_f);
+  quantized_values(j, kvh, s + p->sink, cap, R, nq, acc, codes, pair_f);
   for (int i = 0; i < nt; i++)
     memcpy(j->out + ((int64_t)(t0 + i) * j->heads + (int64_t)kvh * G) * d, acc + (int64_t)i * G * d,
            (size_t)G * d * sizeof(float));
