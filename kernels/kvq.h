@@ -280,16 +280,33 @@ static KVQ_HD inline int kvq_code(float x, float scale, float offset, int bits) 
   return (int)(c < 0.0f ? 0.0f : c > top ? top : c);
 }
 
-/* Sum of squared error of one group quantized with (scale, offset). */
+/* A group's sums run over kvq_lanes(count) lanes, as a warp of the CUDA store
+ * computes them: lane l adds the errors of elements l, l + L, l + 2 L, ... in
+ * turn, then the lanes' partials add pairwise, halves first (a butterfly). The
+ * C backend adds in the same order, so both backends choose the same pair. */
+#define KVQ_LANES 32
+static KVQ_HD inline int kvq_lanes(int count) { return count < KVQ_LANES ? count : KVQ_LANES; }
+
+/* Squared error of x quantized with (scale, offset). */
+static KVQ_HD inline float kvq_value_error(float x, int bits, float scale, float offset) {
+  float d = x - (scale * (float)kvq_code(x, scale, offset, bits) + offset);
+  return d * d;
+}
+
+/* Sum of squared error of one group quantized with (scale, offset), in the
+ * lanes' order. */
 static KVQ_HD inline float kvq_group_error(const float *x, int stride, int count, int bits,
                                            float scale, float offset) {
-  float sse = 0.0f;
-  for (int e = 0; e < count; e++) {
-    float xe = x[e * stride];
-    float d = xe - (scale * (float)kvq_code(xe, scale, offset, bits) + offset);
-    sse += d * d;
+  const int lanes = kvq_lanes(count);
+  float part[KVQ_LANES];
+  for (int l = 0; l < lanes; l++) {
+    part[l] = 0.0f;
+    for (int e = l; e < count; e += lanes)
+      part[l] += kvq_value_error(x[e * stride], bits, scale, offset);
   }
-  return sse;
+  for (int half = lanes / 2; half > 0; half /= 2)
+    for (int l = 0; l < half; l++) part[l] += part[l + half];
+  return part[0];
 }
 
 /* Bytes of one (scale, offset) pair: two fp16 (scale first), or two fp8
@@ -369,31 +386,51 @@ static KVQ_HD inline void kvq_round_pair(float lo, float hi, int bits, int sym, 
   }
 }
 
+/* A group's candidate pairs from its bounds lo, hi (as found by fminf / fmaxf,
+ * in any order): [0] asymmetric (min/max), [1] symmetric (zero exact). */
+typedef struct {
+  float scale[2], offset[2];
+} kvq_candidates;
+
+static KVQ_HD inline kvq_candidates kvq_candidates_of(float lo, float hi, int bits, int format) {
+  kvq_candidates c;
+  /* + 0: a zero bound is +0 whichever of -0 and +0 the search met first */
+  kvq_round_pair(lo + 0.0f, hi + 0.0f, bits, 0, format, &c.scale[0], &c.offset[0]);
+  kvq_round_pair(lo + 0.0f, hi + 0.0f, bits, 1, format, &c.scale[1], &c.offset[1]);
+  return c;
+}
+
+/* Whether a group stores its symmetric candidate: always in symmetric mode; in
+ * hybrid mode where that has the lower error with its stored values
+ * (asymmetric on ties) and its offset is exactly -2^(bits-1) * scale (not
+ * saturated, so it covers the group as asymmetric does where the range fits
+ * the format; fp16 pairs pass unless they overflow, when the symmetric error
+ * is not finite either). The errors are read only in hybrid mode. */
+static KVQ_HD inline int kvq_keeps_sym(const kvq_candidates *c, int bits, int qmode,
+                                       float asym_error, float sym_error) {
+  if (qmode != IQ_QMODE_HYBRID) return qmode == IQ_QMODE_SYM;
+  return c->offset[1] == -(float)(1 << (bits - 1)) * c->scale[1] && sym_error < asym_error;
+}
+
 /* The (scale, offset) pair of one group of count values x[e * stride], as
- * stored in `format` (kvq_round_pair): asymmetric (min/max), symmetric (zero
- * exact), or in hybrid mode the one with the lower error with its stored
- * values (asymmetric on ties), symmetric only where its offset is exactly
- * -2^(bits-1) * scale (not saturated, so it covers the group as asymmetric
- * does where the range fits the format; fp16 pairs pass unless they overflow,
- * when the symmetric error is not finite either). */
+ * stored in `format` (kvq_round_pair): asymmetric, symmetric, or in hybrid
+ * mode the better of the two (kvq_keeps_sym). */
 static KVQ_HD inline void kvq_group_params(const float *x, int stride, int count, int bits,
                                            int qmode, int format, float *scale, float *offset) {
   float lo = x[0], hi = x[0];
   for (int e = 1; e < count; e++) {
-    float xe = x[e * stride];
-    lo = xe < lo ? xe : lo;
-    hi = xe > hi ? xe : hi;
+    lo = fminf(lo, x[e * stride]);
+    hi = fmaxf(hi, x[e * stride]);
   }
-  float a_scale, a_offset, s_scale, s_offset;
-  kvq_round_pair(lo, hi, bits, 0, format, &a_scale, &a_offset);
-  kvq_round_pair(lo, hi, bits, 1, format, &s_scale, &s_offset);
-  int sym = qmode == IQ_QMODE_SYM;
-  if (qmode == IQ_QMODE_HYBRID)
-    sym = s_offset == -(float)(1 << (bits - 1)) * s_scale &&
-          kvq_group_error(x, stride, count, bits, s_scale, s_offset) <
-              kvq_group_error(x, stride, count, bits, a_scale, a_offset);
-  *scale = sym ? s_scale : a_scale;
-  *offset = sym ? s_offset : a_offset;
+  const kvq_candidates c = kvq_candidates_of(lo, hi, bits, format);
+  float asym_error = 0.0f, sym_error = 0.0f;
+  if (qmode == IQ_QMODE_HYBRID) {
+    asym_error = kvq_group_error(x, stride, count, bits, c.scale[0], c.offset[0]);
+    sym_error = kvq_group_error(x, stride, count, bits, c.scale[1], c.offset[1]);
+  }
+  const int sym = kvq_keeps_sym(&c, bits, qmode, asym_error, sym_error);
+  *scale = c.scale[sym];
+  *offset = c.offset[sym];
 }
 
 /* Within a block of B tokens x hd channels, group gi's element e is tile

@@ -267,3 +267,57 @@ test("fp8 pairs: groups across fp16's range store the CPU's bytes, every mode", 
     }
   }
 });
+
+/** Rows whose groups hold signed zeros: all zero of either sign, zero as the least or the greatest
+ * of values of one sign, zeros among others. A group's kind follows its tokens (groups over
+ * channels) or its channels (over tokens), so that every group is of one kind. */
+function signedZeroRows(p: KvqParams, total: number, seed: number) {
+  const rng = new Rng(seed);
+  const side = (axis: number) => {
+    const x = new Float32Array(total * p.kvHeads * p.headDim);
+    for (let i = 0; i < x.length; i++) {
+      const t = Math.floor(i / (p.kvHeads * p.headDim)), c = i % p.headDim;
+      const kind = (axis === KvqAxis.CHANNELS ? t : c) % 4, r = rng.next();
+      const zero = rng.next() < 0.5 ? -0 : 0, value = 2 ** (-8 + 8 * rng.next());
+      x[i] = kind === 0 || r < 0.3 ? zero : kind === 1 ? value : kind === 2 ? -value : value - 1.5;
+    }
+    return x;
+  };
+  return { k: side(p.kAxis), v: side(p.vAxis) };
+}
+
+test("signed zeros: bounds found in any order store the CPU's bytes, every mode", (gpu, cpu) => {
+  for (const meta of [KvqMeta.F16, KvqMeta.E4M3]) {
+    for (const qmode of [KvqMode.ASYM, KvqMode.SYM, KvqMode.HYBRID]) {
+      for (
+        const over of [
+          { kGroup: 8, vGroup: 32 },
+          { kBits: 2, kAxis: KvqAxis.TOKENS, kGroup: 32, vGroup: 32 },
+          { kGroup: 64, vGroup: 128, ring: 128 + 40 },
+        ]
+      ) {
+        const params = kvqParams({
+          cap: 320,
+          sink: 0,
+          recent: 0,
+          qmode,
+          norm: KvqNorm.OFF,
+          meta,
+          ...over,
+        });
+        const rows = signedZeroRows(params, 320, 5);
+        const layouts = [gpu, cpu].map((be) => be.kvqLayout(params));
+        const layers = [gpu, cpu].map((be, i) => zeroLayer(be, layouts[i]));
+        [gpu, cpu].forEach((be, i) => fillLayer(be, layouts[i], layers[i], rows, 320, [40, 7]));
+        const [g, c] = [gpu, cpu].map((be, i) => download(be, layers[i]));
+        const diff = g.findIndex((x, i) => x !== c[i]);
+        assert.equal(
+          diff,
+          -1,
+          `${JSON.stringify(over)}, meta ${meta}, qmode ${qmode}: differ at ${diff}`,
+        );
+        layers.forEach((l) => l.close());
+      }
+    }
+  }
+});

@@ -47,34 +47,68 @@ __global__ void rows_kernel(iq_kvq_params p, kvq_regions r, const float *k, cons
   }
 }
 
-/* grid (blocks, kv_heads, 2 sides): quantizes stream block first_block +
- * blockIdx.x of one side of one KV head from the ring. The tile is copied to
- * shared memory, each thread quantizes whole groups into byte codes, then the
- * codes are packed a word per thread. */
-__global__ void quantize_kernel(iq_kvq_params p, kvq_regions r, int64_t first_block) {
+/* The sum over a group's lanes (kvq_lanes: a power of two up to 32, aligned
+ * within the warp) in kvq_group_error's order; every lane of the group gets it. */
+__device__ inline float group_sum(float x, int lanes) {
+  for (int half = lanes / 2; half > 0; half /= 2) x += __shfl_xor_sync(0xffffffffu, x, half, lanes);
+  return x;
+}
+
+/* grid (blocks, kv_heads, 2 sides), block QUANTIZE_THREADS: quantizes stream
+ * block first_block + blockIdx.x of one side of one KV head from the ring.
+ * The tile is copied to shared memory (rows padded by one float, so lanes
+ * walking a channel over tokens hit distinct banks); kvq_lanes(group) lanes
+ * of a warp take a group, each lane its elements lane, lane + L, ..., and find
+ * the group's bounds, pair and codes together; then the codes are packed a
+ * word per thread. */
+#define QUANTIZE_THREADS 512
+__global__ void __launch_bounds__(QUANTIZE_THREADS)
+    quantize_kernel(iq_kvq_params p, kvq_regions r, int64_t first_block) {
   extern __shared__ float q_tile[];
-  const int b = kvq_block(&p), d = p.head_dim, h = blockIdx.y, side = blockIdx.z;
+  const int b = kvq_block(&p), d = p.head_dim, h = blockIdx.y, side = blockIdx.z, row = d + 1;
   const int bits = side ? p.v_bits : p.k_bits, group = side ? p.v_group : p.k_group;
   const int axis = side ? p.v_axis : p.k_axis;
-  uint8_t *codes = reinterpret_cast<uint8_t *>(q_tile + b * d);
+  uint8_t *codes = reinterpret_cast<uint8_t *>(q_tile + b * row);
   const int64_t first = (first_block + blockIdx.x) * b, qcap = kvq_quant_cap(&p);
   const uint16_t *ring = side ? r.ring_v : r.ring_k;
   for (int e = threadIdx.x; e < b * d; e += blockDim.x) {
     const int t = e / d, c = e % d;
-    q_tile[e] = kvq_f16_value(ring[((int64_t)h * p.ring + (first + t) % p.ring) * d + c]);
+    q_tile[t * row + c] = kvq_f16_value(ring[((int64_t)h * p.ring + (first + t) % p.ring) * d + c]);
   }
   __syncthreads();
   uint16_t *meta = (side ? r.meta_v : r.meta_k) +
                    kvq_pair_units(((int64_t)h * qcap + first) * d / group, p.meta);
-  const int stride = axis == IQ_AXIS_CHANNELS ? 1 : d;
-  for (int gi = threadIdx.x; gi < b * d / group; gi += blockDim.x) {
+  const int stride = axis == IQ_AXIS_CHANNELS ? 1 : row, lanes = kvq_lanes(group);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, per_warp = 32 / lanes;
+  /* every lane of a warp runs the same passes, as the shuffles need */
+  for (int gw = warp * per_warp; gw < b * d / group; gw += blockDim.x / 32 * per_warp) {
+    const int gi = gw + lane / lanes, l = lane % lanes;
     int t, c;
     kvq_group_entry(axis, group, d, gi, 0, &t, &c);
-    const float *x = q_tile + t * d + c;
-    float scale, offset;
-    kvq_group_params(x, stride, group, bits, p.qmode, p.meta, &scale, &offset);
-    kvq_set_pair(meta, gi, p.meta, scale, offset);
-    for (int e = 0; e < group; e++)
+    const float *x = q_tile + t * row + c;
+    float lo = x[l * stride], hi = lo;
+    for (int e = l + lanes; e < group; e += lanes) {
+      lo = fminf(lo, x[e * stride]);
+      hi = fmaxf(hi, x[e * stride]);
+    }
+    for (int half = lanes / 2; half > 0; half /= 2) {
+      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, half, lanes));
+      hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, half, lanes));
+    }
+    const kvq_candidates cand = kvq_candidates_of(lo, hi, bits, p.meta);
+    float asym_error = 0.0f, sym_error = 0.0f;
+    if (p.qmode == IQ_QMODE_HYBRID) {
+      for (int e = l; e < group; e += lanes) {
+        asym_error += kvq_value_error(x[e * stride], bits, cand.scale[0], cand.offset[0]);
+        sym_error += kvq_value_error(x[e * stride], bits, cand.scale[1], cand.offset[1]);
+      }
+      asym_error = group_sum(asym_error, lanes);
+      sym_error = group_sum(sym_error, lanes);
+    }
+    const int sym = kvq_keeps_sym(&cand, bits, p.qmode, asym_error, sym_error);
+    const float scale = cand.scale[sym], offset = cand.offset[sym];
+    if (l == 0) kvq_set_pair(meta, gi, p.meta, scale, offset);
+    for (int e = l; e < group; e += lanes)
       codes[gi * group + e] = (uint8_t)kvq_code(x[e * stride], scale, offset, bits);
   }
   __syncthreads();
@@ -105,11 +139,11 @@ extern "C" int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, co
   const int64_t done = pos0 > p->sink ? (pos0 - p->sink) / b : 0;
   const int64_t now = (int64_t)pos0 + n > p->sink ? ((int64_t)pos0 + n - p->sink) / b : 0;
   if (now == done) return IQ_OK;
-  const size_t smem = (size_t)b * d * (sizeof(float) + 1);
+  const size_t smem = (size_t)b * ((d + 1) * sizeof(float) + d);
   IQ_CUDA(ctx, cudaFuncSetAttribute(quantize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     (int)smem));
   dim3 grid((unsigned)(now - done), (unsigned)p->kv_heads, 2);
-  quantize_kernel<<<grid, 128, smem, ctx->stream>>>(*p, r, done);
+  quantize_kernel<<<grid, QUANTIZE_THREADS, smem, ctx->stream>>>(*p, r, done);
   IQ_LAUNCHED(ctx);
   return IQ_OK;
 }
