@@ -240,6 +240,23 @@ test("fp8 pairs: all 256 codes decode as on the CPU, in dequantize and attention
   }
 });
 
+/** Fills a layer on both backends from the same rows (stores of 40 and 7 tokens in turn) and
+ * returns the first byte where the two differ, -1 where none does. */
+function firstStoredDiff(
+  gpu: Backend,
+  cpu: Backend,
+  params: KvqParams,
+  rows: { k: Float32Array; v: Float32Array },
+  total: number,
+): number {
+  const layouts = [gpu, cpu].map((be) => be.kvqLayout(params));
+  const layers = [gpu, cpu].map((be, i) => zeroLayer(be, layouts[i]));
+  [gpu, cpu].forEach((be, i) => fillLayer(be, layouts[i], layers[i], rows, total, [40, 7]));
+  const [g, c] = [gpu, cpu].map((be, i) => download(be, layers[i]));
+  layers.forEach((l) => l.close());
+  return g.findIndex((x, i) => x !== c[i]);
+}
+
 test("fp8 pairs: groups across fp16's range store the CPU's bytes, every mode", (gpu, cpu) => {
   for (const meta of [KvqMeta.E4M3, KvqMeta.E5M2]) {
     for (const qmode of [KvqMode.ASYM, KvqMode.SYM, KvqMode.HYBRID]) {
@@ -255,14 +272,8 @@ test("fp8 pairs: groups across fp16's range store the CPU's bytes, every mode", 
           meta,
           ...over,
         });
-        const rows = wideRows(params, 256, 3);
-        const layouts = [gpu, cpu].map((be) => be.kvqLayout(params));
-        const layers = [gpu, cpu].map((be, i) => zeroLayer(be, layouts[i]));
-        [gpu, cpu].forEach((be, i) => fillLayer(be, layouts[i], layers[i], rows, 256, [40, 7]));
-        const [g, c] = [gpu, cpu].map((be, i) => download(be, layers[i]));
-        const diff = g.findIndex((x, i) => x !== c[i]);
+        const diff = firstStoredDiff(gpu, cpu, params, wideRows(params, 256, 3), 256);
         assert.equal(diff, -1, `meta ${meta}, qmode ${qmode}: layer bytes differ first at ${diff}`);
-        layers.forEach((l) => l.close());
       }
     }
   }
@@ -291,8 +302,8 @@ test("signed zeros: bounds found in any order store the CPU's bytes, every mode"
     for (const qmode of [KvqMode.ASYM, KvqMode.SYM, KvqMode.HYBRID]) {
       for (
         const over of [
-          { kGroup: 8, vGroup: 32 },
-          { kBits: 2, kAxis: KvqAxis.TOKENS, kGroup: 32, vGroup: 32 },
+          { kGroup: 8, vGroup: 32, ring: 32 + 40 },
+          { kBits: 2, kAxis: KvqAxis.TOKENS, kGroup: 32, vGroup: 32, ring: 32 + 40 },
           { kGroup: 64, vGroup: 128, ring: 128 + 40 },
         ]
       ) {
@@ -305,18 +316,8 @@ test("signed zeros: bounds found in any order store the CPU's bytes, every mode"
           meta,
           ...over,
         });
-        const rows = signedZeroRows(params, 320, 5);
-        const layouts = [gpu, cpu].map((be) => be.kvqLayout(params));
-        const layers = [gpu, cpu].map((be, i) => zeroLayer(be, layouts[i]));
-        [gpu, cpu].forEach((be, i) => fillLayer(be, layouts[i], layers[i], rows, 320, [40, 7]));
-        const [g, c] = [gpu, cpu].map((be, i) => download(be, layers[i]));
-        const diff = g.findIndex((x, i) => x !== c[i]);
-        assert.equal(
-          diff,
-          -1,
-          `${JSON.stringify(over)}, meta ${meta}, qmode ${qmode}: differ at ${diff}`,
-        );
-        layers.forEach((l) => l.close());
+        const diff = firstStoredDiff(gpu, cpu, params, signedZeroRows(params, 320, 5), 320);
+        assert.equal(diff, -1, `${JSON.stringify(over)}, meta ${meta}, qmode ${qmode}: at ${diff}`);
       }
     }
   }
