@@ -237,14 +237,18 @@ static KVQ_HD inline int kvq_value_tile_elem(int s, int bits) {
   return c * 32 + t;
 }
 
+/* Slot of element e of one period (e < kvq_period) in `order` (not 0). */
+static KVQ_HD inline int kvq_slot_in_period(int e, int bits, int order) {
+  return order == KVQ_KEY_TILE     ? kvq_key_tile_slot(e % 32, e / 32, bits)
+         : order == KVQ_VALUE_TILE ? kvq_value_tile_slot(e % 32, e / 32, bits)
+                                   : kvq_slot_of(e, order, bits);
+}
+
 /* Slot of element i (numbered from a period's start, as grouped) in `order`. */
 static KVQ_HD inline int64_t kvq_slot_in(int64_t i, int bits, int order, int head_dim) {
   if (!order) return i;
   int64_t period = kvq_period(order, head_dim), e = i % period;
-  int slot = order == KVQ_KEY_TILE     ? kvq_key_tile_slot((int)(e % 32), (int)(e / 32), bits)
-             : order == KVQ_VALUE_TILE ? kvq_value_tile_slot((int)(e % 32), (int)(e / 32), bits)
-                                       : kvq_slot_of((int)e, order, bits);
-  return i - e + slot;
+  return i - e + kvq_slot_in_period((int)e, bits, order);
 }
 
 /* The element in slot s of `order`: the inverse of kvq_slot_in. */
@@ -287,9 +291,9 @@ static KVQ_HD inline int kvq_code(float x, float scale, float offset, int bits) 
 #define KVQ_LANES 32
 static KVQ_HD inline int kvq_lanes(int count) { return count < KVQ_LANES ? count : KVQ_LANES; }
 
-/* Squared error of x quantized with (scale, offset). */
-static KVQ_HD inline float kvq_value_error(float x, int bits, float scale, float offset) {
-  float d = x - (scale * (float)kvq_code(x, scale, offset, bits) + offset);
+/* Squared error of x stored as code with (scale, offset). */
+static KVQ_HD inline float kvq_value_error(float x, int code, float scale, float offset) {
+  float d = x - (scale * (float)code + offset);
   return d * d;
 }
 
@@ -302,7 +306,8 @@ static KVQ_HD inline float kvq_group_error(const float *x, int stride, int count
   for (int l = 0; l < lanes; l++) {
     part[l] = 0.0f;
     for (int e = l; e < count; e += lanes)
-      part[l] += kvq_value_error(x[e * stride], bits, scale, offset);
+      part[l] += kvq_value_error(x[e * stride], kvq_code(x[e * stride], scale, offset, bits), scale,
+                                 offset);
   }
   for (int half = lanes / 2; half > 0; half /= 2)
     for (int l = 0; l < half; l++) part[l] += part[l + half];

@@ -58,64 +58,85 @@ __device__ inline float group_sum(float x, int lanes) {
  * block first_block + blockIdx.x of one side of one KV head from the ring.
  * The tile is copied to shared memory (rows padded by one float, so lanes
  * walking a channel over tokens hit distinct banks); kvq_lanes(group) lanes
- * of a warp take a group, each lane its elements lane, lane + L, ..., and find
- * the group's bounds, pair and codes together; then the codes are packed a
- * word per thread. */
+ * of a warp take a group, each lane its elements lane, lane + L, ... (up to
+ * QUANTIZE_MINE), and find the group's bounds, pair and codes together; each
+ * code goes to its slot in the stored order, so that a thread packs a word
+ * from consecutive bytes. */
 #define QUANTIZE_THREADS 512
+#define QUANTIZE_MINE (KVQ_MAX_GROUP / KVQ_LANES)
 __global__ void __launch_bounds__(QUANTIZE_THREADS)
     quantize_kernel(iq_kvq_params p, kvq_regions r, int64_t first_block) {
   extern __shared__ float q_tile[];
   const int b = kvq_block(&p), d = p.head_dim, h = blockIdx.y, side = blockIdx.z, row = d + 1;
   const int bits = side ? p.v_bits : p.k_bits, group = side ? p.v_group : p.k_group;
   const int axis = side ? p.v_axis : p.k_axis;
-  uint8_t *codes = reinterpret_cast<uint8_t *>(q_tile + b * row);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  uint8_t *codes = reinterpret_cast<uint8_t *>(q_tile + b * row); /* in slot order */
   const int64_t first = (first_block + blockIdx.x) * b, qcap = kvq_quant_cap(&p);
   const uint16_t *ring = side ? r.ring_v : r.ring_k;
-  for (int e = threadIdx.x; e < b * d; e += blockDim.x) {
-    const int t = e / d, c = e % d;
-    q_tile[t * row + c] = kvq_f16_value(ring[((int64_t)h * p.ring + (first + t) % p.ring) * d + c]);
+  for (int t = warp; t < b; t += warps) { /* first + t < cap: 32 bits */
+    const uint16_t *src = ring + ((int64_t)h * p.ring + (int)(first + t) % p.ring) * d;
+    for (int c = lane; c < d; c += 32) q_tile[t * row + c] = kvq_f16_value(src[c]);
   }
   __syncthreads();
   uint16_t *meta = (side ? r.meta_v : r.meta_k) +
                    kvq_pair_units(((int64_t)h * qcap + first) * d / group, p.meta);
   const int stride = axis == IQ_AXIS_CHANNELS ? 1 : row, lanes = kvq_lanes(group);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, per_warp = 32 / lanes;
+  const int per_warp = 32 / lanes, mine = group / lanes;
+  const int order = kvq_order(&p, side), period = kvq_period(order, d);
+  const bool asym = p.qmode != IQ_QMODE_SYM, sym = p.qmode != IQ_QMODE_ASYM;
   /* every lane of a warp runs the same passes, as the shuffles need */
-  for (int gw = warp * per_warp; gw < b * d / group; gw += blockDim.x / 32 * per_warp) {
+  for (int gw = warp * per_warp; gw < b * d / group; gw += warps * per_warp) {
     const int gi = gw + lane / lanes, l = lane % lanes;
     int t, c;
     kvq_group_entry(axis, group, d, gi, 0, &t, &c);
     const float *x = q_tile + t * row + c;
-    float lo = x[l * stride], hi = lo;
-    for (int e = l + lanes; e < group; e += lanes) {
-      lo = fminf(lo, x[e * stride]);
-      hi = fmaxf(hi, x[e * stride]);
-    }
+    float v[QUANTIZE_MINE];
+#pragma unroll
+    for (int k = 0; k < QUANTIZE_MINE; k++) v[k] = k < mine ? x[(l + k * lanes) * stride] : 0.0f;
+    float lo = v[0], hi = v[0];
+#pragma unroll
+    for (int k = 1; k < QUANTIZE_MINE; k++)
+      if (k < mine) lo = fminf(lo, v[k]), hi = fmaxf(hi, v[k]);
     for (int half = lanes / 2; half > 0; half /= 2) {
       lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, half, lanes));
       hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, half, lanes));
     }
     const kvq_candidates cand = kvq_candidates_of(lo, hi, bits, p.meta);
-    float asym_error = 0.0f, sym_error = 0.0f;
-    if (p.qmode == IQ_QMODE_HYBRID) {
-      for (int e = l; e < group; e += lanes) {
-        asym_error += kvq_value_error(x[e * stride], bits, cand.scale[0], cand.offset[0]);
-        sym_error += kvq_value_error(x[e * stride], bits, cand.scale[1], cand.offset[1]);
+    int asym_code[QUANTIZE_MINE], sym_code[QUANTIZE_MINE];
+    float asym_error = 0.0f, sym_error = 0.0f; /* kvq_group_error's lane partials */
+#pragma unroll
+    for (int k = 0; k < QUANTIZE_MINE; k++) {
+      if (k >= mine) break;
+      if (asym) {
+        asym_code[k] = kvq_code(v[k], cand.scale[0], cand.offset[0], bits);
+        asym_error += kvq_value_error(v[k], asym_code[k], cand.scale[0], cand.offset[0]);
       }
+      if (sym) {
+        sym_code[k] = kvq_code(v[k], cand.scale[1], cand.offset[1], bits);
+        sym_error += kvq_value_error(v[k], sym_code[k], cand.scale[1], cand.offset[1]);
+      }
+    }
+    if (p.qmode == IQ_QMODE_HYBRID) {
       asym_error = group_sum(asym_error, lanes);
       sym_error = group_sum(sym_error, lanes);
     }
-    const int sym = kvq_keeps_sym(&cand, bits, p.qmode, asym_error, sym_error);
-    const float scale = cand.scale[sym], offset = cand.offset[sym];
-    if (l == 0) kvq_set_pair(meta, gi, p.meta, scale, offset);
-    for (int e = l; e < group; e += lanes)
-      codes[gi * group + e] = (uint8_t)kvq_code(x[e * stride], scale, offset, bits);
+    const bool keeps_sym = kvq_keeps_sym(&cand, bits, p.qmode, asym_error, sym_error);
+    if (l == 0)
+      kvq_set_pair(meta, gi, p.meta, keeps_sym ? cand.scale[1] : cand.scale[0],
+                   keeps_sym ? cand.offset[1] : cand.offset[0]);
+#pragma unroll
+    for (int k = 0; k < QUANTIZE_MINE; k++) {
+      if (k >= mine) break;
+      const int i = gi * group + l + k * lanes, e = order ? i % period : 0;
+      codes[order ? i - e + kvq_slot_in_period(e, bits, order) : i] =
+          (uint8_t)(keeps_sym ? sym_code[k] : asym_code[k]);
+    }
   }
   __syncthreads();
   uint32_t *words = (side ? r.codes_v : r.codes_k) + ((int64_t)h * qcap + first) * d * bits / 32;
-  const int order = kvq_order(&p, side);
   for (int w = threadIdx.x; w < b * d * bits / 32; w += blockDim.x)
-    words[w] = kvq_pack_word_in(codes, w, bits, order, d);
+    words[w] = kvq_pack_word(codes, w, bits);
 }
 
 extern "C" int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, const float *k,
