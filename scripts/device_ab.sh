@@ -52,7 +52,7 @@ times = collections.defaultdict(list)
 for r in csv.DictReader(lines):
     if r.get("Metric Name") == "gpu__time_duration.sum":
         v = float(r["Metric Value"].replace(",", ""))
-        times[r["Kernel Name"].split("(")[0]].append(v / 1000 if r["Metric Unit"] == "nsecond" else v)
+        times[r["Kernel Name"].split("(")[0]].append(v / 1000 if r["Metric Unit"] in ("ns", "nsecond") else v)
 for k, v in times.items():
     print(sys.argv[2], k, "calls", len(v), "mean %.2f" % (sum(v) / len(v)), "max %.2f" % max(v))
 PY
