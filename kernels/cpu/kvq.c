@@ -153,16 +153,22 @@ int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
 }
 
 /* The element in each slot of one period of an order (kvq_order: a row, or a
- * block of keys), or slot order itself when len is 0 (natural order). */
+ * block of keys), or slot order itself when len is 0 (natural order). Values in
+ * tile order unpack token-major (token * head_dim + channel; token_major set),
+ * so their weighted sum runs along channels as the fp16 rows' does. */
 typedef struct {
-  int len;
+  int len, token_major;
   int16_t elem[32 * 256];
 } row_order;
 
 static void order_of(const iq_kvq_params *p, int side, row_order *o) {
-  int order = kvq_order(p, side), bits = side ? p->v_bits : p->k_bits;
-  o->len = kvq_period(order, p->head_dim);
-  for (int s = 0; s < o->len; s++) o->elem[s] = (int16_t)kvq_elem_in(s, bits, order, p->head_dim);
+  int order = kvq_order(p, side), bits = side ? p->v_bits : p->k_bits, d = p->head_dim;
+  o->len = kvq_period(order, d);
+  o->token_major = order == KVQ_VALUE_TILE;
+  for (int s = 0; s < o->len; s++) {
+    int e = (int)kvq_elem_in(s, bits, order, d); /* channel * 32 + token */
+    o->elem[s] = (int16_t)(o->token_major ? e % 32 * d + e / 32 : e);
+  }
 }
 
 typedef struct {
@@ -321,15 +327,23 @@ IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w
   float *scale = pair_f, *offset = pair_f + d;
   if (p->v_axis == IQ_AXIS_TOKENS) {
     for (int64_t blk = 0; blk < most / b; blk++) {
-      unpack(words, blk * b * d, b * d, bits, order, codes); /* [channel][token] */
+      /* [token][channel] when token-major, else [channel][token] */
+      unpack(words, blk * b * d, b * d, bits, order, codes);
       pairs_of(meta + kvq_pair_units(blk * d, fmt), d, fmt, scale, offset);
       for (int h = 0; h < G; h++) {
         if (blk * b >= nq[h / per]) continue;
         const float *wb = w + h * w_stride + blk * b;
         float wsum = 0.0f;
         for (int t = 0; t < b; t++) wsum += wb[t];
-        for (int c = 0; c < d; c++)
-          out[h * d + c] += scale[c] * dot(wb, codes + c * b, b) + offset[c] * wsum;
+        if (order->token_major) {
+          float sum[256] = {0}; /* Σ_t w code per channel (head_dim <= 256) */
+          for (int t = 0; t < b; t++)
+            for (int c = 0; c < d; c++) sum[c] += wb[t] * codes[t * d + c];
+          for (int c = 0; c < d; c++) out[h * d + c] += scale[c] * sum[c] + offset[c] * wsum;
+        } else {
+          for (int c = 0; c < d; c++)
+            out[h * d + c] += scale[c] * dot(wb, codes + c * b, b) + offset[c] * wsum;
+        }
       }
     }
   } else {
