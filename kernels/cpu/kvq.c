@@ -336,7 +336,8 @@ IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w
         float wsum = 0.0f;
         for (int t = 0; t < b; t++) wsum += wb[t];
         if (order->token_major) {
-          float sum[256] = {0}; /* Σ_t w code per channel (head_dim <= 256) */
+          float sum[256]; /* Σ_t w code per channel (head_dim <= 256) */
+          memset(sum, 0, (size_t)d * sizeof(float));
           for (int t = 0; t < b; t++)
             for (int c = 0; c < d; c++) sum[c] += wb[t] * codes[t * d + c];
           for (int c = 0; c < d; c++) out[h * d + c] += scale[c] * sum[c] + offset[c] * wsum;
