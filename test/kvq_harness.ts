@@ -60,6 +60,9 @@ export const KVQ_CASES: { name: string; params: KvqParams }[] = [
     name: "innerq k2v8 gv32 no sink",
     params: kvqParams({ kBits: 2, vBits: 8, vGroup: 32, sink: 0, ring: 8 + 32 + 40 }),
   },
+  // keys over channels in groups of 32 or more: the C backend reads their codes in slot order
+  { name: "innerq k4v4 gk32", params: kvqParams({ vBits: 4, kGroup: 32 }) },
+  { name: "innerq k8v2 gk64", params: kvqParams({ kBits: 8, kGroup: 64 }) },
   {
     name: "innerq k4v4 gk8 gv32",
     params: kvqParams({ vBits: 4, kGroup: 8, vGroup: 32, ring: 8 + 32 + 40 }),

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "cpu.h"
+#include "../checks.h"
 #include "../kvq.h"
 
 int iq_kvq_layout(iq_ctx *ctx, const iq_kvq_params *p, uint64_t offsets[IQ_KVQ_REGIONS + 1]) {
@@ -186,12 +187,12 @@ typedef struct {
 
 /* Per-worker scratch for `rows` query rows (a tile's queries times their heads): scores
  * [rows][cap], outputs [rows][d], the rows of q [rows][d], one fp16 row as floats [d], one
- * token's or block's codes as floats [block * d], the rows' folded terms [rows][d + 1], and one
- * token's or block's (scale, offset) pairs as floats [2][d]. */
+ * token's or block's codes as floats [block * d], the rows' folded terms [rows][2 d + 1], and
+ * one token's or block's (scale, offset) pairs as floats [2][d]. */
 static int64_t kvq_scratch_floats(const iq_kvq_params *p, int rows) {
   int64_t d = p->head_dim;
-  return rows * (int64_t)p->cap + 2 * rows * d + d + (int64_t)kvq_block(p) * d + rows * (d + 1) +
-         2 * d;
+  return rows * (int64_t)p->cap + 2 * rows * d + d + (int64_t)kvq_block(p) * d +
+         rows * (2 * d + 1) + 2 * d;
 }
 
 /* Queries a task takes (prefill): up to QUERY_TILE, while their scores fit QUERY_TILE_FLOATS
@@ -205,9 +206,28 @@ static int query_tile(const iq_kvq_params *p, int n, int group) {
 }
 
 /* The first n (scale, offset) pairs at `pairs` as floats, converted once for
- * all the query heads that use them. */
-static void pairs_of(const uint16_t *pairs, int n, int fmt, float *scale, float *offset) {
+ * all the query heads that use them; fp16 pairs as _Float16 (F16C in the AVX2 clones). */
+static inline void pairs_of(const uint16_t *pairs, int n, int fmt, float *scale, float *offset) {
+  if (fmt == IQ_META_F16) {
+    const _Float16 *half = (const _Float16 *)pairs;
+    for (int i = 0; i < n; i++) scale[i] = (float)half[2 * i], offset[i] = (float)half[2 * i + 1];
+    return;
+  }
   for (int i = 0; i < n; i++) kvq_pair(pairs, i, fmt, &scale[i], &offset[i]);
+}
+
+/* Eight floats as one vector (GCC's vector extension: AVX in the AVX2 clones, two SSE halves
+ * in the default one); loads and stores by memcpy, any alignment. */
+typedef float f32x8 __attribute__((vector_size(32)));
+/* the helpers below are static and inlined: no call passes a vector across an ABI */
+#pragma GCC diagnostic ignored "-Wpsabi"
+static inline f32x8 load8(const float *p) {
+  f32x8 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline float sum8(const f32x8 *v) {
+  return (((*v)[0] + (*v)[1]) + ((*v)[2] + (*v)[3])) + (((*v)[4] + (*v)[5]) + ((*v)[6] + (*v)[7]));
 }
 
 /* unpack for 2, 4 or 8 bits, inlined with bits a constant: a word's codes
@@ -240,18 +260,51 @@ IQ_CLONES static void unpack(const uint32_t *words, int64_t first, int count, in
   }
 }
 
-/* Eight independent sums, so the dot product vectorizes; d is a multiple of 8. */
+/* Two vectors of sums, so that adds (unfused under -std=c11) do not wait on each other; d is a
+ * multiple of 8. */
 static inline float dot(const float *a, const float *b, int d) {
-  float acc[8] = {0};
-  for (int c = 0; c < d; c += 8)
-    for (int l = 0; l < 8; l++) acc[l] += a[c + l] * b[c + l];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  f32x8 acc0 = {0}, acc1 = {0};
+  int c = 0;
+  for (; c + 16 <= d; c += 16) {
+    acc0 += load8(a + c) * load8(b + c);
+    acc1 += load8(a + c + 8) * load8(b + c + 8);
+  }
+  if (c < d) acc0 += load8(a + c) * load8(b + c);
+  acc0 += acc1;
+  return sum8(&acc0);
+}
+
+/* Σ q·code·scale over a key row in slot order whose runs of 8 slots each keep to one group
+ * (group gs[k] for run k), two runs at a time as in dot; d is a multiple of 16. */
+static inline float dot_scaled_runs(const float *q, const float *codes, const float *scale,
+                                    const int16_t *gs, int d) {
+  f32x8 acc0 = {0}, acc1 = {0};
+  for (int k = 0; k < d / 8; k += 2) {
+    acc0 += load8(q + 8 * k) * load8(codes + 8 * k) * scale[gs[k]];
+    acc1 += load8(q + 8 * k + 8) * load8(codes + 8 * k + 8) * scale[gs[k + 1]];
+  }
+  acc0 += acc1;
+  return sum8(&acc0);
+}
+
+/* Whether each run of 8 slots of a key row (fragment or natural order) lies in one group of g
+ * channels; gs[k] is run k's group. True for groups of 32 or more in fragment order (a run holds
+ * codes of one 32-channel run: kvq.h), and of 8 or more in natural order. */
+static int slot_runs_grouped(const row_order *o, int d, int g, int16_t *gs) {
+  for (int s = 0; s < d; s++) {
+    const int group = (o->len ? o->elem[s] : s) / g;
+    if (s % 8 == 0) gs[s / 8] = (int16_t)group;
+    else if (group != gs[s / 8]) return 0;
+  }
+  return 1;
 }
 
 /* Scores of the quantized stream tokens [0, nq) for the G query rows q[G][d] (a tile's queries
  * times their heads), each token's codes unpacked once for all G. Channel-grouped keys fold each
- * group's pair as scale * Σ q·code + offset * Σ q (the group sums of q once per call);
- * token-grouped keys take Σ (q·scale) code + Σ q·offset per block. */
+ * group's pair as scale * Σ q·code + offset * Σ q (the group sums of q once per call); where
+ * runs of 8 slots keep to one group (slot_runs_grouped), the codes stay in slot order, scaled
+ * run by run, and q is permuted into slot order once per call instead. Token-grouped keys take
+ * Σ (q·scale) code + Σ q·offset per block. */
 IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q, int G,
                                        int64_t nq, float *s, int64_t s_stride, float *codes,
                                        float *folded, float *pair_f) {
@@ -263,7 +316,7 @@ IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q
   const uint16_t *meta = j->r.meta_k + kvq_pair_units((int64_t)kvh * qcap * d / g, fmt);
   const row_order *order = j->order[0];
   if (p->k_axis == IQ_AXIS_CHANNELS) {
-    float *qsum = folded; /* [G][d / g] */
+    float *qsum = folded, *qp = folded + G * d; /* [G][d / g]; [G][d] q in slot order */
     for (int h = 0; h < G; h++)
       for (int gi = 0; gi < d / g; gi++) {
         float sum = 0.0f;
@@ -271,9 +324,23 @@ IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q
         qsum[h * (d / g) + gi] = sum;
       }
     float *scale = pair_f, *offset = pair_f + d;
+    int16_t gs[IQ_MAX_HEAD_DIM / 8];
+    const int in_slots = slot_runs_grouped(order, d, g, gs);
+    static const row_order natural = {.len = 0};
+    for (int h = 0; h < G && in_slots; h++)
+      for (int x = 0; x < d; x++) qp[h * d + x] = q[h * d + (order->len ? order->elem[x] : x)];
     for (int64_t u = 0; u < nq; u++) {
-      unpack(words, u * d, d, bits, order, codes);
       pairs_of(meta + kvq_pair_units(u * (d / g), fmt), d / g, fmt, scale, offset);
+      if (in_slots) {
+        unpack(words, u * d, d, bits, &natural, codes);
+        for (int h = 0; h < G; h++) {
+          float acc = dot_scaled_runs(qp + h * d, codes, scale, gs, d);
+          for (int gi = 0; gi < d / g; gi++) acc += offset[gi] * qsum[h * (d / g) + gi];
+          s[h * s_stride + u] = acc;
+        }
+        continue;
+      }
+      unpack(words, u * d, d, bits, order, codes);
       for (int h = 0; h < G; h++) {
         float acc = 0.0f;
         for (int gi = 0; gi < d / g; gi++)
@@ -372,7 +439,7 @@ IQ_CLONES static void attend_tile(const kvq_job *j, int t0, int nt, int kvh, flo
   float *s = scratch, *acc = s + R * cap, *rows = acc + (int64_t)R * d;
   float *row = rows + (int64_t)R * d;
   float *codes = row + d, *folded = codes + (int64_t)kvq_block(p) * d;
-  float *pair_f = folded + (int64_t)R * (d + 1);
+  float *pair_f = folded + (int64_t)R * (2 * d + 1);
   int64_t len[QUERY_TILE] = {0}, nq[QUERY_TILE] = {0}, sink[QUERY_TILE] = {0};
   for (int i = 0; i < nt; i++) {
     len[i] = (int64_t)j->pos0 + t0 + i + 1;
