@@ -251,14 +251,18 @@ static KVQ_HD inline int64_t kvq_slot_in(int64_t i, int bits, int order, int hea
   return i - e + kvq_slot_in_period((int)e, bits, order);
 }
 
+/* The element in slot s of one period (s < kvq_period) of `order` (not 0). */
+static KVQ_HD inline int kvq_elem_in_period(int s, int bits, int order) {
+  return order == KVQ_KEY_TILE     ? kvq_key_tile_elem(s, bits)
+         : order == KVQ_VALUE_TILE ? kvq_value_tile_elem(s, bits)
+                                   : kvq_elem_of(s, order, bits);
+}
+
 /* The element in slot s of `order`: the inverse of kvq_slot_in. */
 static KVQ_HD inline int64_t kvq_elem_in(int64_t s, int bits, int order, int head_dim) {
   if (!order) return s;
   int64_t period = kvq_period(order, head_dim), q = s % period;
-  int e = order == KVQ_KEY_TILE     ? kvq_key_tile_elem((int)q, bits)
-          : order == KVQ_VALUE_TILE ? kvq_value_tile_elem((int)q, bits)
-                                    : kvq_elem_of((int)q, order, bits);
-  return s - q + e;
+  return s - q + kvq_elem_in_period((int)q, bits, order);
 }
 
 /* Code i of a packed array in `order` (i numbered from a period's start). */

@@ -54,16 +54,24 @@ __device__ inline float group_sum(float x, int lanes) {
   return x;
 }
 
-/* grid (blocks, kv_heads, 2 sides), block QUANTIZE_THREADS: quantizes stream
- * block first_block + blockIdx.x of one side of one KV head from the ring.
- * The tile is copied to shared memory (rows padded by one float, so lanes
- * walking a channel over tokens hit distinct banks); kvq_lanes(group) lanes
- * of a warp take a group, each lane its elements lane, lane + L, ... (up to
- * QUANTIZE_MINE), and find the group's bounds, pair and codes together; each
- * code goes to its slot in the stored order, so that a thread packs a word
- * from consecutive bytes. A decode step's launch has 16 blocks (8 KV heads x 2
- * sides) for 132 SMs, so the more warps a block, the fewer groups each takes in
- * turn (H200, ncu: 512 threads 25 us a launch, 1024 19 us). */
+/* Slices a stream block's side is quantized in, a block of threads each: contiguous ranges of
+ * its groups, each holding whole words of the stored order (a tile order's words hold codes of
+ * one 32-channel slice, a row order's of one row: kvq.h); natural order (3 bits, short rows)
+ * stays whole. A decode step quantizes one stream block per KV head and side, 16 blocks for an
+ * 8B's 8 KV heads: slices spread them over more of the GPU. */
+#define QUANTIZE_SLICES 4
+__device__ inline int quantize_slices(int order, int axis, int block, int head_dim) {
+  const int most = !order ? 1 : axis == IQ_AXIS_TOKENS ? head_dim / 32 : block;
+  return most < QUANTIZE_SLICES ? most : QUANTIZE_SLICES;
+}
+
+/* grid (blocks x QUANTIZE_SLICES, kv_heads, 2 sides), block QUANTIZE_THREADS: quantizes a slice
+ * of stream block first_block + blockIdx.x / QUANTIZE_SLICES of one side of one KV head from the
+ * ring. The tile is copied to shared memory (rows padded by one float, so lanes walking a channel
+ * over tokens hit distinct banks); kvq_lanes(group) lanes of a warp take a group, each lane its
+ * elements lane, lane + L, ... (up to QUANTIZE_MINE), and find the group's bounds, pair and codes
+ * together; each code goes to its slot in the stored order, so that a thread packs a word of the
+ * slice from consecutive bytes. */
 #define QUANTIZE_THREADS 1024
 #define QUANTIZE_MINE (KVQ_MAX_GROUP / KVQ_LANES)
 __global__ void __launch_bounds__(QUANTIZE_THREADS)
@@ -71,10 +79,12 @@ __global__ void __launch_bounds__(QUANTIZE_THREADS)
   extern __shared__ float q_tile[];
   const int b = kvq_block(&p), d = p.head_dim, h = blockIdx.y, side = blockIdx.z, row = d + 1;
   const int bits = side ? p.v_bits : p.k_bits, group = side ? p.v_group : p.k_group;
-  const int axis = side ? p.v_axis : p.k_axis;
+  const int axis = side ? p.v_axis : p.k_axis, order = kvq_order(&p, side);
+  const int slices = quantize_slices(order, axis, b, d), slice = blockIdx.x % QUANTIZE_SLICES;
+  if (slice >= slices) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   uint8_t *codes = reinterpret_cast<uint8_t *>(q_tile + b * row); /* in slot order */
-  const int64_t first = (first_block + blockIdx.x) * b, qcap = kvq_quant_cap(&p);
+  const int64_t first = (first_block + blockIdx.x / QUANTIZE_SLICES) * b, qcap = kvq_quant_cap(&p);
   const uint16_t *ring = side ? r.ring_v : r.ring_k;
   for (int t = warp; t < b; t += warps) { /* first + t < cap: 32 bits */
     const uint16_t *src = ring + ((int64_t)h * p.ring + (int)(first + t) % p.ring) * d;
@@ -84,11 +94,12 @@ __global__ void __launch_bounds__(QUANTIZE_THREADS)
   uint16_t *meta = (side ? r.meta_v : r.meta_k) +
                    kvq_pair_units(((int64_t)h * qcap + first) * d / group, p.meta);
   const int stride = axis == IQ_AXIS_CHANNELS ? 1 : row, lanes = kvq_lanes(group);
-  const int per_warp = 32 / lanes, mine = group / lanes;
-  const int order = kvq_order(&p, side), period = kvq_period(order, d);
+  const int per_warp = 32 / lanes, mine = group / lanes, period = kvq_period(order, d);
+  const int per_slice = b * d / group / slices; /* groups; a multiple of per_warp */
   const bool asym = p.qmode != IQ_QMODE_SYM, sym = p.qmode != IQ_QMODE_ASYM;
   /* every lane of a warp runs the same passes, as the shuffles need */
-  for (int gw = warp * per_warp; gw < b * d / group; gw += warps * per_warp) {
+  for (int gw = slice * per_slice + warp * per_warp; gw < (slice + 1) * per_slice;
+       gw += warps * per_warp) {
     const int gi = gw + lane / lanes, l = lane % lanes;
     int t, c;
     kvq_group_entry(axis, group, d, gi, 0, &t, &c);
@@ -137,8 +148,13 @@ __global__ void __launch_bounds__(QUANTIZE_THREADS)
   }
   __syncthreads();
   uint32_t *words = (side ? r.codes_v : r.codes_k) + ((int64_t)h * qcap + first) * d * bits / 32;
-  for (int w = threadIdx.x; w < b * d * bits / 32; w += blockDim.x)
+  for (int w = threadIdx.x; w < b * d * bits / 32; w += blockDim.x) {
+    if (slices > 1) { /* the word's slice: that of its first code's group */
+      const int s0 = w * (32 / bits), e = s0 % period;
+      if ((s0 - e + kvq_elem_in_period(e, bits, order)) / group / per_slice != slice) continue;
+    }
     words[w] = kvq_pack_word(codes, w, bits);
+  }
 }
 
 extern "C" int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, const float *k,
@@ -165,7 +181,7 @@ extern "C" int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, co
   const size_t smem = (size_t)b * ((d + 1) * sizeof(float) + d);
   IQ_CUDA(ctx, cudaFuncSetAttribute(quantize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     (int)smem));
-  dim3 grid((unsigned)(now - done), (unsigned)p->kv_heads, 2);
+  dim3 grid((unsigned)((now - done) * QUANTIZE_SLICES), (unsigned)p->kv_heads, 2);
   quantize_kernel<<<grid, QUANTIZE_THREADS, smem, ctx->stream>>>(*p, r, done);
   IQ_LAUNCHED(ctx);
   return IQ_OK;
