@@ -296,7 +296,7 @@ static KVQ_HD inline int kvq_code(float x, float scale, float offset, int bits) 
 static KVQ_HD inline int kvq_lanes(int count) { return count < KVQ_LANES ? count : KVQ_LANES; }
 
 /* Squared error of x stored as code with (scale, offset). */
-static KVQ_HD inline float kvq_value_error(float x, int code, float scale, float offset) {
+static KVQ_HD inline float kvq_code_error(float x, int code, float scale, float offset) {
   float d = x - (scale * (float)code + offset);
   return d * d;
 }
@@ -310,7 +310,7 @@ static KVQ_HD inline float kvq_group_error(const float *x, int stride, int count
   for (int l = 0; l < lanes; l++) {
     part[l] = 0.0f;
     for (int e = l; e < count; e += lanes)
-      part[l] += kvq_value_error(x[e * stride], kvq_code(x[e * stride], scale, offset, bits), scale,
+      part[l] += kvq_code_error(x[e * stride], kvq_code(x[e * stride], scale, offset, bits), scale,
                                  offset);
   }
   for (int half = lanes / 2; half > 0; half /= 2)

@@ -47,10 +47,13 @@ __global__ void rows_kernel(iq_kvq_params p, kvq_regions r, const float *k, cons
   }
 }
 
-/* The sum over a group's lanes (kvq_lanes: a power of two up to 32, aligned
- * within the warp) in kvq_group_error's order; every lane of the group gets it. */
-__device__ inline float group_sum(float x, int lanes) {
-  for (int half = lanes / 2; half > 0; half /= 2) x += __shfl_xor_sync(0xffffffffu, x, half, lanes);
+/* Two running values over a group's lanes (kvq_lanes: a power of two up to 32, aligned within
+ * the warp), halves first as kvq_group_error adds them: x = op(x, the partner lane's x); every
+ * lane of the group gets the result. */
+template <typename Op> __device__ inline float2 group_reduce(float2 x, int lanes, Op op) {
+  for (int half = lanes / 2; half > 0; half /= 2)
+    x = op(x, make_float2(__shfl_xor_sync(0xffffffffu, x.x, half, lanes),
+                          __shfl_xor_sync(0xffffffffu, x.y, half, lanes)));
   return x;
 }
 
@@ -107,15 +110,14 @@ __global__ void __launch_bounds__(QUANTIZE_THREADS)
     float v[QUANTIZE_MINE];
 #pragma unroll
     for (int k = 0; k < QUANTIZE_MINE; k++) v[k] = k < mine ? x[(l + k * lanes) * stride] : 0.0f;
-    float lo = v[0], hi = v[0];
+    float2 bounds = make_float2(v[0], v[0]); /* lo, hi */
 #pragma unroll
     for (int k = 1; k < QUANTIZE_MINE; k++)
-      if (k < mine) lo = fminf(lo, v[k]), hi = fmaxf(hi, v[k]);
-    for (int half = lanes / 2; half > 0; half /= 2) {
-      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, half, lanes));
-      hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, half, lanes));
-    }
-    const kvq_candidates cand = kvq_candidates_of(lo, hi, bits, p.meta);
+      if (k < mine) bounds = make_float2(fminf(bounds.x, v[k]), fmaxf(bounds.y, v[k]));
+    bounds = group_reduce(bounds, lanes, [](float2 a, float2 b) {
+      return make_float2(fminf(a.x, b.x), fmaxf(a.y, b.y));
+    });
+    const kvq_candidates cand = kvq_candidates_of(bounds.x, bounds.y, bits, p.meta);
     int asym_code[QUANTIZE_MINE], sym_code[QUANTIZE_MINE];
     float asym_error = 0.0f, sym_error = 0.0f; /* kvq_group_error's lane partials */
 #pragma unroll
@@ -123,16 +125,19 @@ __global__ void __launch_bounds__(QUANTIZE_THREADS)
       if (k >= mine) break;
       if (asym) {
         asym_code[k] = kvq_code(v[k], cand.scale[0], cand.offset[0], bits);
-        asym_error += kvq_value_error(v[k], asym_code[k], cand.scale[0], cand.offset[0]);
+        asym_error += kvq_code_error(v[k], asym_code[k], cand.scale[0], cand.offset[0]);
       }
       if (sym) {
         sym_code[k] = kvq_code(v[k], cand.scale[1], cand.offset[1], bits);
-        sym_error += kvq_value_error(v[k], sym_code[k], cand.scale[1], cand.offset[1]);
+        sym_error += kvq_code_error(v[k], sym_code[k], cand.scale[1], cand.offset[1]);
       }
     }
     if (p.qmode == IQ_QMODE_HYBRID) {
-      asym_error = group_sum(asym_error, lanes);
-      sym_error = group_sum(sym_error, lanes);
+      const float2 sums = group_reduce(make_float2(asym_error, sym_error), lanes,
+                                       [](float2 a, float2 b) {
+                                         return make_float2(a.x + b.x, a.y + b.y);
+                                       });
+      asym_error = sums.x, sym_error = sums.y;
     }
     const bool keeps_sym = kvq_keeps_sym(&cand, bits, p.qmode, asym_error, sym_error);
     if (l == 0)
@@ -179,8 +184,9 @@ extern "C" int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, co
   const int64_t now = (int64_t)pos0 + n > p->sink ? ((int64_t)pos0 + n - p->sink) / b : 0;
   if (now == done) return IQ_OK;
   const size_t smem = (size_t)b * ((d + 1) * sizeof(float) + d);
-  IQ_CUDA(ctx, cudaFuncSetAttribute(quantize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)smem));
+  if (smem > 48 * 1024) /* past the default: blocks of 128 tokens at head_dim 128, 64 at 256 */
+    IQ_CUDA(ctx, cudaFuncSetAttribute(quantize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      (int)smem));
   dim3 grid((unsigned)((now - done) * QUANTIZE_SLICES), (unsigned)p->kv_heads, 2);
   quantize_kernel<<<grid, QUANTIZE_THREADS, smem, ctx->stream>>>(*p, r, done);
   IQ_LAUNCHED(ctx);
