@@ -209,8 +209,11 @@ static int query_tile(const iq_kvq_params *p, int n, int group) {
  * all the query heads that use them; fp16 pairs as _Float16 (F16C in the AVX2 clones). */
 static inline void pairs_of(const uint16_t *pairs, int n, int fmt, float *scale, float *offset) {
   if (fmt == IQ_META_F16) {
-    const _Float16 *half = (const _Float16 *)pairs;
-    for (int i = 0; i < n; i++) scale[i] = (float)half[2 * i], offset[i] = (float)half[2 * i + 1];
+    for (int i = 0; i < n; i++) {
+      _Float16 half[2]; /* copied, not read through a cast: the cache holds uint16_t */
+      memcpy(half, pairs + 2 * i, sizeof half);
+      scale[i] = (float)half[0], offset[i] = (float)half[1];
+    }
     return;
   }
   for (int i = 0; i < n; i++) kvq_pair(pairs, i, fmt, &scale[i], &offset[i]);
