@@ -160,6 +160,11 @@ int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
 typedef struct {
   int len, token_major;
   int16_t elem[32 * 256];
+  /* keys over channels: whether each run of 8 slots of a row lies in one group (run_group[k]
+   * that of run k): groups of 32 or more in fragment order (a run holds codes of one 32-channel
+   * run: kvq.h), of 8 or more in natural order */
+  int runs_grouped;
+  int16_t run_group[IQ_MAX_HEAD_DIM / 8];
 } row_order;
 
 static void order_of(const iq_kvq_params *p, int side, row_order *o) {
@@ -169,6 +174,13 @@ static void order_of(const iq_kvq_params *p, int side, row_order *o) {
   for (int s = 0; s < o->len; s++) {
     int e = (int)kvq_elem_in(s, bits, order, d); /* channel * 32 + token */
     o->elem[s] = (int16_t)(o->token_major ? e % 32 * d + e / 32 : e);
+  }
+  const int group = side ? p->v_group : p->k_group;
+  o->runs_grouped = (side ? p->v_axis : p->k_axis) == IQ_AXIS_CHANNELS;
+  for (int s = 0; s < d && o->runs_grouped; s++) {
+    const int g = (o->len ? o->elem[s] : s) / group;
+    if (s % 8 == 0) o->run_group[s / 8] = (int16_t)g;
+    else o->runs_grouped = g == o->run_group[s / 8];
   }
 }
 
@@ -290,22 +302,10 @@ static inline float dot_scaled_runs(const float *q, const float *codes, const fl
   return sum8(&acc0);
 }
 
-/* Whether each run of 8 slots of a key row (fragment or natural order) lies in one group of g
- * channels; gs[k] is run k's group. True for groups of 32 or more in fragment order (a run holds
- * codes of one 32-channel run: kvq.h), and of 8 or more in natural order. */
-static int slot_runs_grouped(const row_order *o, int d, int g, int16_t *gs) {
-  for (int s = 0; s < d; s++) {
-    const int group = (o->len ? o->elem[s] : s) / g;
-    if (s % 8 == 0) gs[s / 8] = (int16_t)group;
-    else if (group != gs[s / 8]) return 0;
-  }
-  return 1;
-}
-
 /* Scores of the quantized stream tokens [0, nq) for the G query rows q[G][d] (a tile's queries
  * times their heads), each token's codes unpacked once for all G. Channel-grouped keys fold each
  * group's pair as scale * Σ q·code + offset * Σ q (the group sums of q once per call); where
- * runs of 8 slots keep to one group (slot_runs_grouped), the codes stay in slot order, scaled
+ * runs of 8 slots keep to one group (row_order.runs_grouped), the codes stay in slot order, scaled
  * run by run, and q is permuted into slot order once per call instead. Token-grouped keys take
  * Σ (q·scale) code + Σ q·offset per block. */
 IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q, int G,
@@ -327,8 +327,7 @@ IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q
         qsum[h * (d / g) + gi] = sum;
       }
     float *scale = pair_f, *offset = pair_f + d;
-    int16_t gs[IQ_MAX_HEAD_DIM / 8];
-    const int in_slots = slot_runs_grouped(order, d, g, gs);
+    const int in_slots = order->runs_grouped;
     static const row_order natural = {.len = 0};
     for (int h = 0; h < G && in_slots; h++)
       for (int x = 0; x < d; x++) qp[h * d + x] = q[h * d + (order->len ? order->elem[x] : x)];
@@ -337,7 +336,7 @@ IQ_CLONES static void quantized_scores(const kvq_job *j, int kvh, const float *q
       if (in_slots) {
         unpack(words, u * d, d, bits, &natural, codes);
         for (int h = 0; h < G; h++) {
-          float acc = dot_scaled_runs(qp + h * d, codes, scale, gs, d);
+          float acc = dot_scaled_runs(qp + h * d, codes, scale, order->run_group, d);
           for (int gi = 0; gi < d / g; gi++) acc += offset[gi] * qsum[h * (d / g) + gi];
           s[h * s_stride + u] = acc;
         }
