@@ -189,9 +189,9 @@ int iq_attention_decode(iq_ctx *ctx, float *out, const float *q,
  * codes (a token's channels when grouped over channels, a block's tokens of
  * one channel when grouped over tokens) whose length is a multiple of 32 hold
  * their 2-, 4- and 8-bit codes in the tensor cores' fragment order
- * (kvq_slot_of in kernels/kvq.h), except that blocks of 32 keys over tokens
- * beside values over tokens, and blocks of 32 values over tokens (head_dim *
- * bits a multiple of 128), take a tile order of the whole block
+ * (kvq_slot_of in kernels/kvq.h), except that blocks of 32 keys over tokens,
+ * and the values of blocks of 32 tokens (head_dim * bits a multiple of 128),
+ * over tokens or over channels, take a tile order of the whole block
  * (kvq_key_tile_slot, kvq_value_tile_slot); other rows and 3-bit codes are in
  * natural order, element i in slot i.
  * Pairs (`meta`): IQ_META_F16, two fp16 (4 bytes: scale, then offset), each

@@ -140,9 +140,9 @@ static KVQ_HD inline uint32_t kvq_pack_word(const uint8_t *codes, int64_t w, int
  * chunk tig * (L / 32) + r (each quad's chunks contiguous), f in the slot the
  * unpacking expects.
  *
- * Keys grouped over tokens in blocks of 32 beside values grouped over tokens
- * (the kaxis=tokens mix) are ordered by block instead, for an operand whose
- * pairs run along channels: token t, channel c
+ * Keys grouped over tokens in blocks of 32 (KIVI's keys, and the kaxis=tokens
+ * mix) are ordered by block instead, for an operand whose pairs run along
+ * channels: token t, channel c
  * is code j = t / 8 of the 8 that lane (gid = t % 8, tig = c % 8 / 2) uses for
  * channels c0, c0 + 1 (c0 = c - c % 2) and tokens gid + 8 j; those 8 form unit
  * (c / 16 * 32 + gid * 4 + tig) * 2 + c % 16 / 8: per k-step of 16 channels
@@ -157,29 +157,31 @@ static KVQ_HD inline uint32_t kvq_pack_word(const uint8_t *codes, int64_t w, int
  * (q = 2 cm + rh, per = 8 / bits codes a byte), so every code of one channel
  * row takes the same place j (one unpacking factor 2^(bits j) per output row).
  * Lane words: w / 4 * 128 + lane * 4 + w % 4 (16-byte loads without bank
- * conflicts).
+ * conflicts). Values grouped over channels in blocks of 32 tokens (KIVI's
+ * values beside its keys) take the same slots (KVQ_VALUE_ROWS_TILE), their
+ * elements numbered as grouped, token-major (t * head_dim + c).
  *
  * Other rows, other blocks and 3-bit codes keep natural order. */
 #define KVQ_KEY_TILE (-1)
 #define KVQ_VALUE_TILE (-2)
+#define KVQ_VALUE_ROWS_TILE (-3)
 
 /* The order of one side's codes (0 keys, 1 values): 0 natural, L > 0 rows of L
- * in fragment order, KVQ_KEY_TILE / KVQ_VALUE_TILE blocks of 32 keys / values
- * in tile order. */
+ * in fragment order, KVQ_KEY_TILE / KVQ_VALUE_TILE / KVQ_VALUE_ROWS_TILE
+ * blocks of 32 keys / values in tile order. */
 static KVQ_HD inline int kvq_order(const iq_kvq_params *p, int side) {
   int bits = side ? p->v_bits : p->k_bits, axis = side ? p->v_axis : p->k_axis;
   int group = side ? p->v_group : p->k_group;
   if (bits == 3) return 0;
-  if (!side && axis == IQ_AXIS_TOKENS && p->v_axis == IQ_AXIS_TOKENS && group == 32 &&
-      p->head_dim % 16 == 0)
+  if (!side && axis == IQ_AXIS_TOKENS && group == 32 && p->head_dim % 16 == 0)
     return KVQ_KEY_TILE;
-  if (side && axis == IQ_AXIS_TOKENS && group == 32 && p->head_dim * bits % 128 == 0)
-    return KVQ_VALUE_TILE;
+  if (side && kvq_block(p) == 32 && p->head_dim * bits % 128 == 0)
+    return axis == IQ_AXIS_TOKENS ? KVQ_VALUE_TILE : KVQ_VALUE_ROWS_TILE;
   int len = axis == IQ_AXIS_CHANNELS ? p->head_dim : group;
   return len % 32 == 0 ? len : 0;
 }
 
-/* Codes in one period of an order: a row, or a block of keys. */
+/* Codes in one period of an order: a row, or a block of 32 tokens. */
 static KVQ_HD inline int kvq_period(int order, int head_dim) {
   return order < 0 ? 32 * head_dim : order;
 }
@@ -238,31 +240,40 @@ static KVQ_HD inline int kvq_value_tile_elem(int s, int bits) {
 }
 
 /* Slot of element e of one period (e < kvq_period) in `order` (not 0). */
-static KVQ_HD inline int kvq_slot_in_period(int e, int bits, int order) {
-  return order == KVQ_KEY_TILE     ? kvq_key_tile_slot(e % 32, e / 32, bits)
-         : order == KVQ_VALUE_TILE ? kvq_value_tile_slot(e % 32, e / 32, bits)
-                                   : kvq_slot_of(e, order, bits);
+static KVQ_HD inline int kvq_slot_in_period(int e, int bits, int order, int head_dim) {
+  switch (order) {
+  case KVQ_KEY_TILE: return kvq_key_tile_slot(e % 32, e / 32, bits);
+  case KVQ_VALUE_TILE: return kvq_value_tile_slot(e % 32, e / 32, bits);
+  case KVQ_VALUE_ROWS_TILE: return kvq_value_tile_slot(e / head_dim, e % head_dim, bits);
+  default: return kvq_slot_of(e, order, bits);
+  }
 }
 
 /* Slot of element i (numbered from a period's start, as grouped) in `order`. */
 static KVQ_HD inline int64_t kvq_slot_in(int64_t i, int bits, int order, int head_dim) {
   if (!order) return i;
   int64_t period = kvq_period(order, head_dim), e = i % period;
-  return i - e + kvq_slot_in_period((int)e, bits, order);
+  return i - e + kvq_slot_in_period((int)e, bits, order, head_dim);
 }
 
 /* The element in slot s of one period (s < kvq_period) of `order` (not 0). */
-static KVQ_HD inline int kvq_elem_in_period(int s, int bits, int order) {
-  return order == KVQ_KEY_TILE     ? kvq_key_tile_elem(s, bits)
-         : order == KVQ_VALUE_TILE ? kvq_value_tile_elem(s, bits)
-                                   : kvq_elem_of(s, order, bits);
+static KVQ_HD inline int kvq_elem_in_period(int s, int bits, int order, int head_dim) {
+  switch (order) {
+  case KVQ_KEY_TILE: return kvq_key_tile_elem(s, bits);
+  case KVQ_VALUE_TILE: return kvq_value_tile_elem(s, bits);
+  case KVQ_VALUE_ROWS_TILE: {
+    const int e = kvq_value_tile_elem(s, bits); /* channel * 32 + token */
+    return e % 32 * head_dim + e / 32;
+  }
+  default: return kvq_elem_of(s, order, bits);
+  }
 }
 
 /* The element in slot s of `order`: the inverse of kvq_slot_in. */
 static KVQ_HD inline int64_t kvq_elem_in(int64_t s, int bits, int order, int head_dim) {
   if (!order) return s;
   int64_t period = kvq_period(order, head_dim), q = s % period;
-  return s - q + kvq_elem_in_period((int)q, bits, order);
+  return s - q + kvq_elem_in_period((int)q, bits, order, head_dim);
 }
 
 /* Code i of a packed array in `order` (i numbered from a period's start). */

@@ -98,6 +98,48 @@ export const KVQ_CASES: { name: string; params: KvqParams }[] = [
       meta: KvqMeta.E4M3,
     }),
   },
+  // KIVI's groups of 32: keys over tokens and values over channels in blocks of 32 tokens in tile
+  // order (kvq.h), which the CUDA backend reads on tensor cores; 3-bit keys take its SIMT kernel
+  {
+    name: "kivi k2v2 g32",
+    params: kvqParams({
+      kBits: 2,
+      kAxis: KvqAxis.TOKENS,
+      kGroup: 32,
+      vAxis: KvqAxis.CHANNELS,
+      vGroup: 32,
+      ring: 8 + 32 + 40,
+      qmode: KvqMode.ASYM,
+      norm: KvqNorm.OFF,
+    }),
+  },
+  {
+    name: "kivi k4v8 g32 e5m2, hybrid",
+    params: kvqParams({
+      kAxis: KvqAxis.TOKENS,
+      kGroup: 32,
+      vBits: 8,
+      vAxis: KvqAxis.CHANNELS,
+      vGroup: 32,
+      ring: 8 + 32 + 40,
+      norm: KvqNorm.OFF,
+      meta: KvqMeta.E5M2,
+    }),
+  },
+  {
+    name: "kivi k3v4 g32",
+    params: kvqParams({
+      kBits: 3,
+      kAxis: KvqAxis.TOKENS,
+      kGroup: 32,
+      vBits: 4,
+      vAxis: KvqAxis.CHANNELS,
+      vGroup: 32,
+      ring: 8 + 32 + 40,
+      qmode: KvqMode.ASYM,
+      norm: KvqNorm.OFF,
+    }),
+  },
   {
     name: "the kaxis=tokens mix, k2v8 e5m2",
     params: kvqParams({

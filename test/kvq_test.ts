@@ -444,47 +444,53 @@ function valueTileSlot(t: number, c: number, bits: number): number {
   return word * (32 / bits) + byte * per + (q % per);
 }
 
-Deno.test("kvq: values over tokens in blocks of 32 are packed in the documented tile order", () => {
-  for (const [bits, d] of [[2, 64], [4, 64], [8, 64], [2, 128], [4, 32]]) {
-    const p = kvqParams({
-      headDim: d,
-      vBits: bits,
-      vGroup: 32,
-      sink: 0,
-      recent: 0,
-      qmode: KvqMode.ASYM,
-    });
-    p.ring = 32 + 64;
-    p.kGroup = Math.min(p.kGroup, d);
-    const layout = cpu.kvqLayout(p), layer = zeroLayer(cpu, layout);
-    const total = 64, row = p.kvHeads * d, top = (1 << bits) - 1;
-    const codes = randomInts(new Rng(bits * 31 + d), total * row, top + 1);
-    // each (block, channel) group holds 0 and top, so min/max give scale 1 and offset 0 exactly
-    const v = Float32Array.from(codes, (code, i) => {
-      const t = Math.floor(i / row);
-      return t % 32 === 0 ? 0 : t % 32 === 1 ? top : code;
-    });
-    const k = randomFloats(new Rng(d), total * row, 1);
-    fillLayer(cpu, layout, layer, { k, v }, total, [total]);
-    const qcap = Math.ceil(layout.params.cap / 128) * 128;
-    const bytes = download(
-      cpu,
-      layer.slice(layout.offsets.codesV, p.kvHeads * qcap * d * bits / 8),
-    );
-    const words = new Uint32Array(bytes.buffer);
-    for (let h = 0; h < p.kvHeads; h++) {
-      for (let t = 0; t < total; t++) {
-        for (let c = 0; c < d; c++) {
-          const slot = (h * qcap + t - (t % 32)) * d + valueTileSlot(t % 32, c, bits);
-          const bit = slot * bits, code = (words[bit >>> 5] >>> (bit & 31)) & top;
-          assertEquals(
-            code,
-            v[t * row + h * d + c],
-            `value (${h}, ${t}, ${c}), ${bits} bits, d ${d}`,
-          );
+Deno.test("kvq: values in blocks of 32 tokens are packed in the documented tile order", () => {
+  // over tokens (InnerQ) and over channels beside keys over tokens (KIVI): the same slots
+  for (const axis of [KvqAxis.TOKENS, KvqAxis.CHANNELS]) {
+    for (const [bits, d] of [[2, 64], [4, 64], [8, 64], [2, 128], [4, 32]]) {
+      const overTokens = axis === KvqAxis.TOKENS;
+      const p = kvqParams({
+        headDim: d,
+        vBits: bits,
+        vGroup: 32,
+        vAxis: axis,
+        sink: 0,
+        recent: 0,
+        qmode: KvqMode.ASYM,
+        ...(overTokens ? {} : { kAxis: KvqAxis.TOKENS, kGroup: 32, norm: KvqNorm.OFF }),
+      });
+      p.ring = 32 + 64;
+      p.kGroup = Math.min(p.kGroup, d);
+      const layout = cpu.kvqLayout(p), layer = zeroLayer(cpu, layout);
+      const total = 64, row = p.kvHeads * d, top = (1 << bits) - 1;
+      const codes = randomInts(new Rng(bits * 31 + d), total * row, top + 1);
+      // each group holds 0 and top, so min/max give scale 1 and offset 0 exactly
+      const v = Float32Array.from(codes, (code, i) => {
+        const e = overTokens ? Math.floor(i / row) : i % d; // the entry's place in its group
+        return e % 32 === 0 ? 0 : e % 32 === 1 ? top : code;
+      });
+      const k = randomFloats(new Rng(d), total * row, 1);
+      fillLayer(cpu, layout, layer, { k, v }, total, [total]);
+      const qcap = Math.ceil(layout.params.cap / 128) * 128;
+      const bytes = download(
+        cpu,
+        layer.slice(layout.offsets.codesV, p.kvHeads * qcap * d * bits / 8),
+      );
+      const words = new Uint32Array(bytes.buffer);
+      for (let h = 0; h < p.kvHeads; h++) {
+        for (let t = 0; t < total; t++) {
+          for (let c = 0; c < d; c++) {
+            const slot = (h * qcap + t - (t % 32)) * d + valueTileSlot(t % 32, c, bits);
+            const bit = slot * bits, code = (words[bit >>> 5] >>> (bit & 31)) & top;
+            assertEquals(
+              code,
+              v[t * row + h * d + c],
+              `value (${h}, ${t}, ${c}), ${bits} bits, d ${d}, axis ${axis}`,
+            );
+          }
         }
       }
+      layer.close();
     }
-    layer.close();
   }
 });

@@ -154,9 +154,10 @@ int iq_kvq_dequantize(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
 }
 
 /* The element in each slot of one period of an order (kvq_order: a row, or a
- * block of keys), or slot order itself when len is 0 (natural order). Values in
- * tile order unpack token-major (token * head_dim + channel; token_major set),
- * so their weighted sum runs along channels as the fp16 rows' does. */
+ * block of 32 tokens), or slot order itself when len is 0 (natural order).
+ * Values over tokens in tile order unpack token-major (token * head_dim +
+ * channel; token_major set), so their weighted sum runs along channels as the
+ * fp16 rows' does; values over channels are numbered so already. */
 typedef struct {
   int len, token_major;
   int16_t elem[32 * 256];
@@ -172,7 +173,7 @@ static void order_of(const iq_kvq_params *p, int side, row_order *o) {
   o->len = kvq_period(order, d);
   o->token_major = order == KVQ_VALUE_TILE;
   for (int s = 0; s < o->len; s++) {
-    int e = (int)kvq_elem_in(s, bits, order, d); /* channel * 32 + token */
+    int e = (int)kvq_elem_in(s, bits, order, d); /* token-major tiles: channel * 32 + token */
     o->elem[s] = (int16_t)(o->token_major ? e % 32 * d + e / 32 : e);
   }
   const int group = side ? p->v_group : p->k_group;
@@ -417,14 +418,19 @@ IQ_CLONES static void quantized_values(const kvq_job *j, int kvh, const float *w
       }
     }
   } else {
-    for (int64_t u = 0; u < most; u++) {
-      unpack(words, u * d, d, bits, order, codes);
-      pairs_of(meta + kvq_pair_units(u * (d / g), fmt), d / g, fmt, scale, offset);
-      for (int h = 0; h < G; h++)
-        for (int gi = 0; gi < d / g && u < nq[h / per]; gi++) {
-          float ws = w[h * w_stride + u] * scale[gi], wo = w[h * w_stride + u] * offset[gi];
-          for (int e = 0; e < g; e++) out[h * d + gi * g + e] += ws * codes[gi * g + e] + wo;
-        }
+    /* a token's row at a time, or a block's 32 in tile order (most is whole blocks) */
+    const int rows = order->len > d ? order->len / d : 1;
+    for (int64_t u0 = 0; u0 < most; u0 += rows) {
+      unpack(words, u0 * d, rows * d, bits, order, codes);
+      for (int64_t u = u0; u < u0 + rows; u++) {
+        const float *row = codes + (u - u0) * d;
+        pairs_of(meta + kvq_pair_units(u * (d / g), fmt), d / g, fmt, scale, offset);
+        for (int h = 0; h < G; h++)
+          for (int gi = 0; gi < d / g && u < nq[h / per]; gi++) {
+            float ws = w[h * w_stride + u] * scale[gi], wo = w[h * w_stride + u] * offset[gi];
+            for (int e = 0; e < g; e++) out[h * d + gi * g + e] += ws * row[gi * g + e] + wo;
+          }
+      }
     }
   }
 }

@@ -406,15 +406,19 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
               acc[ci][g] += so.x * dot[g] + so.y * psum_s[g * (KVQ_TILE / b) + blk];
           }
         } else {
-          /* values grouped over channels: a token row's codes, a pair per group */
-          const int groups = d / p.v_group;
-          const int slot = kvq_order(&p, 1) ? kvq_slot_of(c, d, VB) : c;
+          /* values grouped over channels: a token row's codes (or, in tile order, a block's
+           * 32 rows), a pair per group */
+          const int groups = d / p.v_group, order = kvq_order(&p, 1);
+          const int slot = order > 0 ? kvq_slot_of(c, d, VB) : c;
           for (int j = 4 * phase; j < n; j += 4 * copies) { /* n is whole blocks: fours */
             float v[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
               const float2 so = pair_at(vm, (j + i) * groups + c / p.v_group);
-              v[i] = so.x * code_float(code_at<VB>(vc, (j + i) * d + slot)) + so.y;
+              const int at = order == KVQ_VALUE_ROWS_TILE
+                                 ? (j + i) / 32 * 32 * d + kvq_value_tile_slot((j + i) % 32, c, VB)
+                                 : (j + i) * d + slot;
+              v[i] = so.x * code_float(code_at<VB>(vc, at)) + so.y;
             }
 #pragma unroll
             for (int g = 0; g < G; g++)

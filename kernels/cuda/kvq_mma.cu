@@ -1,8 +1,9 @@
 /* kvq_mma.cu: attention over the quantized KV cache on tensor cores (mma.sync
  * m16n8k16, fp16 in, fp32 accumulate) for values in blocks of 32 tokens and
  * keys grouped over channels (groups of 16 or more: InnerQ) or over the same
- * blocks of tokens (the kaxis=tokens mix), 2, 4 or 8 bits, fp16 or fp8 pairs,
- * head_dim 64 or 128, up to 8 query heads per KV head. kvq_attention.cu calls it where
+ * blocks of tokens (the kaxis=tokens mix), and for KIVI's layout (keys over
+ * blocks of 32 tokens, values over groups of 32 channels), 2, 4 or 8 bits,
+ * fp16 or fp8 pairs, head_dim 64 or 128, up to 8 query heads per KV head. kvq_attention.cu calls it where
  * kvq_mma_supported says so and runs its SIMT kernel otherwise.
  *
  * grid (kv_heads, 1 + splits, query blocks), 4 warps a block. A block takes
@@ -19,7 +20,8 @@
  * operand of the values in registers (movmatrix transposes the score
  * fragment); and computes
  *   outᵀ (channels x heads) += V codes (A) · Pᵀ,
- * folding each block's pair as out += scale · (codes · p) + offset · Σ p.
+ * folding each block's pair as out += scale · (codes · p) + offset · Σ p
+ * (values over channels: each token's scale goes into Pᵀ, value_groups).
  * The codes are stored in fragment or tile order (kvq.h), so a thread's share
  * of an A operand is one load and one bit operation per fp16 pair: a code c
  * OR-ed under 0x6400 is the fp16 1024 + c; keys over tokens and values enter
@@ -205,11 +207,12 @@ __device__ __forceinline__ void key_tile_pairs(const uint32_t *codes, int ks, in
 }
 
 /* One warp's stage: a chunk's key codes, key pairs, value codes and value
- * pairs, in words; each region is contiguous in the cache too. */
-template <int D, int KB, int VB, int KG, bool F8> struct km_stage {
+ * pairs, in words; each region is contiguous in the cache too. KG, VG: the
+ * groups over channels of keys and values, 0 where grouped over the chunk. */
+template <int D, int KB, int VB, int KG, int VG, bool F8> struct km_stage {
   /* words of a chunk's regions as staged: pairs as fp16 (fp8 pairs are widened in place) */
   static constexpr int KC_WORDS = D * KB, KM_WORDS = KG ? KM_CHUNK * D / KG : D,
-                       VC_WORDS = D * VB, VM_WORDS = D;
+                       VC_WORDS = D * VB, VM_WORDS = VG ? KM_CHUNK * D / VG : D;
   /* words of the pairs in the cache, copied to the upper half of their region when fp8 */
   static constexpr int KM_SRC = KM_WORDS / (F8 ? 2 : 1), VM_SRC = VM_WORDS / (F8 ? 2 : 1);
   static constexpr int KC = 0, KM = KC + KC_WORDS, VC = KM + KM_WORDS, VM = VC + VC_WORDS,
@@ -225,10 +228,10 @@ struct km_source {
 };
 
 /* Issues the copies of quantized chunk `chunk` into the stage dst. */
-template <int D, int KB, int VB, int KG, bool F8>
+template <int D, int KB, int VB, int KG, int VG, bool F8>
 __device__ __forceinline__ void stage_chunk(const km_source &src, uint32_t *dst, int chunk,
                                             int lane) {
-  using st = km_stage<D, KB, VB, KG, F8>;
+  using st = km_stage<D, KB, VB, KG, VG, F8>;
   const uint32_t *from[4] = {src.kc + chunk * st::KC_WORDS, src.km + chunk * st::KM_SRC,
                              src.vc + chunk * st::VC_WORDS, src.vm + chunk * st::VM_SRC};
   constexpr int words[4] = {st::KC_WORDS, st::KM_SRC, st::VC_WORDS, st::VM_SRC};
@@ -325,31 +328,44 @@ __device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][
  * for the row's code place j), B = Pᵀ; then per channel c (rows gid, gid + 8),
  * with its (scale, offset) pair in vm and 1024 Σ p = ps,
  *   out += scale · Σ p code + offset · Σ p = scale / f · tmp + (offset / 1024 - scale / f) · ps. */
+/* The A operand of channel tile CM in k-step ks from the lane's words vw in tile order
+ * (kvq_value_tile_slot), raw: rows gid, gid + 8 at tokens 2 tig, + 1 (bytes 0, 2), then + 8, + 9
+ * (bytes 1, 3), each code c as 1024 + f c, f = 2^(VB j) for the row's code place j. */
+template <int VB, int CM>
+__device__ __forceinline__ void value_codes(const uint32_t *vw, int ks, uint32_t h, uint32_t fr[4]) {
+  constexpr int PER = 8 / VB, Q0 = 2 * CM, Q1 = 2 * CM + 1, J0 = Q0 % PER, J1 = Q1 % PER;
+  constexpr uint32_t ONES = (1u << VB) - 1;
+  const uint32_t w0 = vw[Q0 / PER * 2 + ks], w1 = vw[Q1 / PER * 2 + ks];
+  if constexpr (VB == 8) {
+    fr[0] = __byte_perm(w0, h, 0x7270), fr[1] = __byte_perm(w1, h, 0x7270);
+    fr[2] = __byte_perm(w0, h, 0x7371), fr[3] = __byte_perm(w1, h, 0x7371);
+  } else {
+    fr[0] = under_1024<ONES * 0x00010001u << (VB * J0)>(w0, h);
+    fr[1] = under_1024<ONES * 0x00010001u << (VB * J1)>(w1, h);
+    fr[2] = under_1024<ONES * 0x00010001u << (VB * J0)>(w0 >> 8, h);
+    fr[3] = under_1024<ONES * 0x00010001u << (VB * J1)>(w1 >> 8, h);
+  }
+}
+
+/* 1 / f of row half rh (0: row gid, 1: gid + 8) of channel tile CM (value_codes). */
+template <int VB, int CM> __device__ __forceinline__ constexpr float value_factor_inv(int rh) {
+  return 1.0f / (float)(1 << (VB * ((2 * CM + rh) % (8 / VB))));
+}
+
 template <int D, int VB, int CM>
 __device__ __forceinline__ void value_tile(km_state<D> &st, const uint32_t *vw, const uint32_t *vm,
                                            const uint32_t pb[2][2], const float ps[2], int gid,
                                            uint32_t h) {
-  constexpr int PER = 8 / VB, Q0 = 2 * CM, Q1 = 2 * CM + 1, J0 = Q0 % PER, J1 = Q1 % PER;
-  constexpr uint32_t ONES = (1u << VB) - 1;
   float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
   for (int ks = 0; ks < 2; ks++) {
-    const uint32_t w0 = vw[Q0 / PER * 2 + ks], w1 = vw[Q1 / PER * 2 + ks];
-    uint32_t fr[4]; /* rows gid, gid + 8 at tokens 2 tig, + 1 (bytes 0, 2), then + 8, + 9 (1, 3) */
-    if constexpr (VB == 8) {
-      fr[0] = __byte_perm(w0, h, 0x7270), fr[1] = __byte_perm(w1, h, 0x7270);
-      fr[2] = __byte_perm(w0, h, 0x7371), fr[3] = __byte_perm(w1, h, 0x7371);
-    } else {
-      fr[0] = under_1024<ONES * 0x00010001u << (VB * J0)>(w0, h);
-      fr[1] = under_1024<ONES * 0x00010001u << (VB * J1)>(w1, h);
-      fr[2] = under_1024<ONES * 0x00010001u << (VB * J0)>(w0 >> 8, h);
-      fr[3] = under_1024<ONES * 0x00010001u << (VB * J1)>(w1 >> 8, h);
-    }
+    uint32_t fr[4];
+    value_codes<VB, CM>(vw, ks, h, fr);
     mma_16816(tmp, fr, pb[ks][0], pb[ks][1]);
   }
   const int c0 = 16 * CM + gid;
   const float2 so0 = pair_f2(vm[c0]), so1 = pair_f2(vm[c0 + 8]);
-  const float sf0 = so0.x * (1.0f / (float)(1 << (VB * J0))), sf1 = so1.x * (1.0f / (float)(1 << (VB * J1)));
+  const float sf0 = so0.x * value_factor_inv<VB, CM>(0), sf1 = so1.x * value_factor_inv<VB, CM>(1);
   const float of0 = so0.y * (1.0f / 1024.0f) - sf0, of1 = so1.y * (1.0f / 1024.0f) - sf1;
   /* two FMAs each (a + (b + c) would take three) */
   st.acc[CM][0] = fmaf(sf0, tmp[0], fmaf(of0, ps[0], st.acc[CM][0]));
@@ -366,9 +382,84 @@ __device__ __forceinline__ void value_tiles(std::integer_sequence<int, CM...>, k
   (value_tile<D, VB, CM>(st, vw, vm, pb, ps, gid, h), ...);
 }
 
-template <int D, int KB, int VB, int KG, bool F8, bool P>
-__global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
-  using st = km_stage<D, KB, VB, KG, F8>;
+/* Values grouped over channels (KIVI's: a pair per token and group of 32 channels): a token's
+ * scale varies along the MMAs' k (tokens), so it goes into B: per group, Bg = Pᵀ times each
+ * token's scale, rounded to fp16 (a scale above 2^16 / 2^MAX_LAG = 256 would overflow it). The
+ * codes enter raw (1024 + f code, value_codes), so an MMA per k-step with A all -1024 and the
+ * same fp16 Bg the codes meet gives -1024 Σ Bg, the start of each tile's sums (the 1024s cancel
+ * exactly); another, A = the tokens' offsets and B = Pᵀ, gives Σ p offset. Per channel row
+ * (heads 2 tig, + 1):
+ *   out += (Σ Bg (1024 + f code) - 1024 Σ Bg) / f + Σ p offset.
+ * A group's two channel tiles T take the code places of tiles 0 and 1 (a group's first tile is
+ * even), and their words are the group's 8 / (8 / VB) of the lane's, loaded per group from
+ * shared memory (vc: the lane's first word of the chunk's value codes). vm holds the chunk's
+ * pairs token by token, a word (scale, offset) per group. */
+template <int D, int VB, int G, int T>
+__device__ __forceinline__ void value_group_tile(km_state<D> &st, const uint32_t *gw,
+                                                 const uint32_t bg[2][2], const float base[4],
+                                                 const float off[4], uint32_t h) {
+  float tmp[4] = {base[0], base[1], base[2], base[3]};
+#pragma unroll
+  for (int ks = 0; ks < 2; ks++) {
+    uint32_t fr[4];
+    value_codes<VB, T>(gw, ks, h, fr);
+    mma_16816(tmp, fr, bg[ks][0], bg[ks][1]);
+  }
+  constexpr int CM = 2 * G + T;
+#pragma unroll
+  for (int i = 0; i < 4; i++) /* row gid (i < 2) or gid + 8, head 2 tig + i % 2 */
+    st.acc[CM][i] = fmaf(value_factor_inv<VB, T>(i / 2), tmp[i], st.acc[CM][i] + off[i]);
+}
+
+template <int D, int VB, int G>
+__device__ __forceinline__ void value_group(km_state<D> &st, const uint32_t *vc, const uint32_t *vm,
+                                            const uint32_t pb[2][2], int tig, uint32_t h) {
+  constexpr int NG = D / 32, GW = VB; /* groups; a group's words per lane (8 / (8 / VB)) */
+  uint32_t gw[GW];                    /* the lane's words GW G .. (kvq_value_tile_slot) */
+  if constexpr (GW == 2) {
+    const uint2 x = *reinterpret_cast<const uint2 *>(vc + G / 2 * 128 + G % 2 * 2);
+    gw[0] = x.x, gw[1] = x.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < GW / 4; i++) {
+      const uint4 x = *reinterpret_cast<const uint4 *>(vc + (GW / 4 * G + i) * 128);
+      gw[4 * i] = x.x, gw[4 * i + 1] = x.y, gw[4 * i + 2] = x.z, gw[4 * i + 3] = x.w;
+    }
+  }
+  uint32_t bg[2][2];
+  float base[4] = {0.0f, 0.0f, 0.0f, 0.0f}, off[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  constexpr uint32_t NEG1024 = 0xE400E400u;
+  const uint32_t fn[4] = {NEG1024, NEG1024, NEG1024, NEG1024};
+#pragma unroll
+  for (int ks = 0; ks < 2; ks++) {
+    uint32_t of[2]; /* tokens 16 ks + 2 tig, + 1, then + 8, + 9 */
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+      const int t = 16 * ks + 8 * half + 2 * tig;
+      const uint32_t w0 = vm[t * NG + G], w1 = vm[(t + 1) * NG + G];
+      bg[ks][half] = hmul2(pb[ks][half], __byte_perm(w0, w1, 0x5410));
+      of[half] = __byte_perm(w0, w1, 0x7632);
+    }
+    const uint32_t fo[4] = {of[0], of[0], of[1], of[1]}; /* rows gid and gid + 8 alike */
+    mma_16816(off, fo, pb[ks][0], pb[ks][1]);
+    mma_16816(base, fn, bg[ks][0], bg[ks][1]);
+  }
+  value_group_tile<D, VB, G, 0>(st, gw, bg, base, off, h);
+  value_group_tile<D, VB, G, 1>(st, gw, bg, base, off, h);
+}
+
+template <int D, int VB, int... G>
+__device__ __forceinline__ void value_groups(std::integer_sequence<int, G...>, km_state<D> &st,
+                                             const uint32_t *vc, const uint32_t *vm,
+                                             const uint32_t pb[2][2], int tig, uint32_t h) {
+  (value_group<D, VB, G>(st, vc, vm, pb, tig, h), ...);
+}
+
+/* 4 blocks a multiprocessor; KIVI's values at head_dim 128 take 145-162 registers (ptxas spills
+ * 100-190 bytes at 128), so 3 */
+template <int D, int KB, int VB, int KG, int VG, bool F8, bool P>
+__global__ void __launch_bounds__(KM_WARPS * 32, VG && D > 64 ? 3 : 4) kvq_mma_kernel(km_args a) {
+  using st = km_stage<D, KB, VB, KG, VG, F8>;
   extern __shared__ __align__(16) uint32_t km_smem[];
   const uint32_t h = a.h1024;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
@@ -398,7 +489,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
   const int chunks = nq / KM_CHUNK;
   const int first = blockIdx.y ? (blockIdx.y - 1) * a.chunks_per_split + warp : 0;
   const int last = blockIdx.y ? min(chunks, (int)blockIdx.y * a.chunks_per_split) : 0;
-  if (first < last) stage_chunk<D, KB, VB, KG, F8>(src, stage, first, lane);
+  if (first < last) stage_chunk<D, KB, VB, KG, VG, F8>(src, stage, first, lane);
 
   /* the fp16 split's warps copy their first piece of positions instead: a lane a row, lanes
    * 0-15 the piece's 16 key rows and 16-31 its value rows, of padded length FP16_S (the row
@@ -521,7 +612,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
     for (int chunk = first, i = 0; chunk < last; chunk += KM_WARPS, i++) {
       uint32_t *cur = stage + (i & 1) * st::WORDS;
       if (chunk + KM_WARPS < last) {
-        stage_chunk<D, KB, VB, KG, F8>(src, stage + ((i + 1) & 1) * st::WORDS, chunk + KM_WARPS, lane);
+        stage_chunk<D, KB, VB, KG, VG, F8>(src, stage + ((i + 1) & 1) * st::WORDS, chunk + KM_WARPS, lane);
         asm volatile("cp.async.wait_group 1;\n" ::);
       } else {
         asm volatile("cp.async.wait_group 0;\n" ::);
@@ -619,16 +710,20 @@ __global__ void __launch_bounds__(KM_WARPS * 32, 4) kvq_mma_kernel(km_args a) {
       float ps[2];
       chunk_softmax<D>(state, s, h, pb, ps);
 
-      /* values: the lane's words of the chunk in tile order, 16-byte loads */
-      constexpr int VW = D * VB / 32;
-      uint32_t vw[VW];
+      if constexpr (VG) { /* values over channels: a group at a time */
+        value_groups<D, VB>(std::make_integer_sequence<int, D / 32>(), state,
+                            cur + st::VC + lane * 4, cur + st::VM, pb, tig, h);
+      } else { /* values over tokens: the lane's words of the chunk in tile order, 16-byte loads */
+        constexpr int VW = D * VB / 32;
+        uint32_t vw[VW];
 #pragma unroll
-      for (int i = 0; i < VW / 4; i++) {
-        const uint4 x = *reinterpret_cast<const uint4 *>(cur + st::VC + i * 128 + lane * 4);
-        vw[4 * i] = x.x, vw[4 * i + 1] = x.y, vw[4 * i + 2] = x.z, vw[4 * i + 3] = x.w;
+        for (int i = 0; i < VW / 4; i++) {
+          const uint4 x = *reinterpret_cast<const uint4 *>(cur + st::VC + i * 128 + lane * 4);
+          vw[4 * i] = x.x, vw[4 * i + 1] = x.y, vw[4 * i + 2] = x.z, vw[4 * i + 3] = x.w;
+        }
+        value_tiles<D, VB>(std::make_integer_sequence<int, D / 16>(), state, vw, cur + st::VM,
+                           pb, ps, gid, h);
       }
-      value_tiles<D, VB>(std::make_integer_sequence<int, D / 16>(), state, vw, cur + st::VM, pb,
-                         ps, gid, h);
       __syncwarp(); /* the stage is refilled next */
     }
   }
@@ -708,7 +803,10 @@ int kvq_mma_supported(const iq_kvq_params *p, int group) {
   const int b2 = p->k_bits == 2 || p->k_bits == 4 || p->k_bits == 8;
   const int v2 = p->v_bits == 2 || p->v_bits == 4 || p->v_bits == 8;
   const int keys = p->k_axis == IQ_AXIS_CHANNELS ? p->k_group >= 16 : p->k_group == KM_CHUNK;
-  return b2 && v2 && keys && kvq_order(p, 1) == KVQ_VALUE_TILE && p->v_group == KM_CHUNK &&
+  /* values over tokens in blocks of a chunk, or over 32 channels beside such keys (KIVI's) */
+  const int values = p->v_axis == IQ_AXIS_TOKENS ? kvq_order(p, 1) == KVQ_VALUE_TILE
+                                                 : kvq_order(p, 1) == KVQ_VALUE_ROWS_TILE;
+  return b2 && v2 && keys && values && p->v_group == KM_CHUNK &&
          (p->head_dim == 64 || p->head_dim == 128) && group <= KM_HEADS;
 }
 
@@ -719,13 +817,13 @@ struct km_kernel {
   int blocks_per_sm;
 };
 
-/* The kernel for D, KB, VB, KG, F8, P; its attributes are set at the first call. */
-template <int D, int KB, int VB, int KG, bool F8, bool P>
+/* The kernel for D, KB, VB, KG, VG, F8, P; its attributes are set at the first call. */
+template <int D, int KB, int VB, int KG, int VG, bool F8, bool P>
 static int km_kernel_of(iq_ctx *ctx, km_kernel *k) {
   static int blocks = 0;
-  const size_t warps = sizeof(uint32_t) * KM_WARPS * km_stage<D, KB, VB, KG, F8>::WARP_WORDS;
+  const size_t warps = sizeof(uint32_t) * KM_WARPS * km_stage<D, KB, VB, KG, VG, F8>::WARP_WORDS;
   const size_t merge = sizeof(float) * KM_WARPS * KM_HEADS * D;
-  k->fn = kvq_mma_kernel<D, KB, VB, KG, F8, P>;
+  k->fn = kvq_mma_kernel<D, KB, VB, KG, VG, F8, P>;
   k->smem = warps > merge ? warps : merge;
   if (!blocks) {
     IQ_CUDA(ctx, cudaFuncSetAttribute(k->fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -740,12 +838,13 @@ static int km_kernel_of(iq_ctx *ctx, km_kernel *k) {
 
 template <int D, int KB, int VB, bool F8, bool P>
 static int km_kernel_g(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
-  if (p->k_axis == IQ_AXIS_TOKENS) return km_kernel_of<D, KB, VB, 0, F8, P>(ctx, k); /* tokens */
+  if (p->v_axis == IQ_AXIS_CHANNELS) return km_kernel_of<D, KB, VB, 0, 32, F8, P>(ctx, k); /* KIVI */
+  if (p->k_axis == IQ_AXIS_TOKENS) return km_kernel_of<D, KB, VB, 0, 0, F8, P>(ctx, k);
   switch (p->k_group) {
-  case 16: return km_kernel_of<D, KB, VB, 16, F8, P>(ctx, k);
-  case 32: return km_kernel_of<D, KB, VB, 32, F8, P>(ctx, k);
-  case 64: return km_kernel_of<D, KB, VB, 64, F8, P>(ctx, k);
-  default: return km_kernel_of<D, KB, VB, (D < 128 ? D : 128), F8, P>(ctx, k);
+  case 16: return km_kernel_of<D, KB, VB, 16, 0, F8, P>(ctx, k);
+  case 32: return km_kernel_of<D, KB, VB, 32, 0, F8, P>(ctx, k);
+  case 64: return km_kernel_of<D, KB, VB, 64, 0, F8, P>(ctx, k);
+  default: return km_kernel_of<D, KB, VB, (D < 128 ? D : 128), 0, F8, P>(ctx, k);
   }
 }
 

@@ -60,11 +60,11 @@ template <typename Op> __device__ inline float2 group_reduce(float2 x, int lanes
 /* Slices a stream block's side is quantized in, a block of threads each: contiguous ranges of
  * its groups, each holding whole words of the stored order (a tile order's words hold codes of
  * one 32-channel slice, a row order's of one row: kvq.h); natural order (3 bits, short rows)
- * stays whole. A decode step quantizes one stream block per KV head and side, 16 blocks for an
+ * and values over channels in a tile (a word holds codes of 4 tokens' groups) stay whole. A decode step quantizes one stream block per KV head and side, 16 blocks for an
  * 8B's 8 KV heads: slices spread them over more of the GPU. */
 #define QUANTIZE_SLICES 4
 __device__ inline int quantize_slices(int order, int axis, int block, int head_dim) {
-  const int most = !order ? 1 : axis == IQ_AXIS_TOKENS ? head_dim / 32 : block;
+  const int most = !order || order == KVQ_VALUE_ROWS_TILE ? 1 : axis == IQ_AXIS_TOKENS ? head_dim / 32 : block;
   return most < QUANTIZE_SLICES ? most : QUANTIZE_SLICES;
 }
 
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(QUANTIZE_THREADS)
     for (int k = 0; k < QUANTIZE_MINE; k++) {
       if (k >= mine) break;
       const int i = gi * group + l + k * lanes, e = order ? i % period : 0;
-      codes[order ? i - e + kvq_slot_in_period(e, bits, order) : i] =
+      codes[order ? i - e + kvq_slot_in_period(e, bits, order, d) : i] =
           (uint8_t)(keeps_sym ? sym_code[k] : asym_code[k]);
     }
   }
@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(QUANTIZE_THREADS)
   for (int w = threadIdx.x; w < b * d * bits / 32; w += blockDim.x) {
     if (slices > 1) { /* the word's slice: that of its first code's group */
       const int s0 = w * (32 / bits), e = s0 % period;
-      if ((s0 - e + kvq_elem_in_period(e, bits, order)) / group / per_slice != slice) continue;
+      if ((s0 - e + kvq_elem_in_period(e, bits, order, d)) / group / per_slice != slice) continue;
     }
     words[w] = kvq_pack_word(codes, w, bits);
   }
