@@ -45,9 +45,10 @@ function test(name: string, fn: (gpu: Backend, cpu: Backend) => void): void {
 /** Whether kvq_mma.cu serves these parameters (its kvq_mma_supported). */
 function tensorCores(p: KvqParams, group: number): boolean {
   const keys = p.kAxis === KvqAxis.CHANNELS ? p.kGroup >= 16 : p.kGroup === 32;
-  return [2, 4, 8].includes(p.kBits) && [2, 4, 8].includes(p.vBits) && keys &&
-    p.vAxis === KvqAxis.TOKENS && p.vGroup === 32 && (p.headDim === 64 || p.headDim === 128) &&
-    group <= 8;
+  // values over tokens in blocks of 32, or over 32 channels beside keys over such blocks (KIVI's)
+  const values = p.vAxis === KvqAxis.TOKENS || p.kAxis === KvqAxis.TOKENS;
+  return [2, 4, 8].includes(p.kBits) && [2, 4, 8].includes(p.vBits) && keys && values &&
+    p.vGroup === 32 && (p.headDim === 64 || p.headDim === 128) && group <= 8;
 }
 
 /** Fills the same layer on both backends, checks the bytes, then prefill and decode attention. */
@@ -143,7 +144,8 @@ test("GQA 8 and head_dim 128: InnerQ at 2/4/8 bits and KIVI", (gpu, cpu) => {
 });
 
 test("a Llama-3-8B layer at 5000 tokens: many splits", (gpu, cpu) => {
-  for (const [kBits, vBits] of [[4, 2], [2, 2]]) {
+  const kivi = { kAxis: KvqAxis.TOKENS, vAxis: KvqAxis.CHANNELS, qmode: 0, norm: 0 };
+  for (const [kBits, vBits, over] of [[4, 2, {}], [2, 2, {}], [2, 2, kivi]] as const) {
     const params = kvqParams({
       kvHeads: 8,
       headDim: 128,
@@ -155,8 +157,9 @@ test("a Llama-3-8B layer at 5000 tokens: many splits", (gpu, cpu) => {
       vBits,
       kGroup: 32,
       vGroup: 32,
+      ...over,
     });
-    compare(gpu, cpu, `8B k${kBits}v${vBits}`, params, {
+    compare(gpu, cpu, `8B ${over === kivi ? "kivi" : "innerq"} k${kBits}v${vBits}`, params, {
       heads: 32,
       prefill: 5000,
       chunks: [256],
