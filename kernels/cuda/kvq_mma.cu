@@ -266,9 +266,11 @@ __device__ __forceinline__ void widen_pairs(uint32_t *region, int lane, bool e5m
 
 /* A warp's running softmax and output for its 8 heads: this thread holds
  * heads 2 tig, 2 tig + 1 and, per 16-channel tile cm, channels 16 cm + gid
- * and + 8 (acc[cm] = {(gid, h0), (gid, h1), (gid + 8, h0), (gid + 8, h1)}). */
+ * and + 8 (acc[cm] = {(gid, h0), (gid, h1), (gid + 8, h0), (gid + 8, h1)});
+ * values over channels (KIVI's) keep Σ p offset of group gid % (D / 32) apart
+ * in off ({h0, h1, h0, h1}), added to acc after the last chunk (value_offsets). */
 template <int D> struct km_state {
-  float m[2], l[2], acc[D / 16][4];
+  float m[2], l[2], acc[D / 16][4], off[4];
 };
 
 /* The softmax step of a chunk's scores s[mt][.] (tokens 16 mt + gid and + 8,
@@ -313,7 +315,7 @@ __device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][
     ps[j] = sum[j];
     st.l[j] = st.l[j] * corr[j] + sum[j] * (1.0f / 1024.0f);
   }
-  if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f))
+  if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
     for (int cm = 0; cm < D / 16; cm++) {
       st.acc[cm][0] *= corr[0];
@@ -321,6 +323,9 @@ __device__ __forceinline__ void chunk_softmax(km_state<D> &st, const float s[2][
       st.acc[cm][2] *= corr[0];
       st.acc[cm][3] *= corr[1];
     }
+#pragma unroll
+    for (int i = 0; i < 4; i++) st.off[i] *= corr[i % 2];
+  }
 }
 
 /* The value MMAs of channel tile CM over a chunk: A from the lane's words vw in
@@ -386,18 +391,18 @@ __device__ __forceinline__ void value_tiles(std::integer_sequence<int, CM...>, k
  * scale varies along the MMAs' k (tokens), so it goes into B: per group, Bg = Pᵀ times each
  * token's scale, rounded to fp16 (a scale above 2^16 / 2^MAX_LAG = 256 would overflow it). The
  * codes enter raw (1024 + f code, value_codes), so an MMA per k-step with A all -1024 and the
- * same fp16 Bg the codes meet gives -1024 Σ Bg, the start of each tile's sums (the 1024s cancel
- * exactly); another, A = the tokens' offsets and B = Pᵀ, gives Σ p offset. Per channel row
- * (heads 2 tig, + 1):
- *   out += (Σ Bg (1024 + f code) - 1024 Σ Bg) / f + Σ p offset.
+ * same fp16 Bg the codes meet starts each tile's sums at -1024 Σ Bg (the 1024s cancel to fp32
+ * rounding). The offsets are the same for a group's 32 channels: one MMA per k-step sums Σ p
+ * offset for every group at once (value_offsets). Per channel row (heads 2 tig, + 1)
+ *   out += (Σ Bg (1024 + f code) - 1024 Σ Bg) / f   (+ Σ p offset, after the last chunk).
  * A group's two channel tiles T take the code places of tiles 0 and 1 (a group's first tile is
- * even), and their words are the group's 8 / (8 / VB) of the lane's, loaded per group from
- * shared memory (vc: the lane's first word of the chunk's value codes). vm holds the chunk's
- * pairs token by token, a word (scale, offset) per group. */
+ * even), and their words are the group's VB of the lane's, loaded per group from shared memory
+ * (vc: the lane's first word of the chunk's value codes). vm holds the chunk's pairs token by
+ * token, a word (scale, offset) per group. */
 template <int D, int VB, int G, int T>
 __device__ __forceinline__ void value_group_tile(km_state<D> &st, const uint32_t *gw,
                                                  const uint32_t bg[2][2], const float base[4],
-                                                 const float off[4], uint32_t h) {
+                                                 uint32_t h) {
   float tmp[4] = {base[0], base[1], base[2], base[3]};
 #pragma unroll
   for (int ks = 0; ks < 2; ks++) {
@@ -407,8 +412,8 @@ __device__ __forceinline__ void value_group_tile(km_state<D> &st, const uint32_t
   }
   constexpr int CM = 2 * G + T;
 #pragma unroll
-  for (int i = 0; i < 4; i++) /* row gid (i < 2) or gid + 8, head 2 tig + i % 2 */
-    st.acc[CM][i] = fmaf(value_factor_inv<VB, T>(i / 2), tmp[i], st.acc[CM][i] + off[i]);
+  for (int i = 0; i < 4; i++) /* row gid (i < 2) or gid + 8 */
+    st.acc[CM][i] = fmaf(value_factor_inv<VB, T>(i / 2), tmp[i], st.acc[CM][i]);
 }
 
 template <int D, int VB, int G>
@@ -427,36 +432,64 @@ __device__ __forceinline__ void value_group(km_state<D> &st, const uint32_t *vc,
     }
   }
   uint32_t bg[2][2];
-  float base[4] = {0.0f, 0.0f, 0.0f, 0.0f}, off[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float base[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   constexpr uint32_t NEG1024 = 0xE400E400u;
   const uint32_t fn[4] = {NEG1024, NEG1024, NEG1024, NEG1024};
 #pragma unroll
   for (int ks = 0; ks < 2; ks++) {
-    uint32_t of[2]; /* tokens 16 ks + 2 tig, + 1, then + 8, + 9 */
 #pragma unroll
-    for (int half = 0; half < 2; half++) {
+    for (int half = 0; half < 2; half++) { /* tokens 16 ks + 2 tig, + 1, then + 8, + 9 */
       const int t = 16 * ks + 8 * half + 2 * tig;
-      const uint32_t w0 = vm[t * NG + G], w1 = vm[(t + 1) * NG + G];
-      bg[ks][half] = hmul2(pb[ks][half], __byte_perm(w0, w1, 0x5410));
-      of[half] = __byte_perm(w0, w1, 0x7632);
+      bg[ks][half] = hmul2(pb[ks][half], __byte_perm(vm[t * NG + G], vm[(t + 1) * NG + G], 0x5410));
     }
-    const uint32_t fo[4] = {of[0], of[0], of[1], of[1]}; /* rows gid and gid + 8 alike */
-    mma_16816(off, fo, pb[ks][0], pb[ks][1]);
     mma_16816(base, fn, bg[ks][0], bg[ks][1]);
   }
-  value_group_tile<D, VB, G, 0>(st, gw, bg, base, off, h);
-  value_group_tile<D, VB, G, 1>(st, gw, bg, base, off, h);
+  value_group_tile<D, VB, G, 0>(st, gw, bg, base, h);
+  value_group_tile<D, VB, G, 1>(st, gw, bg, base, h);
+}
+
+/* Σ p offset of the chunk for group gid % (D / 32), rows gid and gid + 8 alike, into st.off: A
+ * holds the group's offsets at the lane's tokens, B = Pᵀ. */
+template <int D>
+__device__ __forceinline__ void value_offsets(km_state<D> &st, const uint32_t *vm,
+                                              const uint32_t pb[2][2], int gid, int tig) {
+  constexpr int NG = D / 32;
+#pragma unroll
+  for (int ks = 0; ks < 2; ks++) {
+    uint32_t of[2];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+      const int t = 16 * ks + 8 * half + 2 * tig, g = gid % NG;
+      of[half] = __byte_perm(vm[t * NG + g], vm[(t + 1) * NG + g], 0x7632);
+    }
+    const uint32_t fo[4] = {of[0], of[0], of[1], of[1]};
+    mma_16816(st.off, fo, pb[ks][0], pb[ks][1]);
+  }
 }
 
 template <int D, int VB, int... G>
 __device__ __forceinline__ void value_groups(std::integer_sequence<int, G...>, km_state<D> &st,
                                              const uint32_t *vc, const uint32_t *vm,
-                                             const uint32_t pb[2][2], int tig, uint32_t h) {
+                                             const uint32_t pb[2][2], int gid, int tig,
+                                             uint32_t h) {
+  value_offsets<D>(st, vm, pb, gid, tig);
   (value_group<D, VB, G>(st, vc, vm, pb, tig, h), ...);
 }
 
-/* 4 blocks a multiprocessor; KIVI's values at head_dim 128 take 145-162 registers (ptxas spills
- * 100-190 bytes at 128), so 3 */
+/* After the last chunk: each channel row takes its group's Σ p offset from lane (group, tig). */
+template <int D> __device__ __forceinline__ void add_value_offsets(km_state<D> &st, int tig) {
+#pragma unroll
+  for (int g = 0; g < D / 32; g++)
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      const float o = __shfl_sync(0xffffffffu, st.off[j], g * 4 + tig);
+#pragma unroll
+      for (int cm = 2 * g; cm < 2 * g + 2; cm++) st.acc[cm][j] += o, st.acc[cm][j + 2] += o;
+    }
+}
+
+/* 4 blocks a multiprocessor; KIVI's values at head_dim 128 take 136-162 registers (held to 128,
+ * ptxas spills 24-76 bytes), so 3 */
 template <int D, int KB, int VB, int KG, int VG, bool F8, bool P>
 __global__ void __launch_bounds__(KM_WARPS * 32, VG && D > 64 ? 3 : 4) kvq_mma_kernel(km_args a) {
   using st = km_stage<D, KB, VB, KG, VG, F8>;
@@ -553,6 +586,8 @@ __global__ void __launch_bounds__(KM_WARPS * 32, VG && D > 64 ? 3 : 4) kvq_mma_k
   for (int cm = 0; cm < D / 16; cm++)
 #pragma unroll
     for (int i = 0; i < 4; i++) state.acc[cm][i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; i++) state.off[i] = 0.0f;
 
   if (blockIdx.y == 0) {
     /* the fp16 positions, 16 at a time per warp (the first 16 copied before q was set up):
@@ -712,7 +747,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, VG && D > 64 ? 3 : 4) kvq_mma_k
 
       if constexpr (VG) { /* values over channels: a group at a time */
         value_groups<D, VB>(std::make_integer_sequence<int, D / 32>(), state,
-                            cur + st::VC + lane * 4, cur + st::VM, pb, tig, h);
+                            cur + st::VC + lane * 4, cur + st::VM, pb, gid, tig, h);
       } else { /* values over tokens: the lane's words of the chunk in tile order, 16-byte loads */
         constexpr int VW = D * VB / 32;
         uint32_t vw[VW];
@@ -728,6 +763,7 @@ __global__ void __launch_bounds__(KM_WARPS * 32, VG && D > 64 ? 3 : 4) kvq_mma_k
     }
   }
 
+  if constexpr (VG) add_value_offsets<D>(state, tig);
   iq_allow_next(); /* the merge may start launching */
   const int n = P ? a.n : gridDim.z; /* queries */
   const int64_t rows = (int64_t)gridDim.y * (a.warp_rows ? KM_WARPS : 1) * n * a.heads;
