@@ -60,11 +60,14 @@ template <typename Op> __device__ inline float2 group_reduce(float2 x, int lanes
 /* Slices a stream block's side is quantized in, a block of threads each: contiguous ranges of
  * its groups, each holding whole words of the stored order (a tile order's words hold codes of
  * one 32-channel slice, a row order's of one row: kvq.h); natural order (3 bits, short rows)
- * and values over channels in a tile (a word holds codes of 4 tokens' groups) stay whole. A decode step quantizes one stream block per KV head and side, 16 blocks for an
- * 8B's 8 KV heads: slices spread them over more of the GPU. */
+ * and values over channels in a tile (a word holds codes of 4 tokens' groups) stay whole. A
+ * decode step quantizes one stream block per KV head and side, 16 blocks for an 8B's 8 KV
+ * heads: slices spread them over more of the GPU. */
 #define QUANTIZE_SLICES 4
 __device__ inline int quantize_slices(int order, int axis, int block, int head_dim) {
-  const int most = !order || order == KVQ_VALUE_ROWS_TILE ? 1 : axis == IQ_AXIS_TOKENS ? head_dim / 32 : block;
+  const int most = !order || order == KVQ_VALUE_ROWS_TILE ? 1
+                   : axis == IQ_AXIS_TOKENS                 ? head_dim / 32
+                                                            : block;
   return most < QUANTIZE_SLICES ? most : QUANTIZE_SLICES;
 }
 
