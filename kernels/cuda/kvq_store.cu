@@ -57,18 +57,30 @@ template <typename Op> __device__ inline float2 group_reduce(float2 x, int lanes
   return x;
 }
 
-/* Slices a stream block's side is quantized in, a block of threads each: contiguous ranges of
- * its groups, each holding whole words of the stored order (a tile order's words hold codes of
- * one 32-channel slice, a row order's of one row: kvq.h); natural order (3 bits, short rows)
- * and values over channels in a tile (a word holds codes of 4 tokens' groups) stay whole. A
- * decode step quantizes one stream block per KV head and side, 16 blocks for an 8B's 8 KV
- * heads: slices spread them over more of the GPU. */
+/* Slices a stream block's side is quantized in, a block of threads each, so that a decode step's
+ * one stream block per KV head and side (16 blocks for an 8B's 8 KV heads) spreads over more of
+ * the GPU. Each slice holds whole words of the stored order: a tile order's words hold codes of
+ * one 32-channel slice, a row order's of one row (kvq.h), so a slice is a contiguous range of the
+ * block's groups, or, for values over channels in a tile (a word holds codes of 4 tokens), a
+ * range of channels of every token, whole groups (slice_group). Natural order (3 bits, short
+ * rows) stays whole. */
 #define QUANTIZE_SLICES 4
-__device__ inline int quantize_slices(int order, int axis, int block, int head_dim) {
-  const int most = !order || order == KVQ_VALUE_ROWS_TILE ? 1
-                   : axis == IQ_AXIS_TOKENS                 ? head_dim / 32
-                                                            : block;
+__device__ inline int quantize_slices(int order, int axis, int block, int head_dim, int group) {
+  const int most = !order                         ? 1
+                   : order == KVQ_VALUE_ROWS_TILE ? head_dim / (group > 32 ? group : 32)
+                   : axis == IQ_AXIS_TOKENS       ? head_dim / 32
+                                                  : block;
   return most < QUANTIZE_SLICES ? most : QUANTIZE_SLICES;
+}
+
+/* Group k of slice `slice` (of `slices`, per_slice groups each) of a block: the k-th of a
+ * contiguous range, or, by channels (KVQ_VALUE_ROWS_TILE), of the slice's channels token by
+ * token. */
+__device__ inline int slice_group(int k, int slice, int slices, int per_slice, bool by_channels,
+                                  int head_dim, int group) {
+  if (!by_channels) return slice * per_slice + k;
+  const int per_token = head_dim / slices / group;
+  return k / per_token * (head_dim / group) + slice * per_token + k % per_token;
 }
 
 /* grid (blocks x QUANTIZE_SLICES, kv_heads, 2 sides), block QUANTIZE_THREADS: quantizes a slice
@@ -86,7 +98,8 @@ __global__ void __launch_bounds__(QUANTIZE_THREADS)
   const int b = kvq_block(&p), d = p.head_dim, h = blockIdx.y, side = blockIdx.z, row = d + 1;
   const int bits = side ? p.v_bits : p.k_bits, group = side ? p.v_group : p.k_group;
   const int axis = side ? p.v_axis : p.k_axis, order = kvq_order(&p, side);
-  const int slices = quantize_slices(order, axis, b, d), slice = blockIdx.x % QUANTIZE_SLICES;
+  const int slices = quantize_slices(order, axis, b, d, group);
+  const int slice = blockIdx.x % QUANTIZE_SLICES;
   if (slice >= slices) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   uint8_t *codes = reinterpret_cast<uint8_t *>(q_tile + b * row); /* in slot order */
@@ -102,11 +115,12 @@ __global__ void __launch_bounds__(QUANTIZE_THREADS)
   const int stride = axis == IQ_AXIS_CHANNELS ? 1 : row, lanes = kvq_lanes(group);
   const int per_warp = 32 / lanes, mine = group / lanes, period = kvq_period(order, d);
   const int per_slice = b * d / group / slices; /* groups; a multiple of per_warp */
+  const bool by_channels = order == KVQ_VALUE_ROWS_TILE;
   const bool asym = p.qmode != IQ_QMODE_SYM, sym = p.qmode != IQ_QMODE_ASYM;
   /* every lane of a warp runs the same passes, as the shuffles need */
-  for (int gw = slice * per_slice + warp * per_warp; gw < (slice + 1) * per_slice;
-       gw += warps * per_warp) {
-    const int gi = gw + lane / lanes, l = lane % lanes;
+  for (int gw = warp * per_warp; gw < per_slice; gw += warps * per_warp) {
+    const int gi = slice_group(gw + lane / lanes, slice, slices, per_slice, by_channels, d, group);
+    const int l = lane % lanes;
     int t, c;
     kvq_group_entry(axis, group, d, gi, 0, &t, &c);
     const float *x = q_tile + t * row + c;
@@ -157,9 +171,10 @@ __global__ void __launch_bounds__(QUANTIZE_THREADS)
   __syncthreads();
   uint32_t *words = (side ? r.codes_v : r.codes_k) + ((int64_t)h * qcap + first) * d * bits / 32;
   for (int w = threadIdx.x; w < b * d * bits / 32; w += blockDim.x) {
-    if (slices > 1) { /* the word's slice: that of its first code's group */
+    if (slices > 1) { /* the word's slice: that of its first code (its group, or its channel) */
       const int s0 = w * (32 / bits), e = s0 % period;
-      if ((s0 - e + kvq_elem_in_period(e, bits, order, d)) / group / per_slice != slice) continue;
+      const int elem = s0 - e + kvq_elem_in_period(e, bits, order, d);
+      if ((by_channels ? elem % d / (d / slices) : elem / group / per_slice) != slice) continue;
     }
     words[w] = kvq_pack_word(codes, w, bits);
   }
