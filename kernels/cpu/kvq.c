@@ -176,8 +176,8 @@ static void order_of(const iq_kvq_params *p, int side, row_order *o) {
     int e = (int)kvq_elem_in(s, bits, order, d); /* token-major tiles: channel * 32 + token */
     o->elem[s] = (int16_t)(o->token_major ? e % 32 * d + e / 32 : e);
   }
-  const int group = side ? p->v_group : p->k_group;
-  o->runs_grouped = (side ? p->v_axis : p->k_axis) == IQ_AXIS_CHANNELS;
+  const int group = p->k_group;
+  o->runs_grouped = !side && p->k_axis == IQ_AXIS_CHANNELS; /* read for keys only */
   for (int s = 0; s < d && o->runs_grouped; s++) {
     const int g = (o->len ? o->elem[s] : s) / group;
     if (s % 8 == 0) o->run_group[s / 8] = (int16_t)g;

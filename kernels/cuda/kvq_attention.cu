@@ -415,6 +415,7 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
 #pragma unroll
             for (int i = 0; i < 4; i++) {
               const float2 so = pair_at(vm, (j + i) * groups + c / p.v_group);
+              /* in tile order kvq_slot_in((j + i) * d + c), without its 64-bit division */
               const int at = order == KVQ_VALUE_ROWS_TILE
                                  ? (j + i) / 32 * 32 * d + kvq_value_tile_slot((j + i) % 32, c, VB)
                                  : (j + i) * d + slot;

@@ -352,6 +352,18 @@ __device__ __forceinline__ void value_codes(const uint32_t *vw, int ks, uint32_t
   }
 }
 
+/* tmp += the raw codes of channel tile CM (value_codes) · B over a chunk's two k-steps. */
+template <int VB, int CM>
+__device__ __forceinline__ void value_mma(float tmp[4], const uint32_t *vw, const uint32_t b[2][2],
+                                          uint32_t h) {
+#pragma unroll
+  for (int ks = 0; ks < 2; ks++) {
+    uint32_t fr[4];
+    value_codes<VB, CM>(vw, ks, h, fr);
+    mma_16816(tmp, fr, b[ks][0], b[ks][1]);
+  }
+}
+
 /* 1 / f of row half rh (0: row gid, 1: gid + 8) of channel tile CM (value_codes). */
 template <int VB, int CM> __device__ __forceinline__ constexpr float value_factor_inv(int rh) {
   return 1.0f / (float)(1 << (VB * ((2 * CM + rh) % (8 / VB))));
@@ -362,12 +374,7 @@ __device__ __forceinline__ void value_tile(km_state<D> &st, const uint32_t *vw, 
                                            const uint32_t pb[2][2], const float ps[2], int gid,
                                            uint32_t h) {
   float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-  for (int ks = 0; ks < 2; ks++) {
-    uint32_t fr[4];
-    value_codes<VB, CM>(vw, ks, h, fr);
-    mma_16816(tmp, fr, pb[ks][0], pb[ks][1]);
-  }
+  value_mma<VB, CM>(tmp, vw, pb, h);
   const int c0 = 16 * CM + gid;
   const float2 so0 = pair_f2(vm[c0]), so1 = pair_f2(vm[c0 + 8]);
   const float sf0 = so0.x * value_factor_inv<VB, CM>(0), sf1 = so1.x * value_factor_inv<VB, CM>(1);
@@ -404,12 +411,7 @@ __device__ __forceinline__ void value_group_tile(km_state<D> &st, const uint32_t
                                                  const uint32_t bg[2][2], const float base[4],
                                                  uint32_t h) {
   float tmp[4] = {base[0], base[1], base[2], base[3]};
-#pragma unroll
-  for (int ks = 0; ks < 2; ks++) {
-    uint32_t fr[4];
-    value_codes<VB, T>(gw, ks, h, fr);
-    mma_16816(tmp, fr, bg[ks][0], bg[ks][1]);
-  }
+  value_mma<VB, T>(tmp, gw, bg, h);
   constexpr int CM = 2 * G + T;
 #pragma unroll
   for (int i = 0; i < 4; i++) /* row gid (i < 2) or gid + 8 */
