@@ -111,12 +111,7 @@ Deno.test("kvq: every bit width and both axes round-trip codes on a grid exactly
       if (kAxis === KvqAxis.CHANNELS) {
         // the key codes as documented: 32 codes take `bits` words, slot i at bit i * bits; a
         // token's row of d codes holds channel c in slot slotOf(c) (2, 4, 8 bits; 3 bits: c)
-        const qcap = Math.ceil((layout.params.cap - layout.params.sink) / 128) * 128;
-        const bytes = download(
-          cpu,
-          layer.slice(layout.offsets.codesK, p.kvHeads * qcap * d * bits / 8),
-        );
-        const words = new Uint32Array(bytes.buffer);
+        const { words, qcap } = storedCodes(layout, layer, 0);
         for (let h = 0; h < p.kvHeads; h++) {
           for (let t = 0; t < total; t++) {
             for (let c = 0; c < d; c++) {
@@ -172,6 +167,14 @@ Deno.test("kvq: hybrid is never worse than symmetric or asymmetric alone, on any
     );
   }
 });
+
+/** A layer's packed codes of one side as stored, and the quantized tokens per KV head. */
+function storedCodes(layout: KvqLayout, layer: ReturnType<typeof zeroLayer>, side: 0 | 1) {
+  const p = layout.params, qcap = Math.ceil((p.cap - p.sink) / 128) * 128;
+  const bits = side ? p.vBits : p.kBits, at = side ? layout.offsets.codesV : layout.offsets.codesK;
+  const bytes = download(cpu, layer.slice(at, p.kvHeads * qcap * p.headDim * bits / 8));
+  return { words: new Uint32Array(bytes.buffer), qcap };
+}
 
 /** A layer's (scale, offset) pairs of one side as decoded values, and their raw bytes. */
 function storedPairs(layout: KvqLayout, layer: ReturnType<typeof zeroLayer>, side: 0 | 1, f: Fp8) {
@@ -471,12 +474,7 @@ Deno.test("kvq: values in blocks of 32 tokens are packed in the documented tile 
       });
       const k = randomFloats(new Rng(d), total * row, 1);
       fillLayer(cpu, layout, layer, { k, v }, total, [total]);
-      const qcap = Math.ceil(layout.params.cap / 128) * 128;
-      const bytes = download(
-        cpu,
-        layer.slice(layout.offsets.codesV, p.kvHeads * qcap * d * bits / 8),
-      );
-      const words = new Uint32Array(bytes.buffer);
+      const { words, qcap } = storedCodes(layout, layer, 1);
       for (let h = 0; h < p.kvHeads; h++) {
         for (let t = 0; t < total; t++) {
           for (let c = 0; c < d; c++) {
