@@ -13,8 +13,9 @@
  * each warp a few MMA fragments' worth (kvq_unpack.cuh: a fragment's codes are
  * one load and a few bit operations away), every value scale · code + offset
  * rounded once to fp16; so a chunk is unpacked once for up to 128 rows, where
- * kvq_mma.cu's blocks unpack it for 8. Each warp then computes S = Q Kᵀ (K's
- * fragments by ldmatrix), masks the rows whose query sees the chunk as fp16,
+ * kvq_mma.cu's blocks unpack it for 8. Each warp then computes S = Q Kᵀ (Q's
+ * and K's fragments by ldmatrix: Q waits in shared memory, so that two blocks
+ * fit a multiprocessor), masks the rows whose query sees the chunk as fp16,
  * updates its rows' online softmax and adds P V. Split 0 also walks the fp16
  * positions (sink, ring) the block's queries see, copied in tiles of 32 rows.
  * One split writes the output; several leave partials for merge_splits. */
@@ -164,7 +165,7 @@ __device__ __forceinline__ void unpack_value_tiles(std::integer_sequence<int, CM
  * and value rows in shared memory, flash-attention style; seen(row, key) masks a tile when
  * masked is set. */
 template <int D> struct kp_rows {
-  uint32_t qa[D / 16][4]; /* Q as A fragments, times qscale */
+  const __half *qs; /* the warp's 16 rows of Q times qscale in shared memory, padded */
   float o[D / 8][4], m[2], l[2];
 
   template <typename Seen>
@@ -174,14 +175,21 @@ template <int D> struct kp_rows {
     const int tig = lane % 4;
     float s[KM_CHUNK / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < KM_CHUNK / 8; nt++) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+    for (int nt = 0; nt < KM_CHUNK / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
-      for (int kp = 0; kp < D / 32; kp++) { /* two k-steps: channels 32 kp .. + 31 */
+    for (int kp = 0; kp < D / 32; kp++) { /* two k-steps: channels 32 kp .. + 31 */
+      /* Q's A fragments (rows + 8 (i % 2), channels + 8 (i / 2) for matrix i) */
+      uint32_t qa[2][4];
+#pragma unroll
+      for (int kk = 0; kk < 2; kk++)
+        ldmatrix_x4(qa[kk],
+                    qs + (lane % 8 + 8 * (lane / 8 % 2)) * S + 32 * kp + 16 * kk + 8 * (lane / 16));
+#pragma unroll
+      for (int nt = 0; nt < KM_CHUNK / 8; nt++) {
         uint32_t b[4];
         ldmatrix_x4(b, kt + (nt * 8 + lane % 8) * S + 32 * kp + 8 * (lane / 8));
-        mma_16816(s[nt], qa[2 * kp], b[0], b[1]);
-        mma_16816(s[nt], qa[2 * kp + 1], b[2], b[3]);
+        mma_16816(s[nt], qa[0], b[0], b[1]);
+        mma_16816(s[nt], qa[1], b[2], b[3]);
       }
     }
     if (masked)
@@ -234,12 +242,16 @@ template <int D> struct kp_rows {
   }
 };
 
+/* Two blocks a multiprocessor: Q's fragments held in registers took 174-178 at head_dim 128, one
+ * block, and prompts over a 128k cache ran 20% slower (H100, session 20). */
 template <int D, int KB, int VB, int KG, int VG, bool F8>
-__global__ void __launch_bounds__(KP_WARPS * 32) kvq_prefill_kernel(kp_args a) {
+__global__ void __launch_bounds__(KP_WARPS * 32, 2) kvq_prefill_kernel(kp_args a) {
   using ch = km_chunk<D, KB, VB, KG, VG, F8>;
   constexpr int S = D + 8, TILE = KM_CHUNK * S; /* halves of a K or V tile */
-  extern __shared__ __align__(16) uint32_t kp_smem[]; /* [2][chunk words], [2][K tile, V tile] */
+  /* [2][chunk words], [2][K tile, V tile], Q tile */
+  extern __shared__ __align__(16) uint32_t kp_smem[];
   __half *tiles = reinterpret_cast<__half *>(kp_smem + 2 * ch::WORDS);
+  __half *qtile = tiles + 4 * TILE; /* [KP_ROWS][S] */
   const uint32_t h = 0x64006400u;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const int kvh = blockIdx.y, split = blockIdx.z;
@@ -271,6 +283,7 @@ __global__ void __launch_bounds__(KP_WARPS * 32) kvq_prefill_kernel(kp_args a) {
   /* this thread's rows: r0 = 16 warp + gid and r1 = r0 + 8 of the block, each a query (its
    * position and the positions it sees quantized) and a head */
   kp_rows<D> st;
+  st.qs = qtile + 16 * warp * S;
   int pos[2], nqr[2];
   int64_t out_row[2];
 #pragma unroll
@@ -291,14 +304,16 @@ __global__ void __launch_bounds__(KP_WARPS * 32) kvq_prefill_kernel(kp_args a) {
         lo = *reinterpret_cast<const float2 *>(qr);
         hi = *reinterpret_cast<const float2 *>(qr + 8);
       }
-      st.qa[ks][j] = pack_half2(lo.x * a.qscale, lo.y * a.qscale);
-      st.qa[ks][j + 2] = pack_half2(hi.x * a.qscale, hi.y * a.qscale);
+      __half *qrow = qtile + (16 * warp + gid + 8 * j) * S + 16 * ks + 2 * tig;
+      st_pair(qrow, pack_half2(lo.x * a.qscale, lo.y * a.qscale));
+      st_pair(qrow + 8, pack_half2(hi.x * a.qscale, hi.y * a.qscale));
     }
   }
 #pragma unroll
   for (int i = 0; i < D / 8; i++) st.o[i][0] = st.o[i][1] = st.o[i][2] = st.o[i][3] = 0.0f;
   st.m[0] = st.m[1] = -INFINITY;
   st.l[0] = st.l[1] = 0.0f;
+  __syncwarp(); /* the warp's Q rows are in shared memory */
   const bool busy = 16 * warp < rows; /* the warp has rows */
 
   /* the fp16 positions (split 0): the sink, then the ring from the first query's quantized end,
@@ -390,7 +405,8 @@ static int kp_launch(iq_ctx *ctx, const kp_args &base, int qblocks, int kv_heads
                      float *out) {
   using ch = km_chunk<D, KB, VB, KG, VG, F8>;
   auto fn = kvq_prefill_kernel<D, KB, VB, KG, VG, F8>;
-  const size_t smem = sizeof(uint32_t) * 2 * ch::WORDS + sizeof(__half) * 4 * KM_CHUNK * (D + 8);
+  const size_t smem =
+      sizeof(uint32_t) * 2 * ch::WORDS + sizeof(__half) * (4 * KM_CHUNK + KP_ROWS) * (D + 8);
   static int blocks_per_sm = 0;
   if (!blocks_per_sm) {
     IQ_CUDA(ctx, cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
