@@ -203,8 +203,8 @@ test("prefill blocks of 8, 4 and 2 queries (GQA 1, 2, 4) across a chunk's edge",
 
 // Prompts that fill half a block of 128 (query, head) rows or more run kvq_prefill.cu, which
 // unpacks each chunk into fp16 tiles once per block. 600 queries of GQA 4 over 8 KV heads make
-// 152 blocks (one split each on an H100); the tests above give it several splits (the 8B layer)
-// and blocks across a chunk's edge (GQA 2 and 4).
+// 152 blocks; the tests above give it more splits (the 8B layer) and blocks across a chunk's edge
+// (GQA 2 and 4).
 test("a long prompt over the quantized cache: many query blocks", (gpu, cpu) => {
   const kivi = { kAxis: KvqAxis.TOKENS, vAxis: KvqAxis.CHANNELS, qmode: 0, norm: 0 };
   const variants: [string, Partial<KvqParams>][] = [
