@@ -1,11 +1,12 @@
 // The quantized KV cache on CUDA against the CPU reference (kernels/cpu/kvq.c): the same stores
 // write the same bytes (codes, pairs, windows, key normalization), and attention agrees, for every
 // setting of test/kvq_harness.ts, GQA groups of 3 and 8, a Llama-3-8B layer at 5000 tokens (many
-// splits), prefill blocks that pack 2, 4 and 8 queries, and fp8 (scale, offset) pairs: all 256
-// codes decode as on the CPU, groups across fp16's range store the CPU's bytes. The SIMT kernel
-// agrees within fp32 summation-order noise (1e-4 relative to max(1, |cpu|)); the tensor-core
-// kernel rounds q and the probabilities to fp16 (11-bit mantissa) as the MMAs take them, and
-// agrees within 4e-3. Where no GPU answers every test is registered as ignored.
+// splits), prefill blocks that pack 2, 4 and 8 queries, long prompts (kvq_prefill.cu), and fp8
+// (scale, offset) pairs: all 256 codes decode as on the CPU, groups across fp16's range store the
+// CPU's bytes. The SIMT kernel agrees within fp32 summation-order noise (1e-4 relative to max(1,
+// |cpu|)); the tensor-core kernels round q and the probabilities (and kvq_prefill.cu the
+// dequantized keys and values) to fp16 (11-bit mantissa) as the MMAs take them, and agree within
+// 4e-3. Where no GPU answers every test is registered as ignored.
 import assert from "node:assert/strict";
 import { Backend, KvqAxis, KvqMeta, KvqMode, KvqNorm, type KvqParams } from "../ffi/backend.ts";
 import { Rng } from "../src/engine/sampler.ts";
@@ -197,6 +198,39 @@ test("prefill blocks of 8, 4 and 2 queries (GQA 1, 2, 4) across a chunk's edge",
         queries: 45,
       });
     }
+  }
+});
+
+// Prompts that fill half a block of 128 (query, head) rows or more run kvq_prefill.cu, which
+// unpacks each chunk into fp16 tiles once per block. 600 queries of GQA 4 over 8 KV heads make
+// 152 blocks; the tests above give it more splits (the 8B layer) and blocks across a chunk's edge
+// (GQA 2 and 4).
+test("a long prompt over the quantized cache: many query blocks", (gpu, cpu) => {
+  const kivi = { kAxis: KvqAxis.TOKENS, vAxis: KvqAxis.CHANNELS, qmode: 0, norm: 0 };
+  const variants: [string, Partial<KvqParams>][] = [
+    ["innerq k4v2", {}],
+    ["innerq k2v2 keys over tokens", { kBits: 2, kAxis: KvqAxis.TOKENS }],
+    ["kivi k2v2", { kBits: 2, ...kivi }],
+  ];
+  for (const [name, over] of variants) {
+    const params = kvqParams({
+      kvHeads: 8,
+      headDim: 128,
+      cap: 800,
+      sink: 4,
+      recent: 32,
+      ring: 32 + 32 + 640 - 1,
+      kGroup: 32,
+      vGroup: 32,
+      ...over,
+    });
+    compare(gpu, cpu, `600 queries ${name}`, params, {
+      heads: 32,
+      prefill: 700,
+      chunks: [256],
+      decode: 1,
+      queries: 600,
+    });
   }
 });
 

@@ -521,8 +521,10 @@ extern "C" int iq_kvq_attention(iq_ctx *ctx, const iq_kvq_params *p, const void 
   if (n > 65535)
     return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_attention: %d queries in one call (at most 65535)", n);
   const int group = heads / p->kv_heads, G = group > 4 ? 8 : 4;
-  if (kvq_mma_supported(p, group) && ((uintptr_t)q & 7) == 0) /* it reads q as float2 */
-    return kvq_mma_attention(ctx, p, layer, out, q, n, pos0, heads, scale);
+  if (kvq_mma_supported(p, group) && ((uintptr_t)q & 7) == 0) /* they read q as float2 */
+    return kvq_prefill_fills(n, group)
+               ? kvq_prefill_attention(ctx, p, layer, out, q, n, pos0, heads, scale)
+               : kvq_mma_attention(ctx, p, layer, out, q, n, pos0, heads, scale);
   const int hblocks = (group + G - 1) / G;
   if (kq_smem_bytes(*p, G) > 200 * 1024)
     return iq_fail(ctx, IQ_ERR_ARG, "iq_kvq_attention: head_dim %d with these bits and groups "
