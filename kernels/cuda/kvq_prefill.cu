@@ -215,8 +215,10 @@ template <int D> struct kp_rows {
       m[j] = mx[j];
       l[j] *= c[j];
     }
+    /* deep in a context the rows' maxima rarely move: the warp skips the rescale when none did */
+    if (__any_sync(0xffffffffu, c[0] != 1.0f || c[1] != 1.0f))
 #pragma unroll
-    for (int i = 0; i < D / 8; i++) o[i][0] *= c[0], o[i][1] *= c[0], o[i][2] *= c[1], o[i][3] *= c[1];
+      for (int i = 0; i < D / 8; i++) o[i][0] *= c[0], o[i][1] *= c[0], o[i][2] *= c[1], o[i][3] *= c[1];
 #pragma unroll
     for (int nt = 0; nt < KM_CHUNK / 8; nt++) {
 #pragma unroll
