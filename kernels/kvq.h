@@ -453,6 +453,24 @@ static KVQ_HD inline void kvq_group_params(const float *x, int stride, int count
   *offset = c.offset[sym];
 }
 
+/* Key normalization's statistic per KV head and RoPE pair (|k| over the prompt's tokens and both
+ * channels of the pair): token t adds into stripe t % KVQ_NORM_STRIPES, and the stripes combine
+ * in order, so that the CUDA kernel can give each stripe a warp and both backends still add in
+ * the same order (RMS sums are not associative). */
+#define KVQ_NORM_STRIPES 32
+static KVQ_HD inline double kvq_norm_add(double stat, double x, int norm) {
+  return norm == IQ_NORM_MAX ? fmax(stat, fabs(x)) : stat + x * x;
+}
+
+/* The pair's factor from its stripes over n tokens: 1 where off or zero. */
+static KVQ_HD inline float kvq_norm_factor(const double *stripe, int stride, int norm, int n) {
+  double stat = 0.0;
+  for (int s = 0; s < KVQ_NORM_STRIPES && norm != IQ_NORM_OFF; s++)
+    stat = norm == IQ_NORM_MAX ? fmax(stat, stripe[s * stride]) : stat + stripe[s * stride];
+  if (norm == IQ_NORM_RMS) stat = sqrt(stat / (2.0 * n));
+  return stat > 0.0 ? (float)stat : 1.0f;
+}
+
 /* Within a block of B tokens x hd channels, group gi's element e is tile
  * entry (token, channel) below; its code is local index gi * group + e and its
  * pair is local pair gi, on both axes. */

@@ -211,6 +211,7 @@ test("a long prompt over the quantized cache: many query blocks", (gpu, cpu) => 
     ["innerq k4v2", {}],
     ["innerq k2v2 keys over tokens", { kBits: 2, kAxis: KvqAxis.TOKENS }],
     ["kivi k2v2", { kBits: 2, ...kivi }],
+    ["innerq k4v4 e4m3 pairs", { vBits: 4, meta: FP8.e4m3.meta }],
   ];
   for (const [name, over] of variants) {
     const params = kvqParams({

@@ -348,6 +348,39 @@ Deno.test("kvq: sink and recent rows are exact, normalization is max |k| per RoP
   layer.close();
 });
 
+Deno.test("kvq: normalization over a prompt longer than its stripes, by max and by RMS", () => {
+  // 100 tokens in one store: every one of the 32 stripes (kvq.h, KVQ_NORM_STRIPES) takes 3-4
+  for (const norm of [KvqNorm.MAX, KvqNorm.RMS]) {
+    const p = kvqParams({ norm, ring: 8 + 16 + 100 });
+    const layout = cpu.kvqLayout(p), layer = zeroLayer(cpu, layout);
+    const n = 100, rows = kvRows(p, n, 11), d = p.headDim, half = d / 2;
+    fillLayer(cpu, layout, layer, rows, n, [n]);
+    const scale = keyScale(cpu, layout, layer);
+    for (let h = 0; h < p.kvHeads; h++) {
+      for (let i = 0; i < half; i++) {
+        let max = 0, squares = 0;
+        for (let t = 0; t < n; t++) {
+          for (const c of [i, i + half]) {
+            const x = rows.k[(t * p.kvHeads + h) * d + c];
+            max = Math.max(max, Math.abs(x));
+            squares += x * x;
+          }
+        }
+        const got = scale[h * half + i];
+        if (norm === KvqNorm.MAX) assertEquals(got, Math.fround(max));
+        else {
+          const want = Math.sqrt(squares / (2 * n));
+          assert(
+            Math.abs(got - want) <= 1e-6 * want,
+            `rms ${got} vs ${want} (head ${h}, pair ${i})`,
+          );
+        }
+      }
+    }
+    layer.close();
+  }
+});
+
 Deno.test("kvq: fused attention equals dequantize-then-reference, prefill and decode, every setting", () => {
   for (const { name, params } of KVQ_CASES) {
     const layout = cpu.kvqLayout(params), layer = zeroLayer(cpu, layout);

@@ -25,19 +25,17 @@ static uint16_t *fp16_row(const iq_kvq_params *p, const kvq_regions *r, int side
 }
 
 /* Per KV head and RoPE pair: the statistic of |k| over n tokens and both
- * channels of the pair; 1 where off or zero. */
+ * channels of the pair, in stripes of tokens (kvq_norm_factor). */
 static void key_normalization(const iq_kvq_params *p, float *key_scale, const float *k, int n) {
   int d = p->head_dim, half = d / 2;
   for (int h = 0; h < p->kv_heads; h++)
     for (int i = 0; i < half; i++) {
-      double stat = 0.0;
+      double stripe[KVQ_NORM_STRIPES] = {0.0};
       for (int t = 0; t < n && p->norm != IQ_NORM_OFF; t++)
-        for (int c = i; c < d; c += half) {
-          double x = k[((int64_t)t * p->kv_heads + h) * d + c];
-          stat = p->norm == IQ_NORM_MAX ? fmax(stat, fabs(x)) : stat + x * x;
-        }
-      if (p->norm == IQ_NORM_RMS) stat = sqrt(stat / (2.0 * n));
-      key_scale[h * half + i] = stat > 0.0 ? (float)stat : 1.0f;
+        for (int c = i; c < d; c += half)
+          stripe[t % KVQ_NORM_STRIPES] = kvq_norm_add(
+              stripe[t % KVQ_NORM_STRIPES], k[((int64_t)t * p->kv_heads + h) * d + c], p->norm);
+      key_scale[h * half + i] = kvq_norm_factor(stripe, 1, p->norm, n);
     }
 }
 

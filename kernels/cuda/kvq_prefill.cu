@@ -8,7 +8,7 @@
  * (query, head) of one KV head: KP_ROWS / GQA queries times their GQA heads,
  * warp w rows 16 w .. 16 w + 15, the blocks with the most keys first. It walks
  * the quantized chunks its last query sees, 32 tokens at a time: the chunk's
- * codes and pairs are copied to shared memory with cp.async one chunk ahead,
+ * codes and pairs are copied to shared memory with cp.async two chunks ahead,
  * then unpacked by the block into fp16 K and V tiles (token rows, padded),
  * each warp a few MMA fragments' worth (kvq_unpack.cuh: a fragment's codes are
  * one load and a few bit operations away), every value scale · code + offset
@@ -215,8 +215,10 @@ template <int D> struct kp_rows {
       m[j] = mx[j];
       l[j] *= c[j];
     }
+    /* deep in a context the rows' maxima rarely move: the warp skips the rescale when none did */
+    if (__any_sync(0xffffffffu, c[0] != 1.0f || c[1] != 1.0f))
 #pragma unroll
-    for (int i = 0; i < D / 8; i++) o[i][0] *= c[0], o[i][1] *= c[0], o[i][2] *= c[1], o[i][3] *= c[1];
+      for (int i = 0; i < D / 8; i++) o[i][0] *= c[0], o[i][1] *= c[0], o[i][2] *= c[1], o[i][3] *= c[1];
 #pragma unroll
     for (int nt = 0; nt < KM_CHUNK / 8; nt++) {
 #pragma unroll
@@ -279,6 +281,7 @@ __global__ void __launch_bounds__(KP_WARPS * 32, 2) kvq_prefill_kernel(kp_args a
     asm volatile("cp.async.commit_group;\n" ::);
   };
   if (first < last) stage(first, kp_smem);
+  if (first + 1 < last) stage(first + 1, kp_smem + ch::WORDS);
 
   /* this thread's rows: r0 = 16 warp + gid and r1 = r0 + 8 of the block, each a query (its
    * position and the positions it sees quantized) and a head */
@@ -347,29 +350,35 @@ __global__ void __launch_bounds__(KP_WARPS * 32, 2) kvq_prefill_kernel(kp_args a
     __syncthreads(); /* the tile is free again */
   }
 
-  /* the quantized chunks: copied one ahead, unpacked by the block, attended by each warp; a
-   * chunk at or past a row's quantized end is fp16 to that row (seen above) */
+  /* the quantized chunks, each staged two ahead: unpacked by the block, then (one barrier: the
+   * tiles complete, the next chunk's copies visible, this chunk's stage free for the chunk after
+   * next) attended by each warp while the next is copied. Tiles alternate, so a warp still
+   * attending one chunk never meets the next chunk's unpacking. A chunk at or past a row's
+   * quantized end is fp16 to that row (seen above). */
   constexpr int KU = KG ? 2 * (D / 32) : D / 16; /* key units: one per warp at head_dim 128 */
+  auto widen = [&](uint32_t *chunk_words) { /* fp8 pairs to fp16, in place */
+    if (warp == 0) widen_pairs<ch::KM_WORDS>(chunk_words + ch::KM, lane, a.e5m2);
+    if (warp == 1) widen_pairs<ch::VM_WORDS>(chunk_words + ch::VM, lane, a.e5m2);
+    __syncthreads();
+  };
+  if (first < last) {
+    if (first + 1 < last) asm volatile("cp.async.wait_group 1;\n" ::);
+    else asm volatile("cp.async.wait_group 0;\n" ::);
+    __syncthreads(); /* every thread's copies of the first chunk are visible */
+    if constexpr (F8) widen(kp_smem);
+  }
   for (int chunk = first, i = 0; chunk < last; chunk++, i++) {
     uint32_t *cur = kp_smem + (i & 1) * ch::WORDS;
-    if (chunk + 1 < last) {
-      stage(chunk + 1, kp_smem + ((i + 1) & 1) * ch::WORDS);
-      asm volatile("cp.async.wait_group 1;\n" ::);
-    } else {
-      asm volatile("cp.async.wait_group 0;\n" ::);
-    }
-    __syncthreads(); /* every thread's copies of this chunk are visible */
-    if constexpr (F8) { /* fp8 pairs to fp16, in place */
-      if (warp == 0) widen_pairs<ch::KM_WORDS>(cur + ch::KM, lane, a.e5m2);
-      if (warp == 1) widen_pairs<ch::VM_WORDS>(cur + ch::VM, lane, a.e5m2);
-      __syncthreads();
-    }
     __half *kt = tiles + (i & 1) * 2 * TILE, *vt = kt + TILE;
     unpack_key_units<D, KB, KG>(std::make_integer_sequence<int, KU>(), cur + ch::KC, cur + ch::KM,
                                 kt, warp, lane, h);
     unpack_value_tiles<D, VB, VG, KU>(std::make_integer_sequence<int, D / 16>(), cur + ch::VC,
                                       cur + ch::VM, vt, warp, lane, h);
-    __syncthreads(); /* the tiles are complete; the stage is free for the chunk after next */
+    asm volatile("cp.async.wait_group 0;\n" ::); /* this thread's copies of the next chunk */
+    __syncthreads();
+    if (chunk + 2 < last) stage(chunk + 2, cur);
+    if constexpr (F8)
+      if (chunk + 1 < last) widen(kp_smem + ((i + 1) & 1) * ch::WORDS);
     if (busy)
       st.attend(kt, vt, lane, KM_CHUNK * chunk >= nq0,
                 [&](int j, int) { return KM_CHUNK * chunk < nqr[j]; });

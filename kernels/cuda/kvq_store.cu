@@ -15,18 +15,23 @@ extern "C" int iq_kvq_layout(iq_ctx *ctx, const iq_kvq_params *p,
   return IQ_OK;
 }
 
-/* grid kv_heads, block head_dim / 2: one thread per RoPE pair, the same
- * sequential sums as the C backend. */
-__global__ void key_norm_kernel(iq_kvq_params p, float *key_scale, const float *k, int n) {
-  const int h = blockIdx.x, i = threadIdx.x, d = p.head_dim, half = d / 2;
+/* grid (kv_heads, ceil(head_dim / 64)), block 32 x KVQ_NORM_STRIPES: lane l takes RoPE pair
+ * 32 blockIdx.y + l, warp s the tokens of stripe s (t % KVQ_NORM_STRIPES = s), in the C
+ * backend's order; lane l of warp 0 then combines the pair's stripes. A prompt's tokens spread
+ * over the stripes' warps: with a thread per pair, 4096 tokens took about a millisecond a
+ * layer. */
+__global__ void __launch_bounds__(32 * KVQ_NORM_STRIPES)
+    key_norm_kernel(iq_kvq_params p, float *key_scale, const float *k, int n) {
+  __shared__ double stripes[KVQ_NORM_STRIPES][32];
+  const int h = blockIdx.x, lane = threadIdx.x % 32, s = threadIdx.x / 32, d = p.head_dim;
+  const int half = d / 2, i = blockIdx.y * 32 + lane;
   double stat = 0.0;
-  for (int t = 0; t < n && p.norm != IQ_NORM_OFF; t++)
-    for (int c = i; c < d; c += half) {
-      double x = k[((int64_t)t * p.kv_heads + h) * d + c];
-      stat = p.norm == IQ_NORM_MAX ? fmax(stat, fabs(x)) : stat + x * x;
-    }
-  if (p.norm == IQ_NORM_RMS) stat = sqrt(stat / (2.0 * n));
-  key_scale[h * half + i] = stat > 0.0 ? (float)stat : 1.0f;
+  for (int t = s; i < half && t < n && p.norm != IQ_NORM_OFF; t += KVQ_NORM_STRIPES)
+    for (int c = i; c < d; c += half)
+      stat = kvq_norm_add(stat, k[((int64_t)t * p.kv_heads + h) * d + c], p.norm);
+  stripes[s][lane] = stat;
+  __syncthreads();
+  if (s == 0 && i < half) key_scale[h * half + i] = kvq_norm_factor(&stripes[0][lane], 32, p.norm, n);
 }
 
 /* Rows of n tokens into the sink or the ring as fp16, keys divided by their
@@ -191,7 +196,8 @@ extern "C" int iq_kvq_store(iq_ctx *ctx, const iq_kvq_params *p, void *layer, co
                    n, pos0, p->ring - p->recent - b + 1, p->cap);
   const kvq_regions r = kvq_regions_of(p, layer);
   if (pos0 == 0) {
-    key_norm_kernel<<<p->kv_heads, d / 2, 0, ctx->stream>>>(*p, r.key_scale, k, n);
+    key_norm_kernel<<<dim3((unsigned)p->kv_heads, (unsigned)(d / 2 + 31) / 32), 32 * KVQ_NORM_STRIPES,
+                      0, ctx->stream>>>(*p, r.key_scale, k, n);
     IQ_LAUNCHED(ctx);
   }
   const int64_t count = (int64_t)n * p->kv_heads * d;
