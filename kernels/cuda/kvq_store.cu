@@ -17,9 +17,9 @@ extern "C" int iq_kvq_layout(iq_ctx *ctx, const iq_kvq_params *p,
 
 /* grid (kv_heads, ceil(head_dim / 64)), block 32 x KVQ_NORM_STRIPES: lane l takes RoPE pair
  * 32 blockIdx.y + l, warp s the tokens of stripe s (t % KVQ_NORM_STRIPES = s), in the C
- * backend's order; lane l of warp 0 then combines the pair's stripes. A prompt's tokens spread
- * over the stripes' warps: with a thread per pair, 4096 tokens took about a millisecond a
- * layer. */
+ * backend's order; lane l of warp 0 then combines the pair's stripes. With a thread per pair
+ * (8 blocks of 64 threads for Llama-3) a 4096-token prompt at depth 0 ran at 20.8k tokens/s,
+ * with the stripes at 29.8k (pp4096 k2v2, H100, docs/perf.md session 21). */
 __global__ void __launch_bounds__(32 * KVQ_NORM_STRIPES)
     key_norm_kernel(iq_kvq_params p, float *key_scale, const float *k, int n) {
   __shared__ double stripes[KVQ_NORM_STRIPES][32];
