@@ -28,6 +28,7 @@
 #include "kvq.h"
 #include "kvq_unpack.cuh"
 #include "mma.cuh"
+#include "prefill_mma.cuh"
 #include "split_softmax.cuh"
 
 constexpr int KP_WARPS = 8, KP_ROWS = 16 * KP_WARPS;
@@ -161,12 +162,10 @@ __device__ __forceinline__ void unpack_value_tiles(std::integer_sequence<int, CM
    ...);
 }
 
-/* A warp's rows (16, this thread's r0 = gid and r1 = gid + 8 of them) over one tile of 32 key
- * and value rows in shared memory, flash-attention style; seen(row, key) masks a tile when
- * masked is set. */
-template <int D> struct kp_rows {
+/* A warp's rows over one tile of 32 key and value rows in shared memory: S = Q Kᵀ, then
+ * prefill_mma.cuh's online softmax and P V; seen(row, key) masks a tile when masked is set. */
+template <int D> struct kp_rows : fa_rows<D> {
   const __half *qs; /* the warp's 16 rows of Q times qscale in shared memory, padded */
-  float o[D / 8][4], m[2], l[2];
 
   template <typename Seen>
   __device__ __forceinline__ void attend(const __half *kt, const __half *vt, int lane, bool masked,
@@ -198,49 +197,8 @@ template <int D> struct kp_rows {
 #pragma unroll
         for (int e = 0; e < 4; e++)
           if (!seen(e / 2, nt * 8 + 2 * tig + e % 2)) s[nt][e] = -INFINITY;
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int nt = 0; nt < KM_CHUNK / 8; nt++) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
-    }
-    float c[2], base[2];
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-#pragma unroll
-      for (int off = 1; off < 4; off <<= 1) mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], off));
-      /* a row with no visible key yet keeps max -inf: no NaNs */
-      c[j] = mx[j] == -INFINITY ? 1.0f : fast_exp2(m[j] - mx[j]);
-      base[j] = mx[j] == -INFINITY ? 0.0f : mx[j];
-      m[j] = mx[j];
-      l[j] *= c[j];
-    }
-    /* deep in a context the rows' maxima rarely move: the warp skips the rescale when none did */
-    if (__any_sync(0xffffffffu, c[0] != 1.0f || c[1] != 1.0f))
-#pragma unroll
-      for (int i = 0; i < D / 8; i++) o[i][0] *= c[0], o[i][1] *= c[0], o[i][2] *= c[1], o[i][3] *= c[1];
-#pragma unroll
-    for (int nt = 0; nt < KM_CHUNK / 8; nt++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) s[nt][e] = fast_exp2(s[nt][e] - base[e / 2]);
-      l[0] += s[nt][0] + s[nt][1], l[1] += s[nt][2] + s[nt][3];
-    }
-    /* O += P V: P's accumulator layout is already the A fragment layout */
-#pragma unroll
-    for (int kk = 0; kk < KM_CHUNK / 16; kk++) {
-      const uint32_t pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
-                              pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      /* lanes 8i .. 8i + 7 address matrix i: keys + 8 (i % 2), channels + 8 (i / 2) */
-      const __half *vr = vt + (kk * 16 + lane % 8 + 8 * (lane / 8 % 2)) * S + 8 * (lane / 16);
-#pragma unroll
-      for (int np = 0; np < D / 16; np++) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, vr + 16 * np);
-        mma_16816(o[2 * np], pa, b[0], b[1]);
-        mma_16816(o[2 * np + 1], pa, b[2], b[3]);
-      }
-    }
+    /* deep in a context the rows' maxima rarely move: a warp skips the rescale where none did */
+    this->template update<KM_CHUNK, true>(s, vt, lane);
   }
 };
 
@@ -312,10 +270,7 @@ __global__ void __launch_bounds__(KP_WARPS * 32, 2) kvq_prefill_kernel(kp_args a
       st_pair(qrow + 8, pack_half2(hi.x * a.qscale, hi.y * a.qscale));
     }
   }
-#pragma unroll
-  for (int i = 0; i < D / 8; i++) st.o[i][0] = st.o[i][1] = st.o[i][2] = st.o[i][3] = 0.0f;
-  st.m[0] = st.m[1] = -INFINITY;
-  st.l[0] = st.l[1] = 0.0f;
+  st.init();
   __syncwarp(); /* the warp's Q rows are in shared memory */
   const bool busy = 16 * warp < rows; /* the warp has rows */
 

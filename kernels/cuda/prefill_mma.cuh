@@ -16,6 +16,68 @@
 
 constexpr int MMA_Q = 64, MMA_K = 64, MMA_WARPS = 4;
 
+/* A warp's 16 query rows (this thread's r0 = gid and r1 = gid + 8 of them) in flash-attention
+ * style: outputs, running maxima (log2 units) and sums. update takes the scores of KEYS keys,
+ * masked and scaled by log2(e), as MMA accumulators, and the KEYS value rows in shared memory
+ * (padded rows of D + 8); with SKIP_STILL a warp whose rows' maxima did not move skips the
+ * rescale of its outputs. Shared by prefill_mma_kernel and kvq_prefill.cu. */
+template <int D> struct fa_rows {
+  float o[D / 8][4], m[2], l[2];
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    m[0] = -INFINITY, m[1] = -INFINITY, l[0] = 0.0f, l[1] = 0.0f;
+  }
+
+  template <int KEYS, bool SKIP_STILL>
+  __device__ __forceinline__ void update(float (&s)[KEYS / 8][4], const __half *vt, int lane) {
+    constexpr int S = D + 8;
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < KEYS / 8; nt++) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mx[0] = fmaxf(mx[0], __shfl_xor_sync(0xffffffffu, mx[0], off));
+      mx[1] = fmaxf(mx[1], __shfl_xor_sync(0xffffffffu, mx[1], off));
+    }
+    /* a row with no visible key yet keeps max -inf: no NaNs */
+    const float c[2] = {mx[0] == -INFINITY ? 1.0f : fast_exp2(m[0] - mx[0]),
+                        mx[1] == -INFINITY ? 1.0f : fast_exp2(m[1] - mx[1])};
+    m[0] = mx[0], m[1] = mx[1];
+    const float base[2] = {mx[0] == -INFINITY ? 0.0f : mx[0], mx[1] == -INFINITY ? 0.0f : mx[1]};
+    l[0] *= c[0], l[1] *= c[1];
+    if (!SKIP_STILL || __any_sync(0xffffffffu, c[0] != 1.0f || c[1] != 1.0f))
+#pragma unroll
+      for (int i = 0; i < D / 8; i++) o[i][0] *= c[0], o[i][1] *= c[0], o[i][2] *= c[1], o[i][3] *= c[1];
+#pragma unroll
+    for (int nt = 0; nt < KEYS / 8; nt++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) s[nt][e] = fast_exp2(s[nt][e] - base[e / 2]);
+      l[0] += s[nt][0] + s[nt][1], l[1] += s[nt][2] + s[nt][3];
+    }
+    /* O += P V: P's accumulator layout is already the A fragment layout */
+#pragma unroll
+    for (int kk = 0; kk < KEYS / 16; kk++) {
+      const uint32_t pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
+                              pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      /* lanes 8i .. 8i + 7 address matrix i: keys + 8 (i % 2), channels + 8 (i / 2) */
+      const __half *vr = vt + (kk * 16 + lane % 8 + 8 * (lane / 8 % 2)) * S + 8 * (lane / 16);
+#pragma unroll
+      for (int np = 0; np < D / 16; np++) { /* two n-tiles of 8 channels */
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, vr + 16 * np);
+        mma_16816(o[2 * np], pa, b[0], b[1]);
+        mma_16816(o[2 * np + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+};
+
 /* Dynamic shared memory: two stages of a K and a V tile of padded rows. */
 template <int D> constexpr size_t prefill_mma_smem() {
   return sizeof(__half) * 2 * 2 * MMA_K * (D + 8);
@@ -69,10 +131,8 @@ __global__ void __launch_bounds__(MMA_WARPS * 32)
     qa[ks16][2] = pack_half2(at(qr0, c + 8), at(qr0, c + 9));
     qa[ks16][3] = pack_half2(at(qr1, c + 8), at(qr1, c + 9));
   }
-  float o[D / 8][4];
-#pragma unroll
-  for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+  fa_rows<D> fa;
+  fa.init();
   const int first = pos0 + t0 + warp * 16;           /* the warp's first query position */
   const int last = pos0 + min(n - 1, t0 + warp * 16 + 15); /* and its last */
 
@@ -110,67 +170,28 @@ __global__ void __launch_bounds__(MMA_WARPS * 32)
           if (j + 1 > qpos1) s[nt][3] = -INFINITY;
         }
       }
-      float mx0 = m0, mx1 = m1;
-#pragma unroll
-      for (int nt = 0; nt < MMA_K / 8; nt++) {
-        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-      }
-#pragma unroll
-      for (int off = 1; off < 4; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-      }
-      /* A row with no visible key yet (only rows past n) keeps max -inf: no NaNs. */
-      const float c0 = mx0 == -INFINITY ? 1.0f : fast_exp2(m0 - mx0);
-      const float c1 = mx1 == -INFINITY ? 1.0f : fast_exp2(m1 - mx1);
-      m0 = mx0, m1 = mx1;
-      const float base0 = mx0 == -INFINITY ? 0.0f : mx0, base1 = mx1 == -INFINITY ? 0.0f : mx1;
-      l0 *= c0, l1 *= c1;
-#pragma unroll
-      for (int i = 0; i < D / 8; i++) o[i][0] *= c0, o[i][1] *= c0, o[i][2] *= c1, o[i][3] *= c1;
-#pragma unroll
-      for (int nt = 0; nt < MMA_K / 8; nt++) {
-        s[nt][0] = fast_exp2(s[nt][0] - base0), s[nt][1] = fast_exp2(s[nt][1] - base0);
-        s[nt][2] = fast_exp2(s[nt][2] - base1), s[nt][3] = fast_exp2(s[nt][3] - base1);
-        l0 += s[nt][0] + s[nt][1], l1 += s[nt][2] + s[nt][3];
-      }
-      /* O += P V: P's accumulator layout is already the A fragment layout */
-#pragma unroll
-      for (int kk = 0; kk < MMA_K / 16; kk++) {
-        const uint32_t pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]),
-                                pack_half2(s[2 * kk][2], s[2 * kk][3]),
-                                pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-        /* lanes 8i .. 8i + 7 address matrix i: keys + 8 (i % 2), channels + 8 (i / 2) */
-        const __half *vr = vs + (kk * 16 + lane % 8 + 8 * (lane / 8 % 2)) * S + 8 * (lane / 16);
-#pragma unroll
-        for (int np = 0; np < D / 16; np++) { /* two n-tiles of 8 channels */
-          uint32_t b[4];
-          ldmatrix_x4_trans(b, vr + 16 * np);
-          mma_16816(o[2 * np], pa, b[0], b[1]);
-          mma_16816(o[2 * np + 1], pa, b[2], b[3]);
-        }
-      }
+      /* every tile rescales: skipping it where no maximum moved (as kvq_prefill.cu does) was
+       * 1-2% slower at depth 32k (H100, session 22) */
+      fa.template update<MMA_K, false>(s, vs, lane);
     }
     __syncthreads(); /* every warp is done with this stage before it is refilled */
   }
   /* the quad's partial sums, then normalise and store fp32 */
 #pragma unroll
   for (int off = 1; off < 4; off <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    fa.l[0] += __shfl_xor_sync(0xffffffffu, fa.l[0], off);
+    fa.l[1] += __shfl_xor_sync(0xffffffffu, fa.l[1], off);
   }
 #pragma unroll
   for (int nt = 0; nt < D / 8; nt++) {
     const int c = nt * 8 + pair;
     if (qr0 < n) {
       float *dst = out + ((int64_t)qr0 * heads + h) * D + c;
-      dst[0] = o[nt][0] / l0, dst[1] = o[nt][1] / l0;
+      dst[0] = fa.o[nt][0] / fa.l[0], dst[1] = fa.o[nt][1] / fa.l[0];
     }
     if (qr1 < n) {
       float *dst = out + ((int64_t)qr1 * heads + h) * D + c;
-      dst[0] = o[nt][2] / l1, dst[1] = o[nt][3] / l1;
+      dst[0] = fa.o[nt][2] / fa.l[1], dst[1] = fa.o[nt][3] / fa.l[1];
     }
   }
 }
