@@ -5,7 +5,8 @@
 # here beforehand (the device's make takes minutes) and carried, e.g. xz-compressed in .cache/:
 #   source .device/env.sh; scripts/device_ab.sh BEFORE.so [AFTER.so]
 # DEPTHS (kernels, default 1024,131072) and SPECS (default innerq:k4v4 innerq:k4v2 innerq:k2v2)
-# narrow it; logs go to $OUT.
+# narrow it; PEERS, a carried copy of ../shared/peers, adds the SDPA peer to the same call; logs go
+# to $OUT.
 set -uo pipefail
 source scripts/device_env.sh
 before="${1:?usage: scripts/device_ab.sh BEFORE.so [AFTER.so]}"
@@ -14,6 +15,7 @@ out="${OUT:-/tmp/out}"
 depths="${DEPTHS:-1024,131072}"
 specs="${SPECS:-innerq:k4v4 innerq:k4v2 innerq:k2v2}"
 mkdir -p "$out"
+make -s -j"$(nproc)" cpu || exit 1 # the tests compare against the C backend
 for lib in "$before" "$after"; do [ -f "$lib" ] || { echo "device_ab: no library at $lib"; exit 1; }; done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 dir=/tmp/models/llama3-8b
@@ -28,6 +30,12 @@ run() { # run LIB COMMAND...: a deno command against one library
 echo "== CUDA tests ($after)"
 run "$after" test -A --cached-only test/cuda_test.ts test/cuda_kvq_test.ts > "$out/tests.log" 2>&1
 grep -E "^(ok|FAILED) \||=> " "$out/tests.log" | tail -6
+if [ -n "${PEERS:-}" ]; then
+  echo "== SDPA flash peer (us) and copy bandwidth"
+  python3 "$PEERS/torch_decode_attn_peer.py" > "$out/peer.log" 2>&1
+  grep -E "^copy" "$out/peer.log"
+  grep -oE '"T": [0-9]+, "MB": [0-9.]+, "sdpa_flash_us": [0-9.]+' "$out/peer.log"
+fi
 echo "== decode kernels, us (before / after)"
 for round in 1 2; do
   for side in before after; do
