@@ -4,21 +4,24 @@
  * prompts whose rows fill half a block or more (kvq_prefill_fills); shorter
  * ones keep kvq_mma.cu's blocks of 8 / GQA queries.
  *
- * grid (query blocks, kv_heads, splits), 8 warps. A block holds KP_ROWS rows
- * (query, head) of one KV head: KP_ROWS / GQA queries times their GQA heads,
- * warp w rows 16 w .. 16 w + 15, the blocks with the most keys first. It walks
- * the quantized chunks its last query sees, 32 tokens at a time: the chunk's
- * codes and pairs are copied to shared memory with cp.async two chunks ahead,
- * then unpacked by the block into fp16 K and V tiles (token rows, padded),
- * each warp a few MMA fragments' worth (kvq_unpack.cuh: a fragment's codes are
- * one load and a few bit operations away), every value scale · code + offset
- * rounded once to fp16; so a chunk is unpacked once for up to 128 rows, where
- * kvq_mma.cu's blocks unpack it for 8. Each warp then computes S = Q Kᵀ (Q's
- * and K's fragments by ldmatrix: Q waits in shared memory, so that two blocks
- * fit a multiprocessor), masks the rows whose query sees the chunk as fp16,
- * updates its rows' online softmax and adds P V. Split 0 also walks the fp16
- * positions (sink, ring) the block's queries see, copied in tiles of 32 rows.
- * One split writes the output; several leave partials for merge_splits. */
+ * Two launches. kp_dequant_kernel, a block per (chunk, KV head), unpacks every
+ * chunk the prompt's last query sees into an fp16 scratch (kvq_unpack.cuh: a
+ * fragment's codes are one load and a few bit operations away, every value
+ * scale · code + offset rounded once to fp16): one layer's fp16 K and V of the
+ * quantized region, so that no attending block unpacks (unpacking in each
+ * block cost 1.28x fp16's instructions and ran prompts at 0.92x fp16's rate at
+ * depth 128k; from the scratch they run at its rate, H100, session 22).
+ *
+ * kvq_prefill_kernel: grid (query blocks, kv_heads, splits), 8 warps. A block
+ * holds KP_ROWS rows (query, head) of one KV head: KP_ROWS / GQA queries times
+ * their GQA heads, warp w rows 16 w .. 16 w + 15, the blocks with the most keys
+ * first, each K and V tile shared by the GQA heads. Q waits in shared memory,
+ * so that two blocks fit a multiprocessor. Split 0 walks the fp16 positions
+ * (sink, ring) the block's queries see; every split walks its chunks of the
+ * scratch, 32 rows a tile, copied with cp.async one tile ahead. Each warp
+ * computes S = Q Kᵀ (fragments by ldmatrix), masks the rows whose query sees a
+ * chunk as fp16, updates its rows' online softmax and adds P V. One split
+ * writes the output; several leave partials for merge_splits. */
 #include <math.h>
 
 #include <utility>
@@ -38,10 +41,11 @@ constexpr int KP_MIN_CHUNKS = 8;
 struct kp_args {
   const uint32_t *codes_k, *meta_k, *codes_v, *meta_v; /* KV head 0's chunk 0 */
   const __half *sink_k, *sink_v, *ring_k, *ring_v;
+  __half *deq; /* the chunks dequantized: [kv head][chunk][K rows, V rows][32][D] */
   const float *q;
   float *out, *part_acc, *part_ml; /* partials when splits > 1 */
   int n, pos0, heads, group, qpb;  /* qpb: queries per block */
-  int lag, head_chunks, chunks_per_split, sink, ring;
+  int lag, head_chunks, chunks, chunks_per_split, sink, ring; /* chunks: in deq, per head */
   float qscale; /* the softmax scale times log2(e) */
   int e5m2;
 };
@@ -202,17 +206,54 @@ template <int D> struct kp_rows : fa_rows<D> {
   }
 };
 
+/* Dequantizes chunk blockIdx.x of KV head blockIdx.y into a.deq as fp16 K and V rows: the chunk's
+ * words copied to shared memory, fp8 pairs widened, unpacked into padded tiles by the block (each
+ * warp a few fragments' worth), then stored in rows of D. */
+template <int D, int KB, int VB, int KG, int VG, bool F8>
+__global__ void __launch_bounds__(KP_WARPS * 32) kp_dequant_kernel(kp_args a) {
+  using ch = km_chunk<D, KB, VB, KG, VG, F8>;
+  constexpr int S = D + 8, KU = KG ? 2 * (D / 32) : D / 16; /* key units: one per warp at 128 */
+  extern __shared__ __align__(16) uint32_t kp_smem[]; /* chunk words, K tile, V tile */
+  __half *kt = reinterpret_cast<__half *>(kp_smem + ch::WORDS), *vt = kt + KM_CHUNK * S;
+  const uint32_t h = 0x64006400u;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, chunk = blockIdx.x, kvh = blockIdx.y;
+  const int64_t at_chunk = (int64_t)kvh * a.head_chunks + chunk;
+  const uint32_t *from[4] = {a.codes_k + at_chunk * ch::KC_WORDS, a.meta_k + at_chunk * ch::KM_SRC,
+                             a.codes_v + at_chunk * ch::VC_WORDS, a.meta_v + at_chunk * ch::VM_SRC};
+  constexpr int words[4] = {ch::KC_WORDS, ch::KM_SRC, ch::VC_WORDS, ch::VM_SRC};
+  constexpr int at[4] = {ch::KC, ch::KM + ch::KM_WORDS - ch::KM_SRC, ch::VC,
+                         ch::VM + ch::VM_WORDS - ch::VM_SRC};
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+    for (int e = threadIdx.x * 4; e < words[i]; e += KP_WARPS * 32 * 4)
+      cp_async16_stream(kp_smem + at[i] + e, from[i] + e);
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_group 0;\n" ::);
+  __syncthreads();
+  if constexpr (F8) { /* fp8 pairs to fp16, in place */
+    if (warp == 0) widen_pairs<ch::KM_WORDS>(kp_smem + ch::KM, lane, a.e5m2);
+    if (warp == 1) widen_pairs<ch::VM_WORDS>(kp_smem + ch::VM, lane, a.e5m2);
+    __syncthreads();
+  }
+  unpack_key_units<D, KB, KG>(std::make_integer_sequence<int, KU>(), kp_smem + ch::KC,
+                              kp_smem + ch::KM, kt, warp, lane, h);
+  unpack_value_tiles<D, VB, VG, KU>(std::make_integer_sequence<int, D / 16>(), kp_smem + ch::VC,
+                                    kp_smem + ch::VM, vt, warp, lane, h);
+  __syncthreads();
+  __half *dst = a.deq + ((int64_t)kvh * a.chunks + chunk) * 2 * KM_CHUNK * D;
+  for (int e = threadIdx.x; e < 2 * KM_CHUNK * D / 8; e += KP_WARPS * 32) {
+    const int r = e / (D / 8), c = e % (D / 8) * 8; /* rows 0-31 keys, 32-63 values */
+    *reinterpret_cast<uint4 *>(dst + (int64_t)r * D + c) = *reinterpret_cast<const uint4 *>(kt + r * S + c);
+  }
+}
+
 /* Two blocks a multiprocessor: Q's fragments held in registers took 174-178 at head_dim 128, one
  * block, and prompts over a 128k cache ran 20% slower (H100, session 20). */
-template <int D, int KB, int VB, int KG, int VG, bool F8>
+template <int D>
 __global__ void __launch_bounds__(KP_WARPS * 32, 2) kvq_prefill_kernel(kp_args a) {
-  using ch = km_chunk<D, KB, VB, KG, VG, F8>;
   constexpr int S = D + 8, TILE = KM_CHUNK * S; /* halves of a K or V tile */
-  /* [2][chunk words], [2][K tile, V tile], Q tile */
-  extern __shared__ __align__(16) uint32_t kp_smem[];
-  __half *tiles = reinterpret_cast<__half *>(kp_smem + 2 * ch::WORDS);
-  __half *qtile = tiles + 4 * TILE; /* [KP_ROWS][S] */
-  const uint32_t h = 0x64006400u;
+  extern __shared__ __align__(16) __half kp_tiles[]; /* [2][K tile, V tile], Q tile */
+  __half *qtile = kp_tiles + 4 * TILE;               /* [KP_ROWS][S] */
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const int kvh = blockIdx.y, split = blockIdx.z;
   const int t0 = (gridDim.x - 1 - blockIdx.x) * a.qpb, queries = min(a.qpb, a.n - t0);
@@ -222,24 +263,19 @@ __global__ void __launch_bounds__(KP_WARPS * 32, 2) kvq_prefill_kernel(kp_args a
   const int nq0 = kp_quantized(a, a.pos0 + t0);
   const int first = split * a.chunks_per_split, last = min(nq / KM_CHUNK, first + a.chunks_per_split);
 
-  /* this split's first chunk is on its way before anything else */
-  const int64_t head = (int64_t)kvh * a.head_chunks;
-  auto stage = [&](int chunk, uint32_t *dst) {
-    const uint32_t *from[4] = {a.codes_k + (head + chunk) * ch::KC_WORDS,
-                               a.meta_k + (head + chunk) * ch::KM_SRC,
-                               a.codes_v + (head + chunk) * ch::VC_WORDS,
-                               a.meta_v + (head + chunk) * ch::VM_SRC};
-    constexpr int words[4] = {ch::KC_WORDS, ch::KM_SRC, ch::VC_WORDS, ch::VM_SRC};
-    constexpr int at[4] = {ch::KC, ch::KM + ch::KM_WORDS - ch::KM_SRC, ch::VC,
-                           ch::VM + ch::VM_WORDS - ch::VM_SRC};
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-      for (int e = threadIdx.x * 4; e < words[i]; e += KP_WARPS * 32 * 4)
-        cp_async16_stream(dst + at[i] + e, from[i] + e);
+  /* copies chunk `chunk`'s dequantized rows into tile pair `pair`; this split's first is on its
+   * way before anything else (split 0's fp16 walk uses pair 1 first) */
+  const __half *deq = a.deq + (int64_t)kvh * a.chunks * 2 * KM_CHUNK * D;
+  auto copy_chunk = [&](int chunk, int pair) {
+    const __half *src = deq + (int64_t)chunk * 2 * KM_CHUNK * D;
+    __half *kt = kp_tiles + pair * 2 * TILE; /* rows 0-31 keys, 32-63 values: the V tile follows */
+    for (int e = threadIdx.x; e < 2 * KM_CHUNK * D / 8; e += KP_WARPS * 32) {
+      const int r = e / (D / 8), c = e % (D / 8) * 8;
+      cp_async16(kt + r * S + c, src + (int64_t)r * D + c);
+    }
     asm volatile("cp.async.commit_group;\n" ::);
   };
-  if (first < last) stage(first, kp_smem);
-  if (first + 1 < last) stage(first + 1, kp_smem + ch::WORDS);
+  if (first < last) copy_chunk(first, 0);
 
   /* this thread's rows: r0 = 16 warp + gid and r1 = r0 + 8 of the block, each a query (its
    * position and the positions it sees quantized) and a head */
@@ -279,7 +315,7 @@ __global__ void __launch_bounds__(KP_WARPS * 32, 2) kvq_prefill_kernel(kp_args a
    * is in the sink or not quantized for its query */
   const int sinkn = min(len, a.sink), fp16n = len - nq0;
   for (int base = 0; split == 0 && base < fp16n; base += KM_CHUNK) {
-    __half *kt = tiles, *vt = tiles + TILE;
+    __half *kt = kp_tiles + 2 * TILE, *vt = kt + TILE;
     for (int e = threadIdx.x; e < 2 * KM_CHUNK * D / 8; e += KP_WARPS * 32) {
       const int side = e / (KM_CHUNK * D / 8), r = e / (D / 8) % KM_CHUNK, c = e % (D / 8) * 8;
       __half *dst = (side ? vt : kt) + r * S + c;
@@ -296,7 +332,7 @@ __global__ void __launch_bounds__(KP_WARPS * 32, 2) kvq_prefill_kernel(kp_args a
     }
     asm volatile("cp.async.commit_group;\n" ::);
     asm volatile("cp.async.wait_group 0;\n" ::);
-    __syncthreads(); /* the tile's rows, and the first chunk's copies, are visible */
+    __syncthreads(); /* the tile's rows, and the first chunk's, are visible */
     if (busy)
       st.attend(kt, vt, lane, true, [&](int j, int col) {
         const int i = base + col, x = i < sinkn ? i : a.sink + nq0 + (i - sinkn);
@@ -305,35 +341,15 @@ __global__ void __launch_bounds__(KP_WARPS * 32, 2) kvq_prefill_kernel(kp_args a
     __syncthreads(); /* the tile is free again */
   }
 
-  /* the quantized chunks, each staged two ahead: unpacked by the block, then (one barrier: the
-   * tiles complete, the next chunk's copies visible, this chunk's stage free for the chunk after
-   * next) attended by each warp while the next is copied. Tiles alternate, so a warp still
-   * attending one chunk never meets the next chunk's unpacking. A chunk at or past a row's
-   * quantized end is fp16 to that row (seen above). */
-  constexpr int KU = KG ? 2 * (D / 32) : D / 16; /* key units: one per warp at head_dim 128 */
-  auto widen = [&](uint32_t *chunk_words) { /* fp8 pairs to fp16, in place */
-    if (warp == 0) widen_pairs<ch::KM_WORDS>(chunk_words + ch::KM, lane, a.e5m2);
-    if (warp == 1) widen_pairs<ch::VM_WORDS>(chunk_words + ch::VM, lane, a.e5m2);
-    __syncthreads();
-  };
-  if (first < last) {
-    if (first + 1 < last) asm volatile("cp.async.wait_group 1;\n" ::);
-    else asm volatile("cp.async.wait_group 0;\n" ::);
-    __syncthreads(); /* every thread's copies of the first chunk are visible */
-    if constexpr (F8) widen(kp_smem);
-  }
+  /* the split's chunks from the scratch, each copied while the one before is attended: one
+   * barrier a chunk (its tiles complete; every warp done with the other pair, which the next
+   * chunk's copy then fills). A chunk at or past a row's quantized end is fp16 to that row (seen
+   * above). */
   for (int chunk = first, i = 0; chunk < last; chunk++, i++) {
-    uint32_t *cur = kp_smem + (i & 1) * ch::WORDS;
-    __half *kt = tiles + (i & 1) * 2 * TILE, *vt = kt + TILE;
-    unpack_key_units<D, KB, KG>(std::make_integer_sequence<int, KU>(), cur + ch::KC, cur + ch::KM,
-                                kt, warp, lane, h);
-    unpack_value_tiles<D, VB, VG, KU>(std::make_integer_sequence<int, D / 16>(), cur + ch::VC,
-                                      cur + ch::VM, vt, warp, lane, h);
-    asm volatile("cp.async.wait_group 0;\n" ::); /* this thread's copies of the next chunk */
+    __half *kt = kp_tiles + (i & 1) * 2 * TILE, *vt = kt + TILE;
+    asm volatile("cp.async.wait_group 0;\n" ::);
     __syncthreads();
-    if (chunk + 2 < last) stage(chunk + 2, cur);
-    if constexpr (F8)
-      if (chunk + 1 < last) widen(kp_smem + ((i + 1) & 1) * ch::WORDS);
+    if (chunk + 1 < last) copy_chunk(chunk + 1, (i + 1) & 1);
     if (busy)
       st.attend(kt, vt, lane, KM_CHUNK * chunk >= nq0,
                 [&](int j, int) { return KM_CHUNK * chunk < nqr[j]; });
@@ -364,13 +380,55 @@ __global__ void __launch_bounds__(KP_WARPS * 32, 2) kvq_prefill_kernel(kp_args a
 
 int kvq_prefill_fills(int n, int group) { return (int64_t)n * group >= KP_ROWS / 2; }
 
-template <int D, int KB, int VB, int KG, int VG, bool F8>
-static int kp_launch(iq_ctx *ctx, const kp_args &base, int qblocks, int kv_heads, int chunks,
-                     float *out) {
+/* The dequantizing kernel of p's layout, and its shared memory. */
+struct kp_dequant {
+  void (*fn)(kp_args);
+  size_t smem;
+};
+
+template <int D, int KB, int VB, int KG, int VG, bool F8> static kp_dequant kp_dequant_of() {
   using ch = km_chunk<D, KB, VB, KG, VG, F8>;
-  auto fn = kvq_prefill_kernel<D, KB, VB, KG, VG, F8>;
-  const size_t smem =
-      sizeof(uint32_t) * 2 * ch::WORDS + sizeof(__half) * (4 * KM_CHUNK + KP_ROWS) * (D + 8);
+  return {kp_dequant_kernel<D, KB, VB, KG, VG, F8>,
+          sizeof(uint32_t) * ch::WORDS + sizeof(__half) * 2 * KM_CHUNK * (D + 8)};
+}
+
+template <int D, int KB, int VB, bool F8> static kp_dequant kp_dequant_g(const iq_kvq_params *p) {
+  if (p->v_axis == IQ_AXIS_CHANNELS) return kp_dequant_of<D, KB, VB, 0, 32, F8>();
+  if (p->k_axis == IQ_AXIS_TOKENS) return kp_dequant_of<D, KB, VB, 0, 0, F8>();
+  switch (p->k_group) {
+  case 16: return kp_dequant_of<D, KB, VB, 16, 0, F8>();
+  case 32: return kp_dequant_of<D, KB, VB, 32, 0, F8>();
+  case 64: return kp_dequant_of<D, KB, VB, 64, 0, F8>();
+  default: return kp_dequant_of<D, KB, VB, (D < 128 ? D : 128), 0, F8>();
+  }
+}
+
+template <int D, int KB, int VB> static kp_dequant kp_dequant_m(const iq_kvq_params *p) {
+  return p->meta == IQ_META_F16 ? kp_dequant_g<D, KB, VB, false>(p) : kp_dequant_g<D, KB, VB, true>(p);
+}
+
+template <int D, int KB> static kp_dequant kp_dequant_v(const iq_kvq_params *p) {
+  switch (p->v_bits) {
+  case 2: return kp_dequant_m<D, KB, 2>(p);
+  case 4: return kp_dequant_m<D, KB, 4>(p);
+  default: return kp_dequant_m<D, KB, 8>(p);
+  }
+}
+
+template <int D> static kp_dequant kp_dequant_k(const iq_kvq_params *p) {
+  switch (p->k_bits) {
+  case 2: return kp_dequant_v<D, 2>(p);
+  case 4: return kp_dequant_v<D, 4>(p);
+  default: return kp_dequant_v<D, 8>(p);
+  }
+}
+
+/* The scratch holds the splits' partials, then the dequantized chunks: one layer's fp16 K and V
+ * of the quantized region (4 KB a token at 8 KV heads of 128). */
+template <int D>
+static int kp_launch(iq_ctx *ctx, const iq_kvq_params *p, const kp_args &base, int qblocks, float *out) {
+  auto fn = kvq_prefill_kernel<D>;
+  const size_t smem = sizeof(__half) * (4 * KM_CHUNK + KP_ROWS) * (D + 8);
   static int blocks_per_sm = 0;
   if (!blocks_per_sm) {
     IQ_CUDA(ctx, cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -379,6 +437,7 @@ static int kp_launch(iq_ctx *ctx, const kp_args &base, int qblocks, int kv_heads
   }
   /* splits over the chunks where the query blocks alone leave the GPU short of a wave */
   kp_args a = base;
+  const int kv_heads = p->kv_heads, chunks = a.chunks;
   const int64_t blocks = (int64_t)qblocks * kv_heads, wave = (int64_t)blocks_per_sm * ctx->sms;
   int64_t splits = blocks >= wave ? 1 : (wave + blocks - 1) / blocks;
   const int64_t most = (chunks + KP_MIN_CHUNKS - 1) / KP_MIN_CHUNKS;
@@ -389,58 +448,24 @@ static int kp_launch(iq_ctx *ctx, const kp_args &base, int qblocks, int kv_heads
   splits = splits < 1 ? 1 : splits;
   a.chunks_per_split = (int)(per ? per : 1);
   const size_t rows = (size_t)a.n * a.heads;
-  if (splits > 1) {
-    void *scratch;
-    IQ_TRY(iq_scratch(ctx, sizeof(float) * (size_t)splits * rows * (D + 2), &scratch));
-    a.part_acc = (float *)scratch;
-    a.part_ml = a.part_acc + (size_t)splits * rows * D;
+  const size_t part_bytes = splits > 1 ? sizeof(float) * (size_t)splits * rows * (D + 2) : 0;
+  const size_t deq_bytes = sizeof(__half) * (size_t)kv_heads * chunks * 2 * KM_CHUNK * D;
+  void *scratch;
+  IQ_TRY(iq_scratch(ctx, part_bytes + deq_bytes, &scratch));
+  a.part_acc = (float *)scratch;
+  a.part_ml = a.part_acc + (size_t)splits * rows * D;
+  a.deq = reinterpret_cast<__half *>((char *)scratch + part_bytes);
+  if (chunks > 0) {
+    const kp_dequant dq = kp_dequant_k<D>(p);
+    IQ_CUDA(ctx, cudaFuncSetAttribute(dq.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dq.smem));
+    dq.fn<<<dim3((unsigned)chunks, (unsigned)kv_heads), KP_WARPS * 32, dq.smem, ctx->stream>>>(a);
+    IQ_CUDA(ctx, cudaGetLastError());
   }
   fn<<<dim3((unsigned)qblocks, (unsigned)kv_heads, (unsigned)splits), KP_WARPS * 32, smem,
        ctx->stream>>>(a);
   IQ_CUDA(ctx, cudaGetLastError());
   if (splits > 1) IQ_TRY(merge_splits(ctx, out, a.part_acc, a.part_ml, (int)rows, D, (int)splits));
   return IQ_OK;
-}
-
-template <int D, int KB, int VB, bool F8>
-static int kp_launch_g(iq_ctx *ctx, const iq_kvq_params *p, const kp_args &a, int qblocks,
-                       int chunks, float *out) {
-  const int h = p->kv_heads;
-  if (p->v_axis == IQ_AXIS_CHANNELS) return kp_launch<D, KB, VB, 0, 32, F8>(ctx, a, qblocks, h, chunks, out);
-  if (p->k_axis == IQ_AXIS_TOKENS) return kp_launch<D, KB, VB, 0, 0, F8>(ctx, a, qblocks, h, chunks, out);
-  switch (p->k_group) {
-  case 16: return kp_launch<D, KB, VB, 16, 0, F8>(ctx, a, qblocks, h, chunks, out);
-  case 32: return kp_launch<D, KB, VB, 32, 0, F8>(ctx, a, qblocks, h, chunks, out);
-  case 64: return kp_launch<D, KB, VB, 64, 0, F8>(ctx, a, qblocks, h, chunks, out);
-  default: return kp_launch<D, KB, VB, (D < 128 ? D : 128), 0, F8>(ctx, a, qblocks, h, chunks, out);
-  }
-}
-
-template <int D, int KB, int VB>
-static int kp_launch_m(iq_ctx *ctx, const iq_kvq_params *p, const kp_args &a, int qblocks,
-                       int chunks, float *out) {
-  return p->meta == IQ_META_F16 ? kp_launch_g<D, KB, VB, false>(ctx, p, a, qblocks, chunks, out)
-                                : kp_launch_g<D, KB, VB, true>(ctx, p, a, qblocks, chunks, out);
-}
-
-template <int D, int KB>
-static int kp_launch_v(iq_ctx *ctx, const iq_kvq_params *p, const kp_args &a, int qblocks,
-                       int chunks, float *out) {
-  switch (p->v_bits) {
-  case 2: return kp_launch_m<D, KB, 2>(ctx, p, a, qblocks, chunks, out);
-  case 4: return kp_launch_m<D, KB, 4>(ctx, p, a, qblocks, chunks, out);
-  default: return kp_launch_m<D, KB, 8>(ctx, p, a, qblocks, chunks, out);
-  }
-}
-
-template <int D>
-static int kp_launch_k(iq_ctx *ctx, const iq_kvq_params *p, const kp_args &a, int qblocks,
-                       int chunks, float *out) {
-  switch (p->k_bits) {
-  case 2: return kp_launch_v<D, 2>(ctx, p, a, qblocks, chunks, out);
-  case 4: return kp_launch_v<D, 4>(ctx, p, a, qblocks, chunks, out);
-  default: return kp_launch_v<D, 8>(ctx, p, a, qblocks, chunks, out);
-  }
 }
 
 /* Arguments are checked by iq_kvq_attention. */
@@ -465,7 +490,7 @@ int kvq_prefill_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer
   a.qscale = scale * LOG2E;
   a.e5m2 = p->meta == IQ_META_E5M2;
   const int qblocks = (n + a.qpb - 1) / a.qpb;
-  const int chunks = (int)(kvq_quantized(p, (int64_t)pos0 + n) / KM_CHUNK);
-  return p->head_dim == 128 ? kp_launch_k<128>(ctx, p, a, qblocks, chunks, out)
-                            : kp_launch_k<64>(ctx, p, a, qblocks, chunks, out);
+  a.chunks = (int)(kvq_quantized(p, (int64_t)pos0 + n) / KM_CHUNK);
+  return p->head_dim == 128 ? kp_launch<128>(ctx, p, a, qblocks, out)
+                            : kp_launch<64>(ctx, p, a, qblocks, out);
 }
