@@ -166,6 +166,22 @@ Deno.test("fp16/bf16 GEMM inputs where the backend is CUDA: planned, prefill onl
   }
 });
 
+Deno.test("planBytes: a quantized cache's prompt scratch is one layer's fp16 K and V, on CUDA only", async () => {
+  // head_dim 32: the quantized caches' smallest
+  await withModel({ seed: 8, shape: { hiddenSize: 128, headDim: 32 } }, async (dir) => {
+    const config = await loadConfig(dir);
+    using cpu = Backend.open("cpu", { threads: 1 });
+    const cuda = backendAs(cpu, "cuda"), ctx = 96;
+    const [fp16, innerq, kivi] = ["fp16", "innerq:k2v2", "kivi:k4v4"].map(parseKvSpec);
+    const layerFp16 = planBytes(cpu, config, fp16, ctx).cacheBytes / config.numLayers;
+    for (const kv of [innerq, kivi]) {
+      assertEquals(planBytes(cuda, config, kv, ctx).scratchBytes, layerFp16);
+      assertEquals(planBytes(cpu, config, kv, ctx).scratchBytes, 0);
+    }
+    assertEquals(planBytes(cuda, config, fp16, ctx).scratchBytes, 0);
+  });
+});
+
 Deno.test("gemmInputDtype: the layers' fp16/bf16 on CUDA only, fp32 for mixed or fp32 layers", async () => {
   await withModel({ seed: 7, dtype: "BF16" }, async (dir) => {
     const config = await loadConfig(dir);

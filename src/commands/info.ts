@@ -22,8 +22,8 @@ Usage: innerq info [--model DIR] [--kv SPEC ...] [--device D] [--json]
       --kv SPEC     a KV cache spec to report bytes per token for (repeatable; default: fp16
                     and the main innerq and kivi settings)
       --device D    auto (default), cuda or cpu: with a GPU, also the longest context each spec
-                    fits in its free memory beside the weights and activations (as generate
-                    would plan them)
+                    fits in its free memory beside the weights, activations and a quantized
+                    cache's prompt scratch (as generate would plan them)
       --json        one JSON object instead of text
   -h, --help        this help
 
@@ -97,8 +97,10 @@ export async function runInfo(args: string[]): Promise<number> {
       const weights = deviceWeightBytes(tensors);
       const gemmDtype = gemmInputDtype(backend, layerMatrixDtype(tensors));
       const fits = (spec: (typeof usable)[number]["spec"]) => (ctx: number) => {
-        const { cacheBytes, stateBytes } = planBytes(backend, c, spec, ctx, { gemmDtype });
-        return weights + cacheBytes + stateBytes <= freeBytes;
+        const { cacheBytes, stateBytes, scratchBytes } = planBytes(backend, c, spec, ctx, {
+          gemmDtype,
+        });
+        return weights + cacheBytes + stateBytes + scratchBytes <= freeBytes;
       };
       gpu = {
         name,

@@ -21,7 +21,14 @@ import {
   type Weight,
 } from "../model/weights.ts";
 import type { KvCache } from "../kv/cache.ts";
-import { formatKvSpec, kvCacheBytes, type KvSpec, makeKvCache, parseKvSpec } from "../kv/spec.ts";
+import {
+  formatKvSpec,
+  isDense,
+  kvCacheBytes,
+  type KvSpec,
+  makeKvCache,
+  parseKvSpec,
+} from "../kv/spec.ts";
 
 export interface LoadOptions {
   /** Context length: tokens the KV cache holds (default: the model's max_position_embeddings). */
@@ -160,21 +167,32 @@ export interface PlanOptions {
   gemmDtype?: DTypeCode;
 }
 
-/** The device bytes `Transformer.load` plans beside the weights for `ctx` tokens: the KV cache
- * and the activations (`innerq info` finds the longest context that fits with it). */
+/** The device bytes `Transformer.load` plans beside the weights for `ctx` tokens: the KV cache,
+ * the activations, and the scratch a prompt deep in a quantized cache takes on CUDA (`innerq
+ * info` finds the longest context that fits with them). */
 export function planBytes(
   backend: Backend,
   config: ModelConfig,
   kv: KvSpec,
   ctx: number,
   opts: PlanOptions = {},
-): { cacheBytes: number; stateBytes: number } {
+): { cacheBytes: number; stateBytes: number; scratchBytes: number } {
   const chunk = opts.chunk ?? Math.min(256, ctx), logitRows = opts.allLogits ? chunk : 1;
   const shape = cacheShape(config, ctx, chunk);
   return {
     cacheBytes: kvCacheBytes(backend, kv, shape),
     stateBytes: RunState.bytes(config, chunk, logitRows, ctx, opts.gemmDtype ?? DType.F32),
+    scratchBytes: backend.kind === "cuda" ? promptScratchBytes(kv, shape) : 0,
   };
+}
+
+/** Prompts over a quantized cache dequantize the chunks they see into one layer's fp16 keys and
+ * values (kernels/cuda/kvq_prefill.cu), a scratch the context keeps once grown. */
+export function promptScratchBytes(
+  kv: KvSpec,
+  shape: { kvHeads: number; headDim: number; capacity: number },
+): number {
+  return isDense(kv) ? 0 : 2 * 2 * shape.kvHeads * shape.headDim * shape.capacity;
 }
 
 export class Transformer {
@@ -220,12 +238,12 @@ export class Transformer {
     const tensors = await readTensors(dir, config);
     const gemmDtype = gemmInputDtype(backend, layerMatrixDtype(tensors));
     const plan = { chunk, allLogits, gemmDtype };
-    const { cacheBytes, stateBytes } = planBytes(backend, config, kv, ctx, plan);
+    const { cacheBytes, stateBytes, scratchBytes } = planBytes(backend, config, kv, ctx, plan);
     const reserve = {
-      bytes: cacheBytes + stateBytes,
+      bytes: cacheBytes + stateBytes + scratchBytes,
       what: `${formatKvSpec(kv)} KV cache for ${ctx} tokens ${gib(cacheBytes)}, activations ${
         gib(stateBytes)
-      }`,
+      }${scratchBytes ? `, prompt scratch ${gib(scratchBytes)}` : ""}`,
     };
     const weights = await loadWeights(backend, dir, config, tensors, opts.onProgress, reserve);
     let cache: KvCache | null = null;
