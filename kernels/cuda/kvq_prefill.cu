@@ -9,8 +9,12 @@
  * fragment's codes are one load and a few bit operations away, every value
  * scale · code + offset rounded once to fp16): one layer's fp16 K and V of the
  * quantized region, so that no attending block unpacks (unpacking in each
- * block cost 1.28x fp16's instructions and ran prompts at 0.92x fp16's rate at
- * depth 128k; from the scratch they run at its rate, H100, session 22).
+ * block cost 1.28x fp16's instructions; 4096-token prompts at depth 128k ran
+ * at 0.89x fp16's rate on a 2-layer Llama-3-8B, from the scratch at 1.01x,
+ * H100, session 22). Every call dequantizes the whole region again: a prompt
+ * run in chunks (256 tokens a call by default) pays it per chunk, and a call of
+ * few query blocks writes and reads several times the bytes that unpacking in
+ * place would; neither case is measured yet (docs/next.md, item 5).
  *
  * kvq_prefill_kernel: grid (query blocks, kv_heads, splits), 8 warps. A block
  * holds KP_ROWS rows (query, head) of one KV head: KP_ROWS / GQA queries times
