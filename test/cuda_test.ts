@@ -491,6 +491,39 @@ function decodeOnTensorCores(dt: DTypeCode, hd: number, group: number): boolean 
 // long contexts are averages far below 1, where an absolute 3e-3 would hide a lost chunk.
 const DECODE_MMA_TOL = 3e-3;
 
+// Prompts over an fp16 cache (prefill_rows.cu): blocks of 128 (query, head) rows of one KV head,
+// split over 32-row tiles where the query blocks leave the GPU short of a wave. Short prompts deep
+// in a context (2 to 40 queries after thousands of positions: one query block, many splits),
+// longer ones whose blocks see different numbers of tiles, none a whole number of tiles; GQA 1 to
+// 8. Rows past the prompt are NaN and q in [-6, 6] makes the softmax peaked, so a tile read past
+// the end, lost or doubled shows; tolerance DECODE_MMA_TOL of each row's largest |output|, as the
+// decode on tensor cores (the outputs of long contexts are averages far below 1).
+test("attention prefill on tensor cores: short prompts deep in a context, split over tiles", (
+  gpu,
+  cpu,
+) => {
+  const rng = new Rng(12);
+  const shapes = [[32, 8, 128], [8, 8, 64], [12, 4, 64], [16, 2, 128], [8, 1, 128]];
+  const cases = [[2, 3000], [16, 5001], [40, 20000], [130, 2047], [300, 9000]];
+  for (const [heads, kvHeads, hd] of shapes) {
+    for (const [n, pos0] of cases) {
+      const [g, c] = attentionCase(gpu, cpu, rng, {
+        heads,
+        kvHeads,
+        hd,
+        n,
+        pos0,
+        dt: DType.F16,
+        qRange: 6,
+        poison: true,
+      });
+      const err = maxRowRelError(g, c, hd);
+      const what = `prefill ${heads}/${kvHeads}x${hd} n ${n} pos0 ${pos0}`;
+      assert.ok(err <= DECODE_MMA_TOL, `${what}: ${err} of the row's max`);
+    }
+  }
+});
+
 // Tolerance 1e-4 for the SIMT kernels. Long positions split the keys across blocks; 16 query heads
 // per KV head take the SIMT 8-head kernel in two blocks, head_dim 256 its fp16 path; head_dim 36
 // and the fp32 cache fall back to the prefill kernel. fp16 caches of head_dim 64/128 with up to 8

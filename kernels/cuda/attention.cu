@@ -2,7 +2,7 @@
  * kernels/cpu/attention.c). Both attention kernels use online softmax (running
  * max, sum and weighted V), so no score matrix is ever materialised.
  * - prefill: on tensor cores for an fp16 cache and head_dim 64/128
- *   (prefill_mma.cuh); otherwise one block per (16 queries, head) with key
+ *   (prefill_rows.cu); otherwise one block per (16 queries, head) with key
  *   tiles in shared memory and fp32 SIMT math.
  * - decode (flash-decoding): on tensor cores for an fp16 cache, head_dim
  *   64/128 and up to 8 query heads per KV head (decode_mma.cu); otherwise
@@ -14,7 +14,8 @@
 
 #include "cuda.cuh"
 #include "checks.h"
-#include "prefill_mma.cuh"
+#include "mma.cuh"
+#include "prefill_rows.cuh"
 #include "split_softmax.cuh"
 
 
@@ -351,23 +352,25 @@ extern "C" int iq_kv_store(iq_ctx *ctx, void *k_cache, void *v_cache, int cache_
                          (float *)v_cache, k, v, pos0, kv_heads, head_dim, cap, count);
 }
 
-template <int D>
-static int launch_prefill_mma(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
-                              const void *v_cache, int n, int pos0, int heads, int kv_heads, int cap,
-                              float scale) {
-  dim3 grid((unsigned)((n + MMA_Q - 1) / MMA_Q), (unsigned)heads);
-  constexpr size_t smem = prefill_mma_smem<D>();
-  static bool smem_set = false; /* per instantiation, at the first call */
-  if (!smem_set) {
-    IQ_CUDA(ctx, cudaFuncSetAttribute(prefill_mma_kernel<D>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    smem_set = true;
-  }
-  prefill_mma_kernel<D><<<grid, MMA_WARPS * 32, smem, ctx->stream>>>(
-      out, q, (const __half *)k_cache, (const __half *)v_cache, n, pos0, heads, heads / kv_heads, cap,
-      scale);
-  IQ_LAUNCHED(ctx);
-  return IQ_OK;
+/* An fp16 cache's prompt by prefill_rows.cu: a block's (query, head) rows share one KV head's
+ * tiles, which are the cache's rows, and a short prompt deep in a context splits over them. */
+static int launch_prefill_rows(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
+                               const void *v_cache, int n, int pos0, int heads, int kv_heads,
+                               int head_dim, int cap, float scale) {
+  pr_plan plan;
+  IQ_TRY(pr_plan_of(ctx, head_dim, true, n, heads, kv_heads,
+                    ((int64_t)pos0 + n + PR_TILE - 1) / PR_TILE, &plan));
+  void *scratch = nullptr;
+  if (plan.part_bytes) IQ_TRY(iq_scratch(ctx, plan.part_bytes, &scratch));
+  pr_args a = {};
+  a.k_tiles = (const __half *)k_cache, a.v_tiles = (const __half *)v_cache;
+  a.head_stride = (int64_t)cap * head_dim, a.tile_stride = PR_TILE * head_dim;
+  a.q = q, a.out = out;
+  a.part_acc = (float *)scratch;
+  a.part_ml = scratch ? a.part_acc + (size_t)plan.splits * n * heads * head_dim : nullptr;
+  a.n = n, a.pos0 = pos0, a.heads = heads, a.group = heads / kv_heads;
+  a.qscale = scale * LOG2E;
+  return pr_attend(ctx, a, plan, head_dim, kv_heads, true);
 }
 
 extern "C" int iq_attention_prefill(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
@@ -375,13 +378,12 @@ extern "C" int iq_attention_prefill(iq_ctx *ctx, float *out, const float *q, con
                                     int heads, int kv_heads, int head_dim, int cap, float scale) {
   IQ_TRY(iq_check_attention(ctx, "iq_attention_prefill", out, q, k_cache, v_cache, cache_dtype, n,
                             pos0, heads, kv_heads, head_dim, cap));
-  /* Tensor cores for chunks of several queries over an fp16 cache (16-byte aligned rows). */
-  const bool mma = cache_dtype == IQ_F16 && n > 1 &&
-                   (((uintptr_t)k_cache | (uintptr_t)v_cache) & 15) == 0;
-  if (mma && head_dim == 128)
-    return launch_prefill_mma<128>(ctx, out, q, k_cache, v_cache, n, pos0, heads, kv_heads, cap, scale);
-  if (mma && head_dim == 64)
-    return launch_prefill_mma<64>(ctx, out, q, k_cache, v_cache, n, pos0, heads, kv_heads, cap, scale);
+  /* Tensor cores for several queries over an fp16 cache (16-byte aligned rows, q read as float2). */
+  if (cache_dtype == IQ_F16 && n > 1 && (head_dim == 128 || head_dim == 64) &&
+      heads / kv_heads <= PR_ROWS && (((uintptr_t)k_cache | (uintptr_t)v_cache) & 15) == 0 &&
+      ((uintptr_t)q & 7) == 0)
+    return launch_prefill_rows(ctx, out, q, k_cache, v_cache, n, pos0, heads, kv_heads, head_dim,
+                               cap, scale);
   if (cache_dtype == IQ_F16)
     return launch_prefill<__half>(ctx, out, q, k_cache, v_cache, n, pos0, heads, kv_heads, head_dim,
                                   cap, scale);

@@ -20,7 +20,7 @@
  * into the B operand in registers (movmatrix), and
  *   outᵀ (channels x 8 heads) += Vᵀ (A, ldmatrix.trans) · Pᵀ.
  * q (times the softmax scale and log2 e) and p are rounded to fp16 as the
- * tensor cores take them, as in prefill_mma.cuh; sums and the softmax are fp32. */
+ * tensor cores take them, as in prefill_rows.cu; sums and the softmax are fp32. */
 #include <math.h>
 
 #include "cuda.cuh"

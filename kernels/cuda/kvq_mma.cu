@@ -27,7 +27,7 @@
  * OR-ed under 0x6400 is the fp16 1024 + c; keys over tokens and values enter
  * the MMA so (raw), the 1024 and the code's place in its byte taken off the
  * fp32 sums after. q and p are rounded to fp16 as the tensor cores
- * take them, as in prefill_mma.cuh; sums and the softmax are fp32. The 4 warps
+ * take them, as in prefill_rows.cu; sums and the softmax are fp32. The 4 warps
  * merge into one partial per block (at short contexts each warp leaves its
  * own), merge_splits_kernel the splits. */
 #include <math.h>
