@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(KP_WARPS * 32) kp_dequant_kernel(kp_args a) {
 }
 
 /* At 16 queries of GQA 4 (64 rows) kvq_mma.cu's blocks of 2 queries, each unpacking every chunk,
- * were 8-9% faster than dequantizing into the scratch; at 24 queries 6-18% slower (H200, session
+ * were 8-11% faster than dequantizing into the scratch; at 24 queries 6-18% slower (H200, session
  * 23). */
 int kvq_prefill_fills(int n, int group) { return (int64_t)n * group > PR_ROWS / 2; }
 
