@@ -201,10 +201,11 @@ test("prefill blocks of 8, 4 and 2 queries (GQA 1, 2, 4) across a chunk's edge",
   }
 });
 
-// Prompts that fill half a block of 128 (query, head) rows or more run kvq_prefill.cu, which
-// unpacks each chunk into fp16 tiles once per block. 600 queries of GQA 4 over 8 KV heads make
-// 152 blocks; the tests above give it more splits (the 8B layer) and blocks across a chunk's edge
-// (GQA 2 and 4).
+// Prompts that fill more than half a block of 128 (query, head) rows run kvq_prefill.cu, which
+// dequantizes the chunks they see into an fp16 scratch once per call for prefill_rows.cu's blocks.
+// 600 queries of GQA 4 over 8 KV heads make 152 blocks; the tests above give it more splits (the
+// 8B layer) and blocks across a chunk's edge (GQA 2 and 4; 64 queries of GQA 1 fill half a block
+// and take kvq_mma.cu's blocks of 8).
 test("a long prompt over the quantized cache: many query blocks", (gpu, cpu) => {
   const kivi = { kAxis: KvqAxis.TOKENS, vAxis: KvqAxis.CHANNELS, qmode: 0, norm: 0 };
   const variants: [string, Partial<KvqParams>][] = [
