@@ -35,8 +35,6 @@ struct kp_args {
   int e5m2;
 };
 
-__device__ __forceinline__ void st_pair(__half *p, uint32_t v) { *reinterpret_cast<uint32_t *>(p) = v; }
-
 /* Key rows of unit u (m-tile u / R of 16 tokens, run u % R of 32 channels), keys grouped over
  * channels in fragment order: lane (gid, tig) holds tokens gid, gid + 8 at channels 16 ks +
  * 2 tig, + 1 and + 8, + 9 of the run's k-steps ks; each value is its group's scale · code +

@@ -21,6 +21,9 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   return *reinterpret_cast<uint32_t *>(&h);
 }
 
+/* Stores a pair of halves (a raw fp16x2 register) at p, 4-byte aligned. */
+__device__ __forceinline__ void st_pair(__half *p, uint32_t v) { *reinterpret_cast<uint32_t *>(p) = v; }
+
 /* fp16x2 arithmetic on raw registers. */
 __device__ __forceinline__ uint32_t hsub2(uint32_t a, uint32_t b) {
   uint32_t d;

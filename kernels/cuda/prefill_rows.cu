@@ -23,8 +23,6 @@
 /* splits are sized so that each walks at least this many tiles */
 constexpr int PR_MIN_TILES = 8;
 
-__device__ __forceinline__ void st_pair(__half *p, uint32_t v) { *reinterpret_cast<uint32_t *>(p) = v; }
-
 /* Positions a query at position p sees quantized (kvq_quantized): whole chunks past the lag. */
 __device__ __forceinline__ int pr_quantized(const pr_args &a, int p) {
   return p + 1 > a.lag ? (p + 1 - a.lag) / PR_TILE * PR_TILE : 0;

@@ -36,7 +36,7 @@ int pr_plan_of(iq_ctx *ctx, int head_dim, bool plain, int n, int heads, int kv_h
                int64_t tiles, pr_plan *plan);
 
 /* Launches the attention (and the splits' merge) of a with the plan's splits; a.part_acc and
- * a.part_ml point at the plan's part_bytes of scratch where it has several. plain: the tiles hold every
- * position (an fp16 cache, causal within the prompt); otherwise a quantized cache's chunks, with
- * its sink and ring walked by split 0. head_dim 64 or 128. */
+ * a.part_ml point at the plan's part_bytes of scratch where it has several. plain: the tiles hold
+ * every position (an fp16 cache, causal within the prompt); otherwise a quantized cache's chunks,
+ * with its sink and ring walked by split 0. head_dim 64 or 128. */
 int pr_attend(iq_ctx *ctx, pr_args a, const pr_plan &plan, int head_dim, int kv_heads, bool plain);
