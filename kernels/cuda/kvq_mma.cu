@@ -37,6 +37,7 @@
 #include "cuda.cuh"
 #include "checks.h"
 #include "kvq.h"
+#include "kvq_layout.cuh"
 #include "kvq_unpack.cuh"
 #include "mma.cuh"
 #include "split_softmax.cuh"
@@ -705,46 +706,15 @@ static int km_kernel_of(iq_ctx *ctx, km_kernel *k) {
   return IQ_OK;
 }
 
-template <int D, int KB, int VB, bool F8, bool P>
-static int km_kernel_g(iq_ctx *ctx, const iq_kvq_params *p, km_kernel *k) {
-  if (p->v_axis == IQ_AXIS_CHANNELS) return km_kernel_of<D, KB, VB, 0, 32, F8, P>(ctx, k); /* KIVI */
-  if (p->k_axis == IQ_AXIS_TOKENS) return km_kernel_of<D, KB, VB, 0, 0, F8, P>(ctx, k);
-  switch (p->k_group) {
-  case 16: return km_kernel_of<D, KB, VB, 16, 0, F8, P>(ctx, k);
-  case 32: return km_kernel_of<D, KB, VB, 32, 0, F8, P>(ctx, k);
-  case 64: return km_kernel_of<D, KB, VB, 64, 0, F8, P>(ctx, k);
-  default: return km_kernel_of<D, KB, VB, (D < 128 ? D : 128), 0, F8, P>(ctx, k);
+/* The kernel of a layout (kvq_layout.cuh). P: the queries of a block share the MMAs' columns
+ * (prefill); a decode step's kernel has one query and none of their masks. */
+template <bool P> struct km_kernel_maker {
+  iq_ctx *ctx;
+  km_kernel *k;
+  template <int D, int KB, int VB, int KG, int VG, bool F8> int of() const {
+    return km_kernel_of<D, KB, VB, KG, VG, F8, P>(ctx, k);
   }
-}
-
-/* packed: the queries of a block share the MMAs' columns (prefill); a decode step's kernel has
- * one query and none of their masks */
-template <int D, int KB, int VB>
-static int km_kernel_m(iq_ctx *ctx, const iq_kvq_params *p, bool packed, km_kernel *k) {
-  if (packed)
-    return p->meta == IQ_META_F16 ? km_kernel_g<D, KB, VB, false, true>(ctx, p, k)
-                                  : km_kernel_g<D, KB, VB, true, true>(ctx, p, k);
-  return p->meta == IQ_META_F16 ? km_kernel_g<D, KB, VB, false, false>(ctx, p, k)
-                                : km_kernel_g<D, KB, VB, true, false>(ctx, p, k);
-}
-
-template <int D, int KB>
-static int km_kernel_v(iq_ctx *ctx, const iq_kvq_params *p, bool packed, km_kernel *k) {
-  switch (p->v_bits) {
-  case 2: return km_kernel_m<D, KB, 2>(ctx, p, packed, k);
-  case 4: return km_kernel_m<D, KB, 4>(ctx, p, packed, k);
-  default: return km_kernel_m<D, KB, 8>(ctx, p, packed, k);
-  }
-}
-
-template <int D>
-static int km_kernel_k(iq_ctx *ctx, const iq_kvq_params *p, bool packed, km_kernel *k) {
-  switch (p->k_bits) {
-  case 2: return km_kernel_v<D, 2>(ctx, p, packed, k);
-  case 4: return km_kernel_v<D, 4>(ctx, p, packed, k);
-  default: return km_kernel_v<D, 8>(ctx, p, packed, k);
-  }
-}
+};
 
 /* Arguments are checked by iq_kvq_attention. */
 int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
@@ -753,8 +723,8 @@ int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, fl
   const int group = heads / p->kv_heads, qpb = n < KM_HEADS / group ? n : KM_HEADS / group;
   const int64_t blocks = (n + qpb - 1) / qpb;
   km_kernel k = {nullptr, 0, 1};
-  IQ_TRY(p->head_dim == 128 ? km_kernel_k<128>(ctx, p, qpb > 1, &k)
-                            : km_kernel_k<64>(ctx, p, qpb > 1, &k));
+  IQ_TRY(qpb > 1 ? kvq_layout(p, km_kernel_maker<true>{ctx, &k})
+                 : kvq_layout(p, km_kernel_maker<false>{ctx, &k}));
   /* the chunks of the longest query, split so that one wave of resident blocks (one fp16 block
    * per KV head and query block beside them) covers them, each warp at least one chunk */
   const int64_t chunks = kvq_quantized(p, (int64_t)pos0 + n) / KM_CHUNK;
