@@ -1,7 +1,8 @@
 // The quantized KV cache on CUDA against the CPU reference (kernels/cpu/kvq.c): the same stores
 // write the same bytes (codes, pairs, windows, key normalization), and attention agrees, for every
 // setting of test/kvq_harness.ts, GQA groups of 3 and 8, a Llama-3-8B layer at 5000 tokens (many
-// splits), prefill blocks that pack 2, 4 and 8 queries, long prompts (kvq_prefill.cu), and fp8
+// splits), prefill blocks that pack 2, 4 and 8 queries, prompts in kvq_prefill.cu's two ways
+// (chunks unpacked by the attending blocks, or dequantized into a scratch), and fp8
 // (scale, offset) pairs: all 256 codes decode as on the CPU, groups across fp16's range store the
 // CPU's bytes. The SIMT kernel agrees within fp32 summation-order noise (1e-4 relative to max(1,
 // |cpu|)); the tensor-core kernels round q and the probabilities (and kvq_prefill.cu the
@@ -51,6 +52,9 @@ function tensorCores(p: KvqParams, group: number): boolean {
   return [2, 4, 8].includes(p.kBits) && [2, 4, 8].includes(p.vBits) && keys && values &&
     p.vGroup === 32 && (p.headDim === 64 || p.headDim === 128) && group <= 8;
 }
+
+/** KIVI's grouping: keys over tokens, values over channels, asymmetric, no normalization. */
+const KIVI = { kAxis: KvqAxis.TOKENS, vAxis: KvqAxis.CHANNELS, qmode: 0, norm: 0 };
 
 /** Fills the same layer on both backends, checks the bytes, then prefill and decode attention. */
 function compare(
@@ -102,6 +106,7 @@ function compare(
   layers.forEach((l) => l.close());
 }
 
+// 40 queries of GQA 3 fill one block of 128 (query, head) rows: kvq_prefill_chunks.cu's.
 test("every setting writes the CPU's bytes and attends as the CPU does (GQA 3)", (gpu, cpu) => {
   for (const { name, params } of KVQ_CASES) {
     compare(gpu, cpu, name, params, {
@@ -109,6 +114,7 @@ test("every setting writes the CPU's bytes and attends as the CPU does (GQA 3)",
       prefill: 90,
       chunks: [37, 40, 13],
       decode: 40,
+      queries: 40,
     });
   }
 });
@@ -118,7 +124,7 @@ test("GQA 8 and head_dim 128: InnerQ at 2/4/8 bits and KIVI", (gpu, cpu) => {
     ["innerq k4v2 g8", {}],
     ["innerq k8v4 g8", { kBits: 8, vBits: 4 }],
     ["innerq k2v8 g8", { kBits: 2, vBits: 8, kGroup: 64 }],
-    ["kivi k4v2 g8", { kAxis: KvqAxis.TOKENS, vAxis: KvqAxis.CHANNELS, qmode: 0, norm: 0 }],
+    ["kivi k4v2 g8", KIVI],
     ["keys over tokens k2v2 g8", { kBits: 2, vBits: 2, kAxis: KvqAxis.TOKENS }],
     ["keys over tokens k4v4 g8", { vBits: 4, kAxis: KvqAxis.TOKENS, norm: 0 }],
     ["keys over tokens k8v2 g8", { kBits: 8, vBits: 2, kAxis: KvqAxis.TOKENS }],
@@ -145,8 +151,7 @@ test("GQA 8 and head_dim 128: InnerQ at 2/4/8 bits and KIVI", (gpu, cpu) => {
 });
 
 test("a Llama-3-8B layer at 5000 tokens: many splits", (gpu, cpu) => {
-  const kivi = { kAxis: KvqAxis.TOKENS, vAxis: KvqAxis.CHANNELS, qmode: 0, norm: 0 };
-  for (const [kBits, vBits, over] of [[4, 2, {}], [2, 2, {}], [2, 2, kivi]] as const) {
+  for (const [kBits, vBits, over] of [[4, 2, {}], [2, 2, {}], [2, 2, KIVI]] as const) {
     const params = kvqParams({
       kvHeads: 8,
       headDim: 128,
@@ -160,7 +165,7 @@ test("a Llama-3-8B layer at 5000 tokens: many splits", (gpu, cpu) => {
       vGroup: 32,
       ...over,
     });
-    compare(gpu, cpu, `8B ${over === kivi ? "kivi" : "innerq"} k${kBits}v${vBits}`, params, {
+    compare(gpu, cpu, `8B ${over === KIVI ? "kivi" : "innerq"} k${kBits}v${vBits}`, params, {
       heads: 32,
       prefill: 5000,
       chunks: [256],
@@ -201,39 +206,81 @@ test("prefill blocks of 8, 4 and 2 queries (GQA 1, 2, 4) across a chunk's edge",
   }
 });
 
-// Prompts that fill more than half a block of 128 (query, head) rows run kvq_prefill.cu, which
-// dequantizes the chunks they see into an fp16 scratch once per call for prefill_rows.cu's blocks.
-// 600 queries of GQA 4 over 8 KV heads make 152 blocks; the tests above give it more splits (the
-// 8B layer) and blocks across a chunk's edge (GQA 2 and 4; 64 queries of GQA 1 fill half a block
-// and take kvq_mma.cu's blocks of 8).
-test("a long prompt over the quantized cache: many query blocks", (gpu, cpu) => {
-  const kivi = { kAxis: KvqAxis.TOKENS, vAxis: KvqAxis.CHANNELS, qmode: 0, norm: 0 };
-  const variants: [string, Partial<KvqParams>][] = [
-    ["innerq k4v2", {}],
-    ["innerq k2v2 keys over tokens", { kBits: 2, kAxis: KvqAxis.TOKENS }],
-    ["kivi k2v2", { kBits: 2, ...kivi }],
-    ["innerq k4v4 e4m3 pairs", { vBits: 4, meta: FP8.e4m3.meta }],
-  ];
+/** Prompts of each count of queries over a Llama-3-8B-like layer (head_dim 128, groups of 32, sink
+ * 4, recent 32) of each variant. */
+function comparePrompts(
+  gpu: Backend,
+  cpu: Backend,
+  variants: [string, Partial<KvqParams>][],
+  shape: { kvHeads: number; cap: number; ring: number; heads: number; prefill: number },
+  queries: number[],
+): void {
+  const { kvHeads, cap, ring, heads, prefill } = shape;
   for (const [name, over] of variants) {
     const params = kvqParams({
-      kvHeads: 8,
+      kvHeads,
       headDim: 128,
-      cap: 800,
+      cap,
       sink: 4,
       recent: 32,
-      ring: 32 + 32 + 640 - 1,
+      ring,
       kGroup: 32,
       vGroup: 32,
       ...over,
     });
-    compare(gpu, cpu, `600 queries ${name}`, params, {
-      heads: 32,
-      prefill: 700,
-      chunks: [256],
-      decode: 1,
-      queries: 600,
-    });
+    for (const n of queries) {
+      compare(gpu, cpu, `${n} queries ${name}`, params, {
+        heads,
+        prefill,
+        chunks: [256],
+        decode: 1,
+        queries: n,
+      });
+    }
   }
+}
+
+// Prompts that fill more than half a block of 128 (query, head) rows run kvq_prefill.cu: from
+// two blocks a KV head on it dequantizes the chunks they see into an fp16 scratch once per call
+// for prefill_rows.cu's blocks. 600 queries of GQA 4 over 8 KV heads make 152 blocks; GQA 8 with
+// 48 queries (above) makes 3 a KV head, 45 queries of GQA 4 2 across a chunk's edge.
+test("a long prompt over the quantized cache: many query blocks", (gpu, cpu) => {
+  comparePrompts(
+    gpu,
+    cpu,
+    [
+      ["innerq k4v2", {}],
+      ["innerq k2v2 keys over tokens", { kBits: 2, kAxis: KvqAxis.TOKENS }],
+      ["kivi k2v2", { kBits: 2, ...KIVI }],
+      ["innerq k4v4 e4m3 pairs", { vBits: 4, meta: FP8.e4m3.meta }],
+    ],
+    { kvHeads: 8, cap: 800, ring: 32 + 32 + 640 - 1, heads: 32, prefill: 700 },
+    [600],
+  );
+});
+
+// One query block a KV head unpacks the chunks itself (kvq_prefill_chunks.cu), split over them
+// deep in a context: 20 queries of GQA 4 (40 make two blocks, from the scratch, split too); every
+// key and value layout the tensor cores read, fp8 pairs and head_dim 64 among them. The tests
+// above give the block a chunk's edge (45 queries of GQA 2) and every setting (GQA 3).
+test("a short prompt deep in a context: blocks that unpack their chunks", (gpu, cpu) => {
+  comparePrompts(
+    gpu,
+    cpu,
+    [
+      ["innerq k4v2", {}],
+      ["innerq k2v2 keys over tokens e5m2 pairs", {
+        kBits: 2,
+        kAxis: KvqAxis.TOKENS,
+        meta: FP8.e5m2.meta,
+      }],
+      ["kivi k2v2", { kBits: 2, ...KIVI }],
+      ["innerq k8v4 gk16 e4m3 pairs", { kBits: 8, vBits: 4, kGroup: 16, meta: FP8.e4m3.meta }],
+      ["innerq k4v8 head_dim 64", { vBits: 8, headDim: 64 }],
+    ],
+    { kvHeads: 4, cap: 2200, ring: 32 + 32 + 256 - 1, heads: 16, prefill: 2100 },
+    [40, 20],
+  );
 });
 
 /** Equal up to the sign of zero, NaN equal to NaN. */

@@ -174,8 +174,16 @@ Deno.test("planBytes: a quantized cache's prompt scratch is one layer's fp16 K a
     const cuda = backendAs(cpu, "cuda"), ctx = 96;
     const [fp16, innerq, kivi] = ["fp16", "innerq:k2v2", "kivi:k4v4"].map(parseKvSpec);
     const layerFp16 = planBytes(cpu, config, fp16, ctx).cacheBytes / config.numLayers;
+    // calls whose (query, head) rows fit one block of 128 a KV head unpack in place: no scratch
+    const inPlace = 128 / (config.numHeads / config.numKvHeads);
+    assert(inPlace < ctx, "the default chunk (the context) needs the scratch");
     for (const kv of [innerq, kivi]) {
       assertEquals(planBytes(cuda, config, kv, ctx).scratchBytes, layerFp16);
+      assertEquals(
+        planBytes(cuda, config, kv, ctx, { chunk: inPlace + 1 }).scratchBytes,
+        layerFp16,
+      );
+      assertEquals(planBytes(cuda, config, kv, ctx, { chunk: inPlace }).scratchBytes, 0);
       assertEquals(planBytes(cpu, config, kv, ctx).scratchBytes, 0);
     }
     assertEquals(planBytes(cuda, config, fp16, ctx).scratchBytes, 0);

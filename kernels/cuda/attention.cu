@@ -357,9 +357,10 @@ extern "C" int iq_kv_store(iq_ctx *ctx, void *k_cache, void *v_cache, int cache_
 static int launch_prefill_rows(iq_ctx *ctx, float *out, const float *q, const void *k_cache,
                                const void *v_cache, int n, int pos0, int heads, int kv_heads,
                                int head_dim, int cap, float scale) {
+  pr_kernel k;
+  IQ_TRY(pr_rows_kernel(ctx, head_dim, true, &k));
   pr_plan plan;
-  IQ_TRY(pr_plan_of(ctx, head_dim, true, n, heads, kv_heads,
-                    ((int64_t)pos0 + n + PR_TILE - 1) / PR_TILE, &plan));
+  pr_plan_of(ctx, k, head_dim, n, heads, kv_heads, ((int64_t)pos0 + n + PR_TILE - 1) / PR_TILE, &plan);
   void *scratch = nullptr;
   if (plan.part_bytes) IQ_TRY(iq_scratch(ctx, plan.part_bytes, &scratch));
   pr_args a = {};
@@ -370,7 +371,7 @@ static int launch_prefill_rows(iq_ctx *ctx, float *out, const float *q, const vo
   a.part_ml = scratch ? a.part_acc + (size_t)plan.splits * n * heads * head_dim : nullptr;
   a.n = n, a.pos0 = pos0, a.heads = heads, a.group = heads / kv_heads;
   a.qscale = scale * LOG2E;
-  return pr_attend(ctx, a, plan, head_dim, kv_heads, true);
+  return pr_attend(ctx, a, k, plan, head_dim, kv_heads);
 }
 
 extern "C" int iq_attention_prefill(iq_ctx *ctx, float *out, const float *q, const void *k_cache,

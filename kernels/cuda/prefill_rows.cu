@@ -1,150 +1,30 @@
-/* prefill_rows.cu: prompt attention on tensor cores (mma.sync m16n8k16, fp16 in, fp32
- * accumulate), flash-attention-2 style, in blocks of (query, head) rows of one KV head
- * (prefill_rows.cuh).
- *
- * grid (query blocks, kv_heads, splits), 8 warps. A block holds PR_ROWS rows (query, head) of
- * one KV head: PR_ROWS / GQA queries times their GQA heads, warp w rows 16 w .. 16 w + 15, the
- * blocks with the most keys first, so that each K and V tile is read once for all the GQA heads.
- * Q waits in shared memory, so that two blocks fit a multiprocessor. Every split walks its
- * tiles of 32 key and value rows, copied with cp.async one tile ahead; a prompt of few query
- * blocks (a short prompt deep in a context) is split over the tiles to fill the GPU, and
- * merge_splits combines the partials. Each warp computes S = Q Kᵀ (fragments by ldmatrix),
- * masks where a tile reaches past a row's query, updates its rows' online softmax and adds P V
- * (V's fragments by ldmatrix.trans); q and the probabilities are rounded to fp16 for the MMAs,
- * as flash attention does, softmax state and outputs stay fp32. Over a quantized cache split 0 also walks the fp16 positions
- * (sink, ring) the block's queries see, and a chunk is masked for the rows whose query still
- * sees it in fp16. */
-#include <math.h>
-
-#include "prefill_rows.cuh"
-#include "mma.cuh"
+/* prefill_rows.cu: prompt attention over rows as tiles (prefill_rows.cuh): an fp16 cache's own
+ * rows, or a quantized cache's chunks dequantized into a scratch (kvq_prefill.cu); the plan of a
+ * prompt's splits and the launch of any source's kernel. */
+#include "prefill_rows_kernel.cuh"
 #include "split_softmax.cuh"
 
 /* splits are sized so that each walks at least this many tiles */
 constexpr int PR_MIN_TILES = 8;
 
-/* Positions a query at position p sees quantized (kvq_quantized): whole chunks past the lag. */
-__device__ __forceinline__ int pr_quantized(const pr_args &a, int p) {
-  return p + 1 > a.lag ? (p + 1 - a.lag) / PR_TILE * PR_TILE : 0;
-}
+/* Tiles copied from rows with cp.async one tile ahead. PLAIN: the cache holds every position,
+ * and rows past the block's last are zero. */
+template <int D, bool P> struct pr_row_tiles {
+  static constexpr bool PLAIN = P;
+  static constexpr int WORDS = 0;
+  __half *tiles;
+  int kvh, len;
 
-/* A warp's 16 rows (this thread's r0 = gid and r1 = gid + 8 of them) in flash-attention style:
- * outputs, running maxima (log2 units) and sums, over one tile of 32 key and value rows in shared
- * memory (padded rows of D + 8) at a time: S = Q Kᵀ, masked by seen(row, key) when masked is set,
- * then the online softmax and O += P V. */
-template <int D> struct pr_rows {
-  const __half *qs; /* the warp's 16 rows of Q times qscale in shared memory, padded */
-  float o[D / 8][4], m[2], l[2];
+  __device__ pr_row_tiles(uint32_t *, __half *tiles, int kvh, int len)
+      : tiles(tiles), kvh(kvh), len(len) {}
 
-  __device__ __forceinline__ void init() {
-#pragma unroll
-    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    m[0] = -INFINITY, m[1] = -INFINITY, l[0] = 0.0f, l[1] = 0.0f;
-  }
-
-  template <typename Seen>
-  __device__ __forceinline__ void attend(const __half *kt, const __half *vt, int lane, bool masked,
-                                         Seen seen) {
-    constexpr int S = D + 8;
-    const int tig = lane % 4;
-    float s[PR_TILE / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < PR_TILE / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-#pragma unroll
-    for (int kp = 0; kp < D / 32; kp++) { /* two k-steps: channels 32 kp .. + 31 */
-      /* Q's A fragments (rows + 8 (i % 2), channels + 8 (i / 2) for matrix i) */
-      uint32_t qa[2][4];
-#pragma unroll
-      for (int kk = 0; kk < 2; kk++)
-        ldmatrix_x4(qa[kk],
-                    qs + (lane % 8 + 8 * (lane / 8 % 2)) * S + 32 * kp + 16 * kk + 8 * (lane / 16));
-#pragma unroll
-      for (int nt = 0; nt < PR_TILE / 8; nt++) {
-        uint32_t b[4];
-        ldmatrix_x4(b, kt + (nt * 8 + lane % 8) * S + 32 * kp + 8 * (lane / 8));
-        mma_16816(s[nt], qa[0], b[0], b[1]);
-        mma_16816(s[nt], qa[1], b[2], b[3]);
-      }
-    }
-    if (masked)
-#pragma unroll
-      for (int nt = 0; nt < PR_TILE / 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-          if (!seen(e / 2, nt * 8 + 2 * tig + e % 2)) s[nt][e] = -INFINITY;
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int nt = 0; nt < PR_TILE / 8; nt++) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
-    }
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      mx[0] = fmaxf(mx[0], __shfl_xor_sync(0xffffffffu, mx[0], off));
-      mx[1] = fmaxf(mx[1], __shfl_xor_sync(0xffffffffu, mx[1], off));
-    }
-    /* a row with no visible key yet keeps max -inf: no NaNs */
-    const float c[2] = {mx[0] == -INFINITY ? 1.0f : fast_exp2(m[0] - mx[0]),
-                        mx[1] == -INFINITY ? 1.0f : fast_exp2(m[1] - mx[1])};
-    m[0] = mx[0], m[1] = mx[1];
-    const float base[2] = {mx[0] == -INFINITY ? 0.0f : mx[0], mx[1] == -INFINITY ? 0.0f : mx[1]};
-    l[0] *= c[0], l[1] *= c[1];
-    /* deep in a context the rows' maxima rarely move: a warp skips the rescale where none did */
-    if (__any_sync(0xffffffffu, c[0] != 1.0f || c[1] != 1.0f))
-#pragma unroll
-      for (int i = 0; i < D / 8; i++) o[i][0] *= c[0], o[i][1] *= c[0], o[i][2] *= c[1], o[i][3] *= c[1];
-#pragma unroll
-    for (int nt = 0; nt < PR_TILE / 8; nt++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) s[nt][e] = fast_exp2(s[nt][e] - base[e / 2]);
-      l[0] += s[nt][0] + s[nt][1], l[1] += s[nt][2] + s[nt][3];
-    }
-    /* O += P V: P's accumulator layout is already the A fragment layout */
-#pragma unroll
-    for (int kk = 0; kk < PR_TILE / 16; kk++) {
-      const uint32_t pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
-                              pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      /* lanes 8i .. 8i + 7 address matrix i: keys + 8 (i % 2), channels + 8 (i / 2) */
-      const __half *vr = vt + (kk * 16 + lane % 8 + 8 * (lane / 8 % 2)) * S + 8 * (lane / 16);
-#pragma unroll
-      for (int np = 0; np < D / 16; np++) { /* two n-tiles of 8 channels */
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, vr + 16 * np);
-        mma_16816(o[2 * np], pa, b[0], b[1]);
-        mma_16816(o[2 * np + 1], pa, b[2], b[3]);
-      }
-    }
-  }
-};
-
-/* Two blocks a multiprocessor: Q's fragments held in registers took 174-178 at head_dim 128, one
- * block, and prompts over a 128k cache ran 20% slower (H100, session 20). */
-template <int D, bool PLAIN>
-__global__ void __launch_bounds__(PR_WARPS * 32, 2) pr_kernel(pr_args a) {
-  constexpr int S = D + 8, TILE = PR_TILE * S; /* halves of a K or V tile */
-  extern __shared__ __align__(16) __half pr_smem[]; /* [2][K tile, V tile], Q tile */
-  __half *qtile = pr_smem + 4 * TILE;               /* [PR_ROWS][S] */
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
-  const int kvh = blockIdx.y, split = blockIdx.z;
-  const int t0 = (gridDim.x - 1 - blockIdx.x) * a.qpb, queries = min(a.qpb, a.n - t0);
-  const int rows = queries * a.group;
-  /* the block's last query sees len positions and, over a quantized cache, nq of them as
-   * chunks; its first sees nq0 as chunks. Plain, every position is in the tiles. */
-  const int len = a.pos0 + t0 + queries;
-  const int nq = PLAIN ? len : pr_quantized(a, len - 1);
-  const int nq0 = PLAIN ? 0 : pr_quantized(a, a.pos0 + t0);
-  const int first = split * a.tiles_per_split;
-  const int last = min((nq + PR_TILE - 1) / PR_TILE, first + a.tiles_per_split);
-
-  /* copies tile `tile`'s key and value rows into tile pair `pair`, rows past len zero; this
-   * split's first is on its way before anything else (split 0's fp16 walk uses pair 1 first) */
-  const int64_t head_at = (int64_t)kvh * a.head_stride;
-  auto copy_tile = [&](int tile, int pair) {
-    const int64_t at = head_at + (int64_t)tile * a.tile_stride;
+  /* tile `tile`'s key and value rows into tile pair `pair` */
+  __device__ __forceinline__ void copy(const pr_args &a, int tile, int pair) {
+    constexpr int S = D + 8, TILE = PR_TILE * S;
+    const int64_t at = (int64_t)kvh * a.head_stride + (int64_t)tile * a.tile_stride;
     const __half *ks = a.k_tiles + at, *vs = a.v_tiles + at;
     const int valid = len - PR_TILE * tile;
-    __half *kt = pr_smem + pair * 2 * TILE;
+    __half *kt = tiles + pair * 2 * TILE;
     for (int e = threadIdx.x; e < PR_TILE * D / 8; e += PR_WARPS * 32) {
       const int r = e / (D / 8), c = e % (D / 8) * 8;
       if (!PLAIN || r < valid) {
@@ -156,147 +36,29 @@ __global__ void __launch_bounds__(PR_WARPS * 32, 2) pr_kernel(pr_args a) {
       }
     }
     asm volatile("cp.async.commit_group;\n" ::);
-  };
-  if (first < last) copy_tile(first, 0);
-
-  /* this thread's rows: r0 = 16 warp + gid and r1 = r0 + 8 of the block, each a query (its
-   * position and the positions it sees quantized) and a head */
-  pr_rows<D> st;
-  st.qs = qtile + 16 * warp * S;
-  int pos[2], nqr[2];
-  int64_t out_row[2];
-#pragma unroll
-  for (int j = 0; j < 2; j++) {
-    const int r = 16 * warp + gid + 8 * j, qi = r / a.group;
-    const bool valid = r < rows;
-    pos[j] = a.pos0 + t0 + (valid ? qi : 0);
-    nqr[j] = PLAIN ? 0 : pr_quantized(a, pos[j]);
-    out_row[j] = valid ? (int64_t)(t0 + qi) * a.heads + kvh * a.group + r % a.group : -1;
   }
-#pragma unroll
-  for (int ks = 0; ks < D / 16; ks++) {
-#pragma unroll
-    for (int j = 0; j < 2; j++) {
-      float2 lo = make_float2(0.0f, 0.0f), hi = lo;
-      if (out_row[j] >= 0) {
-        const float *qr = a.q + out_row[j] * D + 16 * ks + 2 * tig;
-        lo = *reinterpret_cast<const float2 *>(qr);
-        hi = *reinterpret_cast<const float2 *>(qr + 8);
-      }
-      __half *qrow = qtile + (16 * warp + gid + 8 * j) * S + 16 * ks + 2 * tig;
-      st_pair(qrow, pack_half2(lo.x * a.qscale, lo.y * a.qscale));
-      st_pair(qrow + 8, pack_half2(hi.x * a.qscale, hi.y * a.qscale));
-    }
+  __device__ __forceinline__ void begin(const pr_args &a, int first, int last) {
+    if (first < last) copy(a, first, 0);
   }
-  st.init();
-  __syncwarp(); /* the warp's Q rows are in shared memory */
-  const bool busy = 16 * warp < rows; /* the warp has rows */
-
-  /* a quantized cache's fp16 positions (split 0): the sink, then the ring from the first query's
-   * quantized end, 32 rows a tile, rows past the end zero; each row sees position x if x <= its
-   * position and x is in the sink or not quantized for its query */
-  const int sinkn = PLAIN ? 0 : min(len, a.sink), fp16n = PLAIN ? 0 : len - nq0;
-  for (int base = 0; split == 0 && base < fp16n; base += PR_TILE) {
-    __half *kt = pr_smem + 2 * TILE, *vt = kt + TILE;
-    for (int e = threadIdx.x; e < 2 * PR_TILE * D / 8; e += PR_WARPS * 32) {
-      const int side = e / (PR_TILE * D / 8), r = e / (D / 8) % PR_TILE, c = e % (D / 8) * 8;
-      __half *dst = (side ? vt : kt) + r * S + c;
-      const int i = base + r;
-      if (i < fp16n) {
-        const int x = i < sinkn ? i : a.sink + nq0 + (i - sinkn);
-        const __half *src = x < a.sink ? (side ? a.sink_v : a.sink_k) + ((int64_t)kvh * a.sink + x) * D
-                                       : (side ? a.ring_v : a.ring_k) +
-                                             ((int64_t)kvh * a.ring + (x - a.sink) % a.ring) * D;
-        cp_async16(dst, src + c);
-      } else {
-        *reinterpret_cast<uint4 *>(dst) = make_uint4(0, 0, 0, 0);
-      }
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    __syncthreads(); /* the tile's rows, and the first tile's, are visible */
-    if (busy)
-      st.attend(kt, vt, lane, true, [&](int j, int col) {
-        const int i = base + col, x = i < sinkn ? i : a.sink + nq0 + (i - sinkn);
-        return i < fp16n && x <= pos[j] && (x < a.sink || x >= a.sink + nqr[j]);
-      });
-    __syncthreads(); /* the tile is free again */
+  __device__ __forceinline__ void fill(const pr_args &, int, int, int, __half *, __half *) {}
+  __device__ __forceinline__ void ahead(const pr_args &a, int tile, int i, int last) {
+    if (tile + 1 < last) copy(a, tile + 1, (i + 1) & 1);
   }
+};
 
-  /* the split's tiles, each copied while the one before is attended: one barrier a tile (its
-   * rows complete; every warp done with the other pair, which the next tile's copy then fills).
-   * Plain, a tile is masked where it reaches past the block's first query; over a quantized
-   * cache, where a row's query still sees the chunk in fp16 (seen above). */
-  for (int tile = first, i = 0; tile < last; tile++, i++) {
-    __half *kt = pr_smem + (i & 1) * 2 * TILE, *vt = kt + TILE;
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    __syncthreads();
-    if (tile + 1 < last) copy_tile(tile + 1, (i + 1) & 1);
-    if (!busy) continue;
-    if constexpr (PLAIN)
-      st.attend(kt, vt, lane, PR_TILE * tile + PR_TILE - 1 > a.pos0 + t0,
-                [&](int j, int col) { return PR_TILE * tile + col <= pos[j]; });
-    else
-      st.attend(kt, vt, lane, PR_TILE * tile >= nq0,
-                [&](int j, int) { return PR_TILE * tile < nqr[j]; });
-  }
-
-  /* the quad's partial sums; then the output, or this split's partial (max in natural units) */
-#pragma unroll
-  for (int j = 0; j < 2; j++)
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) st.l[j] += __shfl_xor_sync(0xffffffffu, st.l[j], off);
-  const bool whole = gridDim.z == 1;
-  const int64_t all_rows = (int64_t)a.n * a.heads;
-#pragma unroll
-  for (int j = 0; j < 2; j++) {
-    if (out_row[j] < 0) continue;
-    const int64_t row = whole ? out_row[j] : split * all_rows + out_row[j];
-    float *dst = (whole ? a.out : a.part_acc) + row * D + 2 * tig;
-    const float f = whole ? 1.0f / st.l[j] : 1.0f;
-#pragma unroll
-    for (int nt = 0; nt < D / 8; nt++)
-      *reinterpret_cast<float2 *>(dst + 8 * nt) = make_float2(st.o[nt][2 * j] * f, st.o[nt][2 * j + 1] * f);
-    if (!whole && tig == 0) {
-      a.part_ml[row * 2] = st.m[j] * LN2; /* -inf: saw nothing */
-      a.part_ml[row * 2 + 1] = st.l[j];
-    }
-  }
-}
-
-template <int D> static constexpr size_t pr_smem_bytes() {
-  return sizeof(__half) * (4 * PR_TILE + PR_ROWS) * (D + 8);
-}
-
-/* The kernel, its shared memory set at its first use, and how many blocks fit a multiprocessor. */
-template <int D, bool PLAIN> static int pr_kernel_of(iq_ctx *ctx, void (**fn)(pr_args), int *per_sm) {
-  static int blocks_per_sm = 0;
-  *fn = pr_kernel<D, PLAIN>;
-  if (!blocks_per_sm) {
-    IQ_CUDA(ctx, cudaFuncSetAttribute(*fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      (int)pr_smem_bytes<D>()));
-    IQ_CUDA(ctx, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, *fn, PR_WARPS * 32,
-                                                               pr_smem_bytes<D>()));
-    blocks_per_sm = blocks_per_sm > 0 ? blocks_per_sm : 1;
-  }
-  *per_sm = blocks_per_sm;
-  return IQ_OK;
-}
-
-static int pr_kernel_for(iq_ctx *ctx, int head_dim, bool plain, void (**fn)(pr_args), int *per_sm) {
+int pr_rows_kernel(iq_ctx *ctx, int head_dim, bool plain, pr_kernel *k) {
   if (head_dim == 128)
-    return plain ? pr_kernel_of<128, true>(ctx, fn, per_sm) : pr_kernel_of<128, false>(ctx, fn, per_sm);
-  return plain ? pr_kernel_of<64, true>(ctx, fn, per_sm) : pr_kernel_of<64, false>(ctx, fn, per_sm);
+    return plain ? pr_kernel_of<128, pr_row_tiles<128, true>>(ctx, k)
+                 : pr_kernel_of<128, pr_row_tiles<128, false>>(ctx, k);
+  return plain ? pr_kernel_of<64, pr_row_tiles<64, true>>(ctx, k)
+               : pr_kernel_of<64, pr_row_tiles<64, false>>(ctx, k);
 }
 
-int pr_plan_of(iq_ctx *ctx, int head_dim, bool plain, int n, int heads, int kv_heads,
-               int64_t tiles, pr_plan *plan) {
-  void (*fn)(pr_args);
-  int per_sm;
-  IQ_TRY(pr_kernel_for(ctx, head_dim, plain, &fn, &per_sm));
+void pr_plan_of(iq_ctx *ctx, const pr_kernel &k, int head_dim, int n, int heads, int kv_heads,
+                int64_t tiles, pr_plan *plan) {
   const int group = heads / kv_heads, qpb = PR_ROWS / group;
   const int qblocks = (n + qpb - 1) / qpb;
-  const int64_t blocks = (int64_t)qblocks * kv_heads, wave = (int64_t)per_sm * ctx->sms;
+  const int64_t blocks = (int64_t)qblocks * kv_heads, wave = (int64_t)k.per_sm * ctx->sms;
   int64_t splits = blocks >= wave ? 1 : (wave + blocks - 1) / blocks;
   const int64_t most = (tiles + PR_MIN_TILES - 1) / PR_MIN_TILES;
   splits = splits > most ? most : splits;
@@ -308,18 +70,14 @@ int pr_plan_of(iq_ctx *ctx, int head_dim, bool plain, int n, int heads, int kv_h
   plan->splits = (int)splits;
   plan->tiles_per_split = (int)(per ? per : 1);
   plan->part_bytes = splits > 1 ? sizeof(float) * (size_t)splits * n * heads * (head_dim + 2) : 0;
-  return IQ_OK;
 }
 
-int pr_attend(iq_ctx *ctx, pr_args a, const pr_plan &plan, int head_dim, int kv_heads, bool plain) {
+int pr_attend(iq_ctx *ctx, pr_args a, const pr_kernel &k, const pr_plan &plan, int head_dim,
+              int kv_heads) {
   a.qpb = PR_ROWS / a.group;
   a.tiles_per_split = plan.tiles_per_split;
-  void (*fn)(pr_args);
-  int per_sm;
-  IQ_TRY(pr_kernel_for(ctx, head_dim, plain, &fn, &per_sm));
-  const size_t smem = head_dim == 128 ? pr_smem_bytes<128>() : pr_smem_bytes<64>();
-  fn<<<dim3((unsigned)plan.qblocks, (unsigned)kv_heads, (unsigned)plan.splits), PR_WARPS * 32, smem,
-       ctx->stream>>>(a);
+  k.fn<<<dim3((unsigned)plan.qblocks, (unsigned)kv_heads, (unsigned)plan.splits), PR_WARPS * 32,
+         k.smem, ctx->stream>>>(a);
   IQ_CUDA(ctx, cudaGetLastError());
   if (plan.splits > 1)
     IQ_TRY(merge_splits(ctx, a.out, a.part_acc, a.part_ml, a.n * a.heads, head_dim, plan.splits));

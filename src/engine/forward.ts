@@ -186,13 +186,21 @@ export function planBytes(
   };
 }
 
-/** Prompts over a quantized cache dequantize the chunks they see into one layer's fp16 keys and
- * values (kernels/cuda/kvq_prefill.cu), a scratch the context keeps once grown. */
+/** (query, head) rows a KV head up to which a prompt call over a quantized cache attends in place
+ * (kernels/cuda/kvq_prefill.cu: one block of 128 rows unpacks the chunks itself). */
+const PROMPT_ROWS_IN_PLACE = 128;
+
+/** Longer prompt calls over a quantized cache dequantize the chunks they see into one layer's fp16
+ * keys and values (kernels/cuda/kvq_prefill.cu), a scratch the context keeps once grown; calls of
+ * at most `chunk` tokens whose rows fit one block need none. */
 export function promptScratchBytes(
   kv: KvSpec,
-  shape: { kvHeads: number; headDim: number; capacity: number },
+  shape: { heads: number; kvHeads: number; headDim: number; capacity: number; chunk: number },
 ): number {
-  return isDense(kv) ? 0 : 2 * 2 * shape.kvHeads * shape.headDim * shape.capacity;
+  const rows = shape.chunk * (shape.heads / shape.kvHeads);
+  return isDense(kv) || rows <= PROMPT_ROWS_IN_PLACE
+    ? 0
+    : 2 * 2 * shape.kvHeads * shape.headDim * shape.capacity;
 }
 
 export class Transformer {
