@@ -26,5 +26,5 @@ if [ ! -d node_modules ] || [ deno.lock -nt node_modules ]; then
   touch node_modules
 fi
 make -s cpu >&2
-if command -v nvcc >/dev/null 2>&1; then make -s cuda >&2; fi
+if command -v nvcc >/dev/null 2>&1; then make -s -j"$(nproc)" cuda >&2; fi
 echo "$deno"
