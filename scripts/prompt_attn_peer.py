@@ -18,7 +18,7 @@ H, KV, D = 32, 8, 128
 for T in [32768, 131072]:
     k = torch.randn(1, KV, T, D, device="cuda", dtype=torch.float16); v = torch.randn_like(k)
     kx, vx = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
-    for n in [2, 16, 64, 256, 4096]:
+    for n in [2, 16, 32, 64, 128, 256, 4096]:
         q = torch.randn(1, H, n, D, device="cuda", dtype=torch.float16)
         r = {"T": T, "n": n}
         for name, be in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)]:
