@@ -83,9 +83,10 @@ int iq_cublas(iq_ctx *ctx, struct iq_cublas **out);
 int kvq_mma_supported(const iq_kvq_params *p, int group);
 int kvq_mma_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
                       const float *q, int n, int pos0, int heads, float scale);
-/* kvq_prefill.cu: prompts over the same layouts on tensor cores, the chunks dequantized once per
- * call and attended by prefill_rows.cu's blocks of up to 128 (query, head) rows, where n queries
- * of group heads fill more than half a block. */
+/* kvq_prefill.cu: prompts over the same layouts on tensor cores in prefill_rows.cuh's blocks of
+ * up to 128 (query, head) rows, where n queries of group heads fill more than half a block: the
+ * chunks unpacked by the block where one block a KV head holds the prompt, else dequantized once
+ * per call into a scratch. */
 int kvq_prefill_fills(int n, int group);
 int kvq_prefill_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer, float *out,
                           const float *q, int n, int pos0, int heads, float scale);

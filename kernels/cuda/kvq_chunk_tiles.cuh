@@ -60,11 +60,6 @@ __device__ __forceinline__ void unpack_keys_tiled(const uint32_t *codes, const u
   }
 }
 
-/* Value rows of channel tile CM (channels 16 CM .. + 15) in tile order (kvq_value_tile_slot):
- * the lane's A fragments of k-steps 0, 1 (value_codes: channels gid, gid + 8 at tokens 16 ks +
- * 2 tig, + 1 and + 8, + 9), raw codes made exact, then scale · code + offset per channel (VG
- * 0: a pair per channel) or per token (VG 32, KIVI's: a pair per token and group of 32
- * channels), stored transposed into the token rows. */
 /* The key units U... of a chunk (KG: 2 m-tiles times D / 32 runs; keys over the chunk: D / 16
  * k-steps), unit U by warp U % KP_WARPS. */
 template <int D, int KB, int KG, int... U>
@@ -78,6 +73,11 @@ __device__ __forceinline__ void unpack_key_units(std::integer_sequence<int, U...
     ((U % KP_WARPS == warp ? unpack_keys_tiled<D, KB, U>(codes, meta, kt, lane, h) : void()), ...);
 }
 
+/* Value rows of channel tile CM (channels 16 CM .. + 15) in tile order (kvq_value_tile_slot):
+ * the lane's A fragments of k-steps 0, 1 (value_codes: channels gid, gid + 8 at tokens 16 ks +
+ * 2 tig, + 1 and + 8, + 9), raw codes made exact, then scale · code + offset per channel (VG
+ * 0: a pair per channel) or per token (VG 32, KIVI's: a pair per token and group of 32
+ * channels), stored transposed into the token rows. */
 template <int D, int VB, int VG, int CM>
 __device__ __forceinline__ void unpack_values(const uint32_t *codes, const uint32_t *meta,
                                               __half *vt, int lane, uint32_t h) {

@@ -1,6 +1,7 @@
 /* kvq_unpack.cuh: a quantized chunk (32 tokens, kvq.h's fragment and tile orders) as the
- * tensor-core kernels read it, kvq_mma.cu in decode and kvq_prefill.cu for prompts: its regions
- * in words, its codes unpacked into the fp16 pairs of MMA fragments, its fp8 pairs widened. */
+ * tensor-core kernels read it, kvq_mma.cu in decode and kvq_chunk_tiles.cuh for prompts: its
+ * regions in words, its codes unpacked into the fp16 pairs of MMA fragments, its fp8 pairs
+ * widened. */
 #pragma once
 #include "mma.cuh"
 

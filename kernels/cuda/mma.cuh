@@ -1,4 +1,4 @@
-/* mma.cuh: small device helpers of the tensor-core kernels (prefill_rows.cu,
+/* mma.cuh: small device helpers of the tensor-core kernels (prefill_rows_kernel.cuh,
  * kvq_mma.cu, decode_mma.cu): the m16n8k16 MMA, fp16x2 arithmetic on raw
  * registers, the 8x8 transpose, ldmatrix, 16-byte cp.async. */
 #pragma once
