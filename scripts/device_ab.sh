@@ -7,8 +7,10 @@
 # DEPTHS (kernels, default 1024,131072) and SPECS (default innerq:k4v4 innerq:k4v2 innerq:k2v2)
 # narrow it; STEPS (default "tests kernels store e2e") picks the parts, "prompts" adds prompts of
 # PROMPTS tokens (default 2,16,64,4096, in 256-token calls) at depth 32k and 128k and pp4096 at 0 /
-# 32k / 128k, fp16 and SPECS; PEERS, a carried copy of ../shared/peers, adds the SDPA decode peer
-# (and with "prompts" scripts/prompt_attn_peer.py) to the same call; logs go to $OUT.
+# 32k / 128k, fp16 and SPECS, and "prompt-ncu" the prompt kernel of both builds under ncu (one
+# launch of a NCU_PROMPT-token call at depth 128k, default 32, fp16 and SPECS); PEERS, a carried
+# copy of ../shared/peers, adds the SDPA decode peer (and with "prompts"
+# scripts/prompt_attn_peer.py) to the same call; logs go to $OUT.
 set -uo pipefail
 source scripts/device_env.sh
 before="${1:?usage: scripts/device_ab.sh BEFORE.so [AFTER.so]}"
@@ -23,7 +25,7 @@ make -s -j"$(nproc)" cpu || exit 1 # the tests compare against the C backend
 for lib in "$before" "$after"; do [ -f "$lib" ] || { echo "device_ab: no library at $lib"; exit 1; }; done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 dir=/tmp/models/llama3-8b
-if { step e2e || step prompts; } && [ ! -f "$dir/config.json" ]; then
+if { step e2e || step prompts || step prompt-ncu; } && [ ! -f "$dir/config.json" ]; then
   deno run -A --cached-only scripts/random_model.ts --shape llama3-8b --shards 4 "$dir" > /dev/null 2>&1 &
 fi
 run() { # run LIB COMMAND...: a deno command against one library
@@ -97,6 +99,22 @@ if step prompts; then
   echo "== pp4096 at 0 / 32k / 128k, tokens/s (before / after)"
   for kv in fp16 $specs; do
     for side in before after; do bench $side "$kv" -p 4096 --chunk 4096 -n 0 -d 0,32768,131072 -r 2; done
+  done
+fi
+if step prompt-ncu && command -v ncu > /dev/null; then
+  echo "== the prompt kernels under ncu: one launch of a ${NCU_PROMPT:-32}-token call at depth 128k"
+  for kv in fp16 $specs; do
+    for side in before after; do
+      lib=$before; [ $side = after ] && lib=$after
+      log="$out/ncu_prompt_${side}_${kv/:/_}.txt"
+      INNERQ_CUDA_LIB="$lib" timeout 120 ncu --target-processes all \
+        --kernel-name regex:"prefill_rows_kernel|kp_dequant_kernel|kvq_mma_kernel" --launch-skip 40 \
+        --launch-count 1 --section SpeedOfLight --section SchedulerStats --section WarpStateStats \
+        --section Occupancy deno run -A --cached-only cli.ts bench --device cuda --model "$dir" \
+        --fill direct -n 0 -r 1 --kv "$kv" -p "${NCU_PROMPT:-32}" --chunk 256 -d 131072 > "$log" 2>&1
+      grep -E "_kernel|Duration|Throughput|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Achieved Occupancy" \
+        "$log" | sed "s/^/$side $kv /"
+    done
   done
 fi
 step e2e && echo "== end to end, tokens/s (before / after)"
