@@ -33,6 +33,14 @@ run() { # run LIB COMMAND...: a deno command against one library
   shift
   INNERQ_CUDA_LIB="$lib" deno "$@"
 }
+lib_of() { [ "$1" = after ] && echo "$after" || echo "$before"; } # lib_of SIDE
+under_ncu() { # under_ncu SIDE LOG KERNELS NCU-OPTIONS... COMMAND...: SIDE's kernels KERNELS (regex)
+  local lib log=$2 kernels=$3
+  lib=$(lib_of "$1")
+  shift 3
+  INNERQ_CUDA_LIB="$lib" timeout 120 ncu --target-processes all --kernel-name regex:"$kernels" "$@" \
+    > "$log" 2>&1
+}
 if step tests; then
   echo "== CUDA tests ($after)"
   run "$after" test -A --cached-only test/cuda_test.ts test/cuda_kvq_test.ts > "$out/tests.log" 2>&1
@@ -52,8 +60,7 @@ step kernels && echo "== decode kernels, us (before / after)"
 for round in 1 2; do
   step kernels || break
   for side in before after; do
-    lib=$before; [ $side = after ] && lib=$after
-    run "$lib" run -A --cached-only cli.ts bench --kernels --device cuda -r 5 -d "$depths" 2>&1 |
+    run "$(lib_of $side)" run -A --cached-only cli.ts bench --kernels --device cuda -r 5 -d "$depths" 2>&1 |
       grep -E "^\| attn (fp16|innerq)" | sed "s/^/$side /"
   done
 done
@@ -61,11 +68,9 @@ if step store && command -v ncu > /dev/null; then
   echo "== store kernels under ncu, 200 tokens stored one at a time (us)"
   for kv in fp16 $specs; do
     for side in before after; do
-      lib=$before; [ $side = after ] && lib=$after
       csv="$out/ncu_${side}_${kv/:/_}.csv"
-      INNERQ_CUDA_LIB="$lib" timeout 90 ncu --target-processes all \
-        --kernel-name regex:"quantize|rows_kernel|kv_store" --metrics gpu__time_duration.sum --csv \
-        deno run -A --cached-only scripts/store_probe.ts --kv "$kv" --tokens 200 > "$csv" 2>&1
+      under_ncu $side "$csv" "quantize|rows_kernel|kv_store" --metrics gpu__time_duration.sum --csv \
+        deno run -A --cached-only scripts/store_probe.ts --kv "$kv" --tokens 200
       python3 - "$csv" "$side $kv" <<'PY'
 import csv, sys, collections
 lines = [l for l in open(sys.argv[1]) if l.startswith('"')]
@@ -82,10 +87,9 @@ PY
 fi
 wait
 bench() { # bench SIDE SPEC ARGS...: a line "side spec test depth t/s" per row, or why it failed
-  local side=$1 kv=$2 lib=$before log
+  local side=$1 kv=$2 log
   shift 2
-  [ "$side" = after ] && lib=$after
-  log=$(run "$lib" run -A --cached-only cli.ts bench --device cuda --model "$dir" --fill direct \
+  log=$(run "$(lib_of "$side")" run -A --cached-only cli.ts bench --device cuda --model "$dir" --fill direct \
     --kv "$kv" "$@" 2>&1) || { echo "$side $kv failed: $(tail -1 <<< "$log")"; return; }
   grep -E '^\| (pp|tg)' <<< "$log" | awk -F'|' '{print $2 $3 $4}' | tr -s ' ' | sed "s/^/$side $kv/"
 }
@@ -105,13 +109,11 @@ if step prompt-ncu && command -v ncu > /dev/null; then
   echo "== the prompt kernels under ncu: one launch of a ${NCU_PROMPT:-32}-token call at depth 128k"
   for kv in fp16 $specs; do
     for side in before after; do
-      lib=$before; [ $side = after ] && lib=$after
       log="$out/ncu_prompt_${side}_${kv/:/_}.txt"
-      INNERQ_CUDA_LIB="$lib" timeout 120 ncu --target-processes all \
-        --kernel-name regex:"prefill_rows_kernel|kp_dequant_kernel|kvq_mma_kernel" --launch-skip 40 \
+      under_ncu $side "$log" "prefill_rows_kernel|kp_dequant_kernel|kvq_mma_kernel" --launch-skip 40 \
         --launch-count 1 --section SpeedOfLight --section SchedulerStats --section WarpStateStats \
         --section Occupancy deno run -A --cached-only cli.ts bench --device cuda --model "$dir" \
-        --fill direct -n 0 -r 1 --kv "$kv" -p "${NCU_PROMPT:-32}" --chunk 256 -d 131072 > "$log" 2>&1
+        --fill direct -n 0 -r 1 --kv "$kv" -p "${NCU_PROMPT:-32}" --chunk 256 -d 131072
       grep -E "_kernel|Duration|Throughput|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Achieved Occupancy" \
         "$log" | sed "s/^/$side $kv /"
     done
