@@ -119,6 +119,19 @@ int decode_mma_attention(iq_ctx *ctx, float *out, const float *q, const void *k_
     if (iq_status_ != IQ_OK) return iq_status_;                                                \
   } while (0)
 
+/* Sets kernel fn's dynamic shared memory to smem and finds how many of its blocks of `threads`
+ * a multiprocessor holds (at least 1), once: *blocks is the caller's per-kernel static, 0 until
+ * the first call. */
+template <class Args>
+static int iq_kernel_blocks(iq_ctx *ctx, void (*fn)(Args), int threads, size_t smem, int *blocks) {
+  if (*blocks) return IQ_OK;
+  IQ_CUDA(ctx, cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  int fit = 0;
+  IQ_CUDA(ctx, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, fn, threads, smem));
+  *blocks = fit > 0 ? fit : 1;
+  return IQ_OK;
+}
+
 /* Programmatic dependent launch (compute capability 9+): a kernel launched so may have its
  * blocks placed while the kernel before it drains, hiding a launch's latency; it must call
  * iq_wait_prior() before touching memory that kernel writes or reads. Elsewhere a plain launch. */

@@ -235,11 +235,7 @@ template <int D> static int dm_kernel_of(iq_ctx *ctx, dm_kernel *k) {
                                         ctx->device));
     const int fit = (int)((size_t)optin / per_warp);
     const int w = fit < 1 ? 1 : fit < DM_WARPS ? fit : DM_WARPS;
-    IQ_CUDA(ctx, cudaFuncSetAttribute(k->fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      (int)(w * per_warp)));
-    IQ_CUDA(ctx, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k->fn, w * 32,
-                                                               w * per_warp));
-    blocks = blocks > 0 ? blocks : 1;
+    IQ_TRY(iq_kernel_blocks(ctx, k->fn, w * 32, w * per_warp, &blocks));
     warps = w;
   }
   k->warps = warps;

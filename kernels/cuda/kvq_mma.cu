@@ -695,13 +695,7 @@ static int km_kernel_of(iq_ctx *ctx, km_kernel *k) {
   const size_t merge = sizeof(float) * KM_WARPS * KM_HEADS * D;
   k->fn = kvq_mma_kernel<D, KB, VB, KG, VG, F8, P>;
   k->smem = warps > merge ? warps : merge;
-  if (!blocks) {
-    IQ_CUDA(ctx, cudaFuncSetAttribute(k->fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      (int)k->smem));
-    IQ_CUDA(ctx, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, k->fn, KM_WARPS * 32,
-                                                               k->smem));
-    blocks = blocks > 0 ? blocks : 1;
-  }
+  IQ_TRY(iq_kernel_blocks(ctx, k->fn, KM_WARPS * 32, k->smem, &blocks));
   k->blocks_per_sm = blocks;
   return IQ_OK;
 }

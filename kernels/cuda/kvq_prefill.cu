@@ -62,14 +62,21 @@ int kvq_prefill_fills(int n, int group) { return (int64_t)n * group > PR_ROWS / 
  * PROMPT_ROWS_IN_PLACE plans no scratch for them). */
 constexpr int KP_UNPACKING_BLOCKS = 1;
 
-/* The dequantizing kernel of a layout (kvq_layout.cuh), and its shared memory. */
+/* The dequantizing kernel of a layout (kvq_layout.cuh) and its shared memory, set at its first
+ * use. */
 struct kp_dequant {
   void (*fn)(kp_args);
   size_t smem;
-  template <int D, int KB, int VB, int KG, int VG, bool F8> kp_dequant of() const {
+};
+struct kp_dequant_maker {
+  iq_ctx *ctx;
+  kp_dequant *k;
+  template <int D, int KB, int VB, int KG, int VG, bool F8> int of() const {
     using ch = km_chunk<D, KB, VB, KG, VG, F8>;
-    return {kp_dequant_kernel<D, KB, VB, KG, VG, F8>,
-            sizeof(uint32_t) * ch::WORDS + sizeof(__half) * 2 * KM_CHUNK * (D + 8)};
+    static int blocks = 0;
+    k->fn = kp_dequant_kernel<D, KB, VB, KG, VG, F8>;
+    k->smem = sizeof(uint32_t) * ch::WORDS + sizeof(__half) * 2 * KM_CHUNK * (D + 8);
+    return iq_kernel_blocks(ctx, k->fn, KP_WARPS * 32, k->smem, &blocks);
   }
 };
 
@@ -98,8 +105,8 @@ int kvq_prefill_attention(iq_ctx *ctx, const iq_kvq_params *p, const void *layer
   if (!unpacking) {
     __half *deq = reinterpret_cast<__half *>((char *)scratch + plan.part_bytes);
     if (chunks > 0) {
-      const kp_dequant dq = kvq_layout(p, kp_dequant{});
-      IQ_CUDA(ctx, cudaFuncSetAttribute(dq.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dq.smem));
+      kp_dequant dq;
+      IQ_TRY(kvq_layout(p, kp_dequant_maker{ctx, &dq}));
       const kp_args ka = {a.codes_k, a.meta_k, a.codes_v, a.meta_v, deq, a.head_chunks, chunks, a.e5m2};
       dq.fn<<<dim3((unsigned)chunks, (unsigned)kv_heads), KP_WARPS * 32, dq.smem, ctx->stream>>>(ka);
       IQ_CUDA(ctx, cudaGetLastError());

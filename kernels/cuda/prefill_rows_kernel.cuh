@@ -258,11 +258,7 @@ template <int D, class Src> int pr_kernel_of(iq_ctx *ctx, pr_kernel *k) {
   static int per_sm = 0;
   k->fn = prefill_rows_kernel<D, Src>;
   k->smem = sizeof(uint32_t) * Src::WORDS + sizeof(__half) * (4 * PR_TILE + PR_ROWS) * (D + 8);
-  if (!per_sm) {
-    IQ_CUDA(ctx, cudaFuncSetAttribute(k->fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)k->smem));
-    IQ_CUDA(ctx, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k->fn, PR_WARPS * 32, k->smem));
-    per_sm = per_sm > 0 ? per_sm : 1;
-  }
+  IQ_TRY(iq_kernel_blocks(ctx, k->fn, PR_WARPS * 32, k->smem, &per_sm));
   k->per_sm = per_sm;
   return IQ_OK;
 }
