@@ -7,25 +7,27 @@
 /* splits are sized so that each walks at least this many tiles */
 constexpr int PR_MIN_TILES = 8;
 
-/* Tiles copied from rows with cp.async one tile ahead. PLAIN: the cache holds every position,
- * and rows past the block's last are zero. */
+/* Tiles copied from rows with cp.async PAIRS - 1 tiles ahead: deep in a context a tile's copy
+ * takes longer than attending one tile. PLAIN: the cache holds every position, and rows past the
+ * block's last are zero. */
 template <int D, bool P> struct pr_row_tiles {
   static constexpr bool PLAIN = P;
-  static constexpr int WORDS = 0;
+  static constexpr int WORDS = 0, PAIRS = 3, PENDING = PAIRS - 2;
   __half *tiles;
   int kvh, len;
 
   __device__ pr_row_tiles(uint32_t *, __half *tiles, int kvh, int len)
       : tiles(tiles), kvh(kvh), len(len) {}
 
-  /* tile `tile`'s key and value rows into tile pair `pair` */
-  __device__ __forceinline__ void copy(const pr_args &a, int tile, int pair) {
+  /* tile `tile`'s key and value rows into tile pair `pair` as one cp.async group (empty past
+   * the split's last tile, so that each tile has its group) */
+  __device__ __forceinline__ void copy(const pr_args &a, int tile, int last, int pair) {
     constexpr int S = D + 8, TILE = PR_TILE * S;
     const int64_t at = (int64_t)kvh * a.head_stride + (int64_t)tile * a.tile_stride;
     const __half *ks = a.k_tiles + at, *vs = a.v_tiles + at;
     const int valid = len - PR_TILE * tile;
     __half *kt = tiles + pair * 2 * TILE;
-    for (int e = threadIdx.x; e < PR_TILE * D / 8; e += PR_WARPS * 32) {
+    for (int e = threadIdx.x; tile < last && e < PR_TILE * D / 8; e += PR_WARPS * 32) {
       const int r = e / (D / 8), c = e % (D / 8) * 8;
       if (!PLAIN || r < valid) {
         cp_async16(kt + r * S + c, ks + r * D + c);
@@ -38,11 +40,12 @@ template <int D, bool P> struct pr_row_tiles {
     asm volatile("cp.async.commit_group;\n" ::);
   }
   __device__ __forceinline__ void begin(const pr_args &a, int first, int last) {
-    if (first < last) copy(a, first, 0);
+#pragma unroll
+    for (int i = 0; i < PAIRS - 1; i++) copy(a, first + i, last, i);
   }
   __device__ __forceinline__ void fill(const pr_args &, int, int, int, __half *, __half *) {}
   __device__ __forceinline__ void ahead(const pr_args &a, int tile, int i, int last) {
-    if (tile + 1 < last) copy(a, tile + 1, (i + 1) & 1);
+    copy(a, tile + PAIRS - 1, last, (i + PAIRS - 1) % PAIRS);
   }
 };
 

@@ -5,7 +5,7 @@
  * one KV head: PR_ROWS / GQA queries times their GQA heads, warp w rows 16 w .. 16 w + 15, the
  * blocks with the most keys first, so that each K and V tile is read once for all the GQA heads.
  * Q waits in shared memory, so that two blocks fit a multiprocessor. Every split walks its
- * tiles of 32 key and value rows, each filled while the one before is attended; a prompt of few
+ * tiles of 32 key and value rows, each filled while those before are attended; a prompt of few
  * query blocks (a short prompt deep in a context) is split over the tiles to fill the GPU, and
  * merge_splits combines the partials. Each warp computes S = Q Kᵀ (fragments by ldmatrix),
  * masks where a tile reaches past a row's query, updates its rows' online softmax and adds P V
@@ -15,12 +15,14 @@
  * the rows whose query still sees it in fp16.
  *
  * A tile source Src has PLAIN (its tiles hold every position: an fp16 cache), WORDS (the shared
- * words it stages into, before the tiles) and, called by every thread:
+ * words it stages into, before the tiles), PAIRS (its K and V tile pairs), PENDING (how many of
+ * a thread's cp.async groups may still be in flight when tile i is attended: what it copies
+ * ahead) and, called by every thread:
  *   begin(a, first, last): starts the split's first tiles on their way;
- *   fill(a, tile, i, last, kt, vt): fills tile pair i % 2 (kt, vt) with the split's i-th tile
- *     where it is made rather than copied (the copies of tile i are waited for after it);
- *   ahead(a, tile, i, last): once tile i's rows are visible to every warp and the other pair is
- *     free, starts what comes next. */
+ *   fill(a, tile, i, last, kt, vt): fills tile pair i % PAIRS (kt, vt) with the split's i-th
+ *     tile where it is made rather than copied (the copies of tile i are waited for after it);
+ *   ahead(a, tile, i, last): once tile i's rows are visible to every warp and every warp is
+ *     done with tile i - 1, starts what comes next. */
 #pragma once
 #include <math.h>
 
@@ -128,8 +130,8 @@ template <int D, class Src>
 __global__ void __launch_bounds__(PR_WARPS * 32, 2) prefill_rows_kernel(pr_args a) {
   constexpr int S = D + 8, TILE = PR_TILE * S; /* halves of a K or V tile */
   constexpr bool PLAIN = Src::PLAIN;
-  extern __shared__ __align__(16) uint32_t pr_smem[]; /* Src's words, [2][K tile, V tile], Q tile */
-  __half *tiles = reinterpret_cast<__half *>(pr_smem + Src::WORDS), *qtile = tiles + 4 * TILE;
+  extern __shared__ __align__(16) uint32_t pr_smem[]; /* Src's words, [PAIRS][K, V tile], Q tile */
+  __half *tiles = reinterpret_cast<__half *>(pr_smem + Src::WORDS), *qtile = tiles + 2 * Src::PAIRS * TILE;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const int kvh = blockIdx.y, split = blockIdx.z;
   const int t0 = (gridDim.x - 1 - blockIdx.x) * a.qpb, queries = min(a.qpb, a.n - t0);
@@ -142,8 +144,8 @@ __global__ void __launch_bounds__(PR_WARPS * 32, 2) prefill_rows_kernel(pr_args 
   const int first = split * a.tiles_per_split;
   const int last = min((nq + PR_TILE - 1) / PR_TILE, first + a.tiles_per_split);
 
-  /* this split's first tiles are on their way before anything else (into pair 0 or Src's words:
-   * split 0's fp16 walk uses pair 1) */
+  /* this split's first tiles are on their way before anything else (into the pairs before the
+   * last or Src's words: split 0's fp16 walk uses the last pair) */
   Src src(pr_smem, tiles, kvh, len);
   src.begin(a, first, last);
 
@@ -185,7 +187,7 @@ __global__ void __launch_bounds__(PR_WARPS * 32, 2) prefill_rows_kernel(pr_args 
    * position and x is in the sink or not quantized for its query */
   const int sinkn = PLAIN ? 0 : min(len, a.sink), fp16n = PLAIN ? 0 : len - nq0;
   for (int base = 0; split == 0 && base < fp16n; base += PR_TILE) {
-    __half *kt = tiles + 2 * TILE, *vt = kt + TILE;
+    __half *kt = tiles + 2 * (Src::PAIRS - 1) * TILE, *vt = kt + TILE;
     for (int e = threadIdx.x; e < 2 * PR_TILE * D / 8; e += PR_WARPS * 32) {
       const int side = e / (PR_TILE * D / 8), r = e / (D / 8) % PR_TILE, c = e % (D / 8) * 8;
       __half *dst = (side ? vt : kt) + r * S + c;
@@ -201,7 +203,7 @@ __global__ void __launch_bounds__(PR_WARPS * 32, 2) prefill_rows_kernel(pr_args 
       }
     }
     asm volatile("cp.async.commit_group;\n" ::);
-    asm volatile("cp.async.wait_group 0;\n" ::);
+    cp_async_wait<0>();
     __syncthreads(); /* the tile's rows, and the first tiles' copies, are visible */
     if (busy)
       st.attend(kt, vt, lane, true, [&](int j, int col) {
@@ -211,14 +213,14 @@ __global__ void __launch_bounds__(PR_WARPS * 32, 2) prefill_rows_kernel(pr_args 
     __syncthreads(); /* the tile is free again */
   }
 
-  /* the split's tiles, each filled while the one before is attended: one barrier a tile (its
-   * rows complete; every warp done with the other pair, which the source then fills). Plain, a
+  /* the split's tiles, each filled while those before are attended: one barrier a tile (its
+   * rows complete; every warp done with the pair before, which the source then fills). Plain, a
    * tile is masked where it reaches past the block's first query; over a quantized cache, where
    * a row's query still sees the chunk in fp16 (seen above). */
   for (int tile = first, i = 0; tile < last; tile++, i++) {
-    __half *kt = tiles + (i & 1) * 2 * TILE, *vt = kt + TILE;
+    __half *kt = tiles + i % Src::PAIRS * 2 * TILE, *vt = kt + TILE;
     src.fill(a, tile, i, last, kt, vt);
-    asm volatile("cp.async.wait_group 0;\n" ::);
+    cp_async_wait<Src::PENDING>();
     __syncthreads();
     src.ahead(a, tile, i, last);
     if (!busy) continue;
@@ -257,7 +259,7 @@ __global__ void __launch_bounds__(PR_WARPS * 32, 2) prefill_rows_kernel(pr_args 
 template <int D, class Src> int pr_kernel_of(iq_ctx *ctx, pr_kernel *k) {
   static int per_sm = 0;
   k->fn = prefill_rows_kernel<D, Src>;
-  k->smem = sizeof(uint32_t) * Src::WORDS + sizeof(__half) * (4 * PR_TILE + PR_ROWS) * (D + 8);
+  k->smem = sizeof(uint32_t) * Src::WORDS + sizeof(__half) * (2 * Src::PAIRS * PR_TILE + PR_ROWS) * (D + 8);
   IQ_TRY(iq_kernel_blocks(ctx, k->fn, PR_WARPS * 32, k->smem, &per_sm));
   k->per_sm = per_sm;
   return IQ_OK;
