@@ -250,8 +250,8 @@ typedef uint8_t u8x8 __attribute__((vector_size(8)));
 
 /* Codes 8 k .. 8 k + 7 of the words at w (2, 4 or 8 bits) as floats: one shift by lanes, a mask
  * and a conversion (vpsrlvd, vpand, vcvtdq2ps in the AVX2 clones; 8 bits: bytes widened) where one
- * code at a time took a shift, a mask and a conversion each: decode attention at 4k 1.05x (2-bit keys over tokens) to
- * 1.30x (k4v4) faster on one core (scripts/cpu_attn_ab.ts, session 25). */
+ * code at a time took a shift, a mask and a conversion each: one decode step at 4k on one core
+ * 1.02-1.10x faster at 2 bits, 1.10-1.35x at 4 and 8 (scripts/cpu_attn_ab.ts, session 25). */
 static inline __attribute__((always_inline)) f32x8 codes8(const uint32_t *w, int k, int bits) {
   if (bits == 8) { /* eight bytes, widened (vpmovzxbd) */
     u8x8 b;
