@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(DM_WARPS * 32, 1) decode_mma_kernel(dm_args a)
 
   for (int j = 0; j < chunks; j++) {
     load(j + DM_STAGES - 1);
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(DM_STAGES - 1) : "memory"); /* chunk j's */
+    cp_async_wait<DM_STAGES - 1>(); /* chunk j's */
     __syncwarp(); /* and the other lanes' copies are visible */
     const __half *ks_ = stages + j % DM_STAGES * st::HALVES, *vs = ks_ + DM_CHUNK * ROW;
 

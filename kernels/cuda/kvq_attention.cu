@@ -292,9 +292,9 @@ __global__ void __launch_bounds__(KQ_THREADS) kvq_attention_kernel(kq_args a) {
       uint32_t *cur = stage0 + (int)((tile - first) & 1) * st.words;
       if (tile + 1 < last) {
         stage_tile(a, st, stage0 + (int)((tile + 1 - first) & 1) * st.words, kvh, tile + 1);
-        asm volatile("cp.async.wait_group 1;\n" ::);
+        cp_async_wait<1>();
       } else {
-        asm volatile("cp.async.wait_group 0;\n" ::);
+        cp_async_wait<0>();
       }
       __syncthreads();
       if (p.meta != IQ_META_F16) {

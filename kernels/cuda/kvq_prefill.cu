@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(KP_WARPS * 32) kp_dequant_kernel(kp_args a) {
   const int chunk = blockIdx.x, kvh = blockIdx.y;
   stage_chunk<ch>(kp_smem, a.codes_k, a.meta_k, a.codes_v, a.meta_v,
                   (int64_t)kvh * a.head_chunks + chunk);
-  asm volatile("cp.async.wait_group 0;\n" ::);
+  cp_async_wait<0>();
   __syncthreads();
   widen_chunk<ch, F8>(kp_smem, a.e5m2);
   unpack_chunk<D, KB, VB, KG, VG>(kp_smem, kt, vt);

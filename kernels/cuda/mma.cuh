@@ -77,9 +77,10 @@ __device__ __forceinline__ void cp_async16_stream(void *dst, const void *src) {
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(d), "l"(src));
 }
-/* Waits until at most N of this thread's cp.async groups are still in flight. */
+/* Waits until at most N of this thread's cp.async groups are still in flight (a compiler
+ * barrier too: no shared-memory access moves across it). */
 template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 /* 2^x for x <= 0 or -inf (-> 0): MUFU.EX2 alone; exp2f adds a fix-up for
